@@ -1,0 +1,159 @@
+"""Operator actions that span the catalog and the shards (used by shardctl and devcluster).
+
+Each function opens its own connections from DSNs, so it runs without a shardd server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import asyncpg
+
+from . import catalog, migrate, placement, store
+from .nodes import NodePools, check_node, with_lag
+from .topology import Node, Topology
+
+
+def node_from_dsn(dsn: str, *, name: str, shard: str, role: str) -> Node:
+    """A Node from ``postgresql://user[:password]@host[:port]/dbname``."""
+    parts = urlsplit(dsn)
+    if parts.scheme not in ("postgres", "postgresql") or not parts.hostname:
+        raise ValueError(f"not a postgresql:// DSN with a host: {dsn!r}")
+    return Node(
+        name=name,
+        shard=shard,
+        role=role,
+        host=parts.hostname,
+        port=parts.port or 5432,
+        dbname=unquote(parts.path.lstrip("/")) or "postgres",
+        username=unquote(parts.username or "postgres"),
+        password=unquote(parts.password) if parts.password else None,
+    )
+
+
+@contextlib.asynccontextmanager
+async def connect(dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(dsn, timeout=5.0)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def topology(catalog_dsn: str) -> Topology:
+    async with connect(catalog_dsn) as conn:
+        return await catalog.load_topology(conn)
+
+
+async def migrate_all(catalog_dsn: str, *, slot_count: int) -> dict[str, list[int]]:
+    """Apply migrations to the catalog and every shard primary; create the cluster row."""
+    applied: dict[str, list[int]] = {}
+    async with connect(catalog_dsn) as conn:
+        applied["catalog"] = await migrate.apply(conn, "catalog")
+        await catalog.create_cluster(conn, slot_count=slot_count)
+        topo = await catalog.load_topology(conn)
+    for shard in topo.shards.values():
+        if shard.primary is not None:
+            async with connect(shard.primary.dsn()) as conn:
+                applied[shard.name] = await migrate.apply(conn, "shard")
+    return applied
+
+
+async def add_shard(
+    catalog_dsn: str,
+    *,
+    name: str,
+    primary_dsn: str,
+    replica_dsns: Sequence[str] = (),
+    weight: int = 1,
+) -> int:
+    """Register a shard (migrating its primary first); it owns no slot until a rebalance."""
+    nodes = [node_from_dsn(primary_dsn, name=f"{name}-primary", shard=name, role="primary")]
+    nodes += [
+        node_from_dsn(dsn, name=f"{name}-replica{i}", shard=name, role="replica")
+        for i, dsn in enumerate(replica_dsns, start=1)
+    ]
+    async with connect(nodes[0].dsn()) as conn:
+        await migrate.apply(conn, "shard")
+    async with connect(catalog_dsn) as conn:
+        return await catalog.add_shard(conn, name=name, weight=weight, nodes=nodes)
+
+
+async def init_slots(catalog_dsn: str) -> dict[str, int]:
+    """Give every slot of a new cluster to the registered shards (balanced ring).
+
+    Safe to repeat: a cluster whose slots are already assigned is left alone.  Each
+    shard learns the slots it owns before the catalog publishes the map, so no router
+    can send a write to a shard that would refuse it for lack of an ownership row.
+    """
+    async with connect(catalog_dsn) as conn:
+        topo = await catalog.load_topology(conn)
+        if any(owner is not None for owner in topo.slot_map):
+            return topo.slot_counts()
+        if not topo.shards:
+            raise ValueError("register shards first (shardctl shard add)")
+        weights = {name: shard.weight for name, shard in topo.shards.items()}
+        pinned = await catalog.pinned_slots(conn)
+        target = placement.balance(topo.slot_map, weights, pinned=pinned)
+        for name, shard in topo.shards.items():
+            if shard.primary is None:
+                raise ValueError(f"shard {name} has no primary")
+            async with connect(shard.primary.dsn()) as shard_conn:
+                await shard_conn.executemany(
+                    "INSERT INTO shardd_slots (slot, state) VALUES ($1, 'owned')"
+                    " ON CONFLICT (slot) DO UPDATE SET state = 'owned', changed_at = now()",
+                    [(slot,) for slot, owner in enumerate(target) if owner == name],
+                )
+        await catalog.set_slot_map(conn, dict(enumerate(target)))
+        return (await catalog.load_topology(conn)).slot_counts()
+
+
+async def status(catalog_dsn: str) -> dict[str, Any]:
+    """Shards, slots, items and node health, as ``shardctl status --json`` prints it."""
+    topo = await topology(catalog_dsn)
+    pools = NodePools(pool_size=1, connect_timeout=2.0)
+    try:
+        nodes = topo.nodes()
+        raw = await asyncio.gather(*(check_node(pools, node, 3.0) for node in nodes))
+        health = with_lag(topo, dict(zip((n.name for n in nodes), raw, strict=True)))
+
+        async def count(node: Node | None) -> int | None:
+            if node is None or not (h := health.get(node.name)) or not h.healthy:
+                return None
+            async with (await pools.pool(node)).acquire() as conn:
+                return await store.item_count(conn)
+
+        counts = await asyncio.gather(*(count(s.primary) for s in topo.shards.values()))
+    finally:
+        await pools.close()
+    slots = topo.slot_counts()
+    shards = []
+    for shard, items in zip(topo.shards.values(), counts, strict=True):
+        shard_nodes = []
+        for node in shard.nodes:
+            h = health.get(node.name)
+            shard_nodes.append(
+                {
+                    "name": node.name,
+                    "role": node.role,
+                    "host": node.host,
+                    "port": node.port,
+                    "healthy": bool(h and h.healthy),
+                    "fenced": node.fenced,
+                    "lag_bytes": h.lag_bytes if h else None,
+                }
+            )
+        shards.append(
+            {
+                "name": shard.name,
+                "weight": shard.weight,
+                "slots": slots.get(shard.name, 0),
+                "items": items,
+                "nodes": shard_nodes,
+            }
+        )
+    return {"epoch": topo.epoch, "slot_count": topo.slot_count, "shards": shards}

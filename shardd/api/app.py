@@ -1,0 +1,178 @@
+"""The aiohttp application: the route table, middlewares and the one error shape.
+
+Every route is declared once in :data:`ROUTES` with the scope it needs; the router,
+the auth check and the OpenAPI document all read that table.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from .. import errors, metrics
+from ..cluster import Cluster
+from ..config import Settings
+from . import handlers, openapi
+from .auth import TokenTable
+from .keys import CLUSTER, SETTINGS, TOKENS
+
+access_log = logging.getLogger("shardd.access")
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    scope: str | None  # None: no token needed
+    summary: str
+
+
+ITEM = "/v1/tables/{table}/items/{key:.+}"
+
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/healthz", handlers.healthz, None, "Liveness"),
+    Route("GET", "/readyz", handlers.readyz, None, "Readiness: catalog reachable, topology loaded"),
+    Route("GET", "/metrics", handlers.metrics_endpoint, None, "Prometheus metrics"),
+    Route("GET", "/v1/openapi.json", openapi.serve, None, "This OpenAPI document"),
+    Route("GET", "/v1/topology", handlers.topology, "read", "Epoch, shards, nodes, slot counts"),
+    Route("GET", "/v1/tables", handlers.list_tables, "read", "List tables"),
+    Route("PUT", "/v1/tables/{table}", handlers.put_table, "admin", "Create or update a table"),
+    Route("GET", "/v1/tables/{table}", handlers.get_table, "read", "Describe a table"),
+    Route("DELETE", "/v1/tables/{table}", handlers.delete_table, "admin", "Delete a table"),
+    Route("PUT", ITEM, handlers.put_item, "write", "Create or replace an item"),
+    Route("GET", ITEM, handlers.get_item, "read", "Read an item"),
+    Route("PATCH", ITEM, handlers.patch_item, "write", "Merge-patch an item (RFC 7396)"),
+    Route("DELETE", ITEM, handlers.delete_item, "write", "Delete an item"),
+    Route(
+        "GET",
+        "/v1/tables/{table}/partitions/{pk}",
+        handlers.query_partition,
+        "read",
+        "Items of one partition in sort-key order",
+    ),
+    Route("POST", "/v1/tables/{table}/batch/get", handlers.batch_get, "read", "Read many items"),
+    Route(
+        "POST",
+        "/v1/tables/{table}/batch/write",
+        handlers.batch_write,
+        "write",
+        "Put and delete many items, atomically per shard",
+    ),
+    Route(
+        "GET",
+        "/v1/tables/{table}/scan",
+        handlers.scan,
+        "read",
+        "Every item of a table across shards, paginated",
+    ),
+)
+
+
+def error_body(exc: errors.ApiError, request_id: str) -> bytes:
+    import orjson
+
+    return orjson.dumps(
+        {"error": {"code": exc.code, "message": exc.message, "request_id": request_id}}
+    )
+
+
+def _http_error(exc: web.HTTPException) -> errors.ApiError:
+    codes = {404: "route_not_found", 405: "method_not_allowed", 413: "body_too_large"}
+    return errors.ApiError(
+        exc.reason,
+        status=exc.status,
+        code=codes.get(exc.status, exc.reason.lower().replace(" ", "_")),
+    )
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id, the one error shape, metrics and the access log, for every request."""
+    incoming = request.headers.get("X-Request-Id", "")
+    request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    started = time.perf_counter()
+    route = request.match_info.route.resource
+    route_name = route.canonical if route is not None else "unmatched"
+    try:
+        response = await handler(request)
+    except errors.ApiError as exc:
+        response = _render(exc, request_id)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = _render(_http_error(exc), request_id)
+    except Exception:
+        log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
+        response = _render(errors.ApiError("internal error"), request_id)
+    response.headers["X-Request-Id"] = request_id
+    elapsed = time.perf_counter() - started
+    metrics.REQUESTS.labels(route_name, request.method, response.status).inc()
+    metrics.REQUEST_SECONDS.labels(route_name, request.method).observe(elapsed)
+    if request.app[SETTINGS].access_log:
+        access_log.info(
+            "request",
+            extra={
+                "fields": {
+                    "request_id": request_id,
+                    "method": request.method,
+                    "path": request.path,
+                    "status": response.status,
+                    "ms": round(elapsed * 1000, 3),
+                }
+            },
+        )
+    return response
+
+
+def _render(exc: errors.ApiError, request_id: str) -> web.Response:
+    return web.Response(
+        body=error_body(exc, request_id),
+        status=exc.status,
+        content_type="application/json",
+        headers=exc.headers,
+    )
+
+
+def canonical(path: str) -> str:
+    """The path template aiohttp reports for a route (regex parts dropped)."""
+    return re.sub(r"\{(\w+):[^}]+\}", r"{\1}", path)
+
+
+_SCOPES = {(route.method, canonical(route.path)): route.scope for route in ROUTES}
+
+
+@web.middleware
+async def authorize(request: web.Request, handler: Handler) -> web.StreamResponse:
+    resource = request.match_info.route.resource
+    if resource is not None:
+        scope = _SCOPES.get((request.method, resource.canonical))
+        request.app[TOKENS].check(request.headers.get("Authorization"), scope)
+    return await handler(request)
+
+
+def make_app(settings: Settings, cluster: Cluster | None = None) -> web.Application:
+    app = web.Application(middlewares=[observe, authorize], client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+    app[TOKENS] = TokenTable.parse(settings.tokens)
+    app[CLUSTER] = cluster or Cluster(settings)
+    for route in ROUTES:
+        app.router.add_route(route.method, route.path, route.handler)
+
+    async def run_cluster(app: web.Application) -> AsyncIterator[None]:
+        await app[CLUSTER].start()
+        yield
+        await app[CLUSTER].close()
+
+    app.cleanup_ctx.append(run_cluster)
+    return app

@@ -1,0 +1,589 @@
+"""Request handlers: parse and validate, call the cluster, shape the response.
+
+Handlers stay thin: routing, fencing and retries live in shardd.cluster, SQL in
+shardd.store, input rules in shardd.api.validate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import orjson
+from aiohttp import web
+
+from .. import catalog, errors, metrics, store
+from ..cluster import Cluster, Served
+from ..config import Settings
+from ..placement import slot_of
+from ..router import SessionToken, resolve_consistency
+from ..topology import Shard, Topology
+from . import validate
+from .keys import CLUSTER, SETTINGS
+
+JSON = "application/json"
+
+
+def respond(data: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type=JSON, headers=headers)
+
+
+def _ctx(request: web.Request) -> tuple[Cluster, Settings]:
+    return request.app[CLUSTER], request.app[SETTINGS]
+
+
+def _session(request: web.Request) -> SessionToken | None:
+    raw = request.headers.get("Shardd-Session")
+    return SessionToken.parse(raw) if raw else None
+
+
+def _consistency(request: web.Request, token: SessionToken | None) -> str:
+    requested = request.query.get("consistency", request.headers.get("Shardd-Consistency"))
+    return resolve_consistency(requested, token)
+
+
+def _etag(version: int) -> str:
+    return f'"{version}"'
+
+
+def _served_headers(
+    served: Served, token: SessionToken | None = None, lsn: int | None = None
+) -> dict[str, str]:
+    headers = {"Shardd-Served-By": served.header()}
+    if lsn is not None:
+        headers["Shardd-Session"] = str((token or SessionToken({})).merged(served.shard, lsn))
+    return headers
+
+
+async def _table(request: web.Request) -> str:
+    """The table named in the path; 404 unless it is declared."""
+    cluster, _ = _ctx(request)
+    name = validate.table_name(request.match_info["table"])
+    if name not in cluster.require_topology().tables:
+        # Created moments ago through another instance?  Look once before saying no.
+        await cluster.refresh()
+        if name not in cluster.require_topology().tables:
+            raise errors.NotFound(f"table {name} does not exist", code="table_not_found")
+    return name
+
+
+def _item_keys(request: web.Request) -> tuple[str, str]:
+    _, settings = _ctx(request)
+    raw_path = request.rel_url.raw_path
+    marker = "/items/"
+    rest = raw_path[raw_path.index(marker) + len(marker) :]
+    return validate.item_keys(rest, max_bytes=settings.max_key_bytes)
+
+
+async def _body(request: web.Request) -> bytes:
+    _, settings = _ctx(request)
+    if request.content_length is not None and request.content_length > settings.max_body_bytes:
+        raise errors.PayloadTooLarge(f"bodies are limited to {settings.max_body_bytes} bytes")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise errors.PayloadTooLarge(
+            f"bodies are limited to {settings.max_body_bytes} bytes"
+        ) from None
+
+
+def _item_json(table: str, item: store.Item) -> dict[str, Any]:
+    return {"table": table, "pk": item.pk, "sk": item.sk, "version": item.version, "item": item.doc}
+
+
+# -- service endpoints ------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return respond({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    cluster, _ = _ctx(request)
+    if cluster.topology is None:
+        raise errors.NotReady("the topology has not been loaded yet")
+    if not cluster.catalog_ok:
+        raise errors.NotReady("the catalog is unreachable")
+    return respond({"status": "ready", "epoch": cluster.topology.epoch})
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    cluster, _ = _ctx(request)
+    metrics.observe_pools(cluster.pools)
+    body, content_type = metrics.exposition()
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = content_type
+    return response
+
+
+async def topology(request: web.Request) -> web.Response:
+    cluster, _ = _ctx(request)
+    topo = cluster.require_topology()
+    counts = topo.slot_counts()
+    health = cluster.health.snapshot
+    shards = []
+    for shard in topo.shards.values():
+        nodes = []
+        for node in shard.nodes:
+            state = health.get(node.name)
+            nodes.append(
+                {
+                    "name": node.name,
+                    "role": node.role,
+                    "host": node.host,
+                    "port": node.port,
+                    "fenced": node.fenced,
+                    "healthy": bool(state and state.healthy),
+                    "lag_bytes": state.lag_bytes if state else None,
+                }
+            )
+        shards.append(
+            {
+                "name": shard.name,
+                "weight": shard.weight,
+                "slots": counts.get(shard.name, 0),
+                "nodes": nodes,
+            }
+        )
+    return respond({"epoch": topo.epoch, "slot_count": topo.slot_count, "shards": shards})
+
+
+# -- tables -----------------------------------------------------------------------
+
+
+async def put_table(request: web.Request) -> web.Response:
+    cluster, settings = _ctx(request)
+    name = validate.table_name(request.match_info["table"])
+    body = await _body(request)
+    spec = validate.json_object(body, max_depth=settings.max_json_depth) if body else {}
+    unknown = set(spec) - {"description"}
+    if unknown:
+        raise errors.BadRequest(
+            f"unknown table fields: {', '.join(sorted(unknown))}", code="invalid_table_spec"
+        )
+    description = spec.get("description", "")
+    if not isinstance(description, str) or len(description) > 1000:
+        raise errors.BadRequest(
+            "description must be a string of at most 1000 characters", code="invalid_table_spec"
+        )
+    async with cluster.catalog.acquire() as conn:
+        created = await catalog.put_table(conn, name=name, description=description)
+    topo = await cluster.refresh(force=True)
+    return respond(topo.tables[name].as_json(), status=201 if created else 200)
+
+
+async def list_tables(request: web.Request) -> web.Response:
+    cluster, _ = _ctx(request)
+    tables = cluster.require_topology().tables
+    return respond({"tables": [tables[name].as_json() for name in sorted(tables)]})
+
+
+async def get_table(request: web.Request) -> web.Response:
+    cluster, _ = _ctx(request)
+    name = await _table(request)
+    return respond(cluster.require_topology().tables[name].as_json())
+
+
+async def delete_table(request: web.Request) -> web.Response:
+    cluster, _ = _ctx(request)
+    name = await _table(request)
+    force = request.query.get("force", "false")
+    if force not in ("true", "false"):
+        raise errors.BadRequest("force must be true or false", code="invalid_parameter")
+    topo = cluster.require_topology()
+    deadline = cluster.deadline()
+
+    async def on_every_primary(work: Callable[[asyncpg.Connection], Awaitable[Any]]) -> list[Any]:
+        return list(
+            await asyncio.gather(
+                *(
+                    cluster.write_shard(topo, shard, work, deadline=deadline)
+                    for shard in topo.shards.values()
+                )
+            )
+        )
+
+    if force == "false":
+        found = await on_every_primary(lambda conn: store.table_has_items(conn, name))
+        if any(has_items for has_items, _ in found):
+            raise errors.Conflict(
+                f"table {name} is not empty; use ?force=true", code="table_not_empty"
+            )
+    async with cluster.catalog.acquire() as conn:
+        await catalog.drop_table(conn, name)
+    await cluster.refresh(force=True)
+    await on_every_primary(lambda conn: store.delete_table_items(conn, name))
+    return web.Response(status=204)
+
+
+# -- items ------------------------------------------------------------------------
+
+
+async def put_item(request: web.Request) -> web.Response:
+    return await _write_item(request, "put")
+
+
+async def patch_item(request: web.Request) -> web.Response:
+    return await _write_item(request, "patch")
+
+
+async def delete_item(request: web.Request) -> web.Response:
+    return await _write_item(request, "delete")
+
+
+async def _write_item(request: web.Request, op: str) -> web.Response:
+    cluster, settings = _ctx(request)
+    table = await _table(request)
+    pk, sk = _item_keys(request)
+    token = _session(request)
+    if_version = validate.version_condition(request.headers.get("If-Match"), header="If-Match")
+    if if_version == 0:
+        raise errors.BadRequest("If-Match takes an ETag, not *", code="invalid_precondition")
+    if op == "put":
+        none_match = validate.version_condition(
+            request.headers.get("If-None-Match"), header="If-None-Match"
+        )
+        if none_match is not None:
+            if none_match != 0 or if_version is not None:
+                raise errors.BadRequest(
+                    "on PUT, If-None-Match only takes *", code="invalid_precondition"
+                )
+            if_version = 0
+    doc = None
+    if op in ("put", "patch"):
+        doc = validate.json_object(
+            await _body(request),
+            max_depth=settings.max_json_depth,
+            what="the item" if op == "put" else "a merge patch",
+        )
+    result, served = await cluster.write(
+        pk,
+        lambda conn, slot: store.write(
+            conn, op=op, slot=slot, table=table, pk=pk, sk=sk, doc=doc, if_version=if_version
+        ),
+        deadline=cluster.deadline(),
+    )
+    headers = _served_headers(served, token, result.lsn)
+    if result.version is None:
+        raise errors.NotFound(
+            f"no item {pk!r}/{sk!r} in {table}", code="item_not_found", headers=headers
+        )
+    if op == "delete":
+        return web.Response(status=204, headers=headers)
+    headers["ETag"] = _etag(result.version)
+    if op == "patch":
+        return respond(
+            {"table": table, "pk": pk, "sk": sk, "version": result.version, "item": result.doc},
+            headers=headers,
+        )
+    return respond(
+        {"pk": pk, "sk": sk, "version": result.version},
+        status=201 if result.created else 200,
+        headers=headers,
+    )
+
+
+async def get_item(request: web.Request) -> web.Response:
+    cluster, _ = _ctx(request)
+    table = await _table(request)
+    pk, sk = _item_keys(request)
+    token = _session(request)
+    consistency = _consistency(request, token)
+    none_match = validate.version_condition(
+        request.headers.get("If-None-Match"), header="If-None-Match"
+    )
+    found, served = await cluster.read(
+        pk,
+        lambda conn, slot, min_lsn: store.get(
+            conn, slot=slot, table=table, pk=pk, sk=sk, min_lsn=min_lsn
+        ),
+        consistency=consistency,
+        token=token,
+        deadline=cluster.deadline(),
+    )
+    headers = _served_headers(served)
+    item = found[0]
+    if item is None:
+        raise errors.NotFound(
+            f"no item {pk!r}/{sk!r} in {table}", code="item_not_found", headers=headers
+        )
+    headers["ETag"] = _etag(item.version)
+    if none_match is not None and (none_match == 0 or none_match == item.version):
+        return web.Response(status=304, headers=headers)
+    return respond(_item_json(table, item), headers=headers)
+
+
+async def query_partition(request: web.Request) -> web.Response:
+    cluster, settings = _ctx(request)
+    table = await _table(request)
+    raw_pk = request.rel_url.raw_path.rsplit("/partitions/", 1)[1]
+    pk = validate.decode_segment(raw_pk, what="pk", max_bytes=settings.max_key_bytes)
+    prefix = request.query.get("prefix")
+    after = request.query.get("after")
+    for name, value in (("prefix", prefix), ("after", after)):
+        if value is not None:
+            validate.key(value, what=name, max_bytes=settings.max_key_bytes, allow_empty=True)
+    limit = validate.int_param(
+        request.query.get("limit"),
+        name="limit",
+        default=settings.default_page_size,
+        low=1,
+        high=settings.max_page_size,
+    )
+    token = _session(request)
+    items, served = await cluster.read(
+        pk,
+        lambda conn, slot, min_lsn: store.query_partition(
+            conn,
+            slot=slot,
+            table=table,
+            pk=pk,
+            prefix=prefix,
+            after=after,
+            limit=limit,
+            min_lsn=min_lsn,
+        ),
+        consistency=_consistency(request, token),
+        token=token,
+        deadline=cluster.deadline(),
+    )
+    return respond(
+        {
+            "items": [_item_json(table, item) for item in items],
+            "next": items[-1].sk if len(items) == limit else None,
+        },
+        headers=_served_headers(served),
+    )
+
+
+async def scan(request: web.Request) -> web.Response:
+    cluster, settings = _ctx(request)
+    table = await _table(request)
+    limit = validate.int_param(
+        request.query.get("limit"),
+        name="limit",
+        default=settings.default_page_size,
+        low=1,
+        high=settings.max_page_size,
+    )
+    cursor = validate.decode_cursor(request.query.get("cursor"))
+    token = _session(request)
+    consistency = _consistency(request, token)
+    topo = cluster.require_topology()
+    deadline = cluster.deadline()
+    items: list[store.Item] = []
+    position: tuple[str, str] | None = None
+    last_shard = None
+    for name in sorted(topo.shards):
+        if cursor is not None and name < cursor["s"]:
+            continue
+        after = (cursor["pk"], cursor["sk"]) if cursor is not None and name == cursor["s"] else None
+        want = limit - len(items)
+        page, _ = await cluster.read_shard(
+            topo.shards[name],
+            lambda conn, min_lsn, after=after, want=want: store.scan(
+                conn, table=table, after=after, limit=want, min_lsn=min_lsn
+            ),
+            consistency=consistency,
+            token=token,
+            deadline=deadline,
+        )
+        items.extend(page)
+        if len(items) >= limit:
+            last_shard = name
+            position = (items[-1].pk, items[-1].sk)
+            break
+    next_cursor = None
+    if last_shard is not None and position is not None:
+        next_cursor = validate.encode_cursor(
+            {"s": last_shard, "pk": position[0], "sk": position[1]}
+        )
+    return respond({"items": [_item_json(table, item) for item in items], "cursor": next_cursor})
+
+
+# -- batches ----------------------------------------------------------------------
+
+
+def _batch_keys(
+    entries: Any, *, what: str, settings: Settings, with_item: bool
+) -> list[tuple[str, str, Any]]:
+    if not isinstance(entries, list):
+        raise errors.BadRequest(f"{what} must be an array", code="invalid_batch")
+    keys = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise errors.BadRequest(
+                f"every entry of {what} must be an object", code="invalid_batch"
+            )
+        allowed = {"pk", "sk", "item"} if with_item else {"pk", "sk"}
+        if set(entry) - allowed:
+            raise errors.BadRequest(
+                f"entries of {what} have only {', '.join(sorted(allowed))}", code="invalid_batch"
+            )
+        pk = validate.key(entry.get("pk"), what="pk", max_bytes=settings.max_key_bytes)
+        sk = validate.key(
+            entry.get("sk", ""), what="sk", max_bytes=settings.max_key_bytes, allow_empty=True
+        )
+        item = None
+        if with_item:
+            item = entry.get("item")
+            if not isinstance(item, dict):
+                raise errors.BadRequest("every put needs an item object", code="invalid_batch")
+        keys.append((pk, sk, item))
+    return keys
+
+
+def _group(topo: Topology, keys: list[tuple[int, str, str]]) -> dict[str, list[int]]:
+    """shard name -> indexes of ``keys`` (slot, pk, sk) it owns."""
+    groups: dict[str, list[int]] = {}
+    for index, (slot, _, _) in enumerate(keys):
+        owner = topo.slot_map[slot]
+        if owner is None:
+            raise errors.ShardUnavailable("none", f"slot {slot} has no owner")
+        groups.setdefault(owner, []).append(index)
+    return groups
+
+
+async def _per_shard(
+    cluster: Cluster,
+    keys: list[tuple[int, str, str]],
+    run: Callable[[Topology, Shard, list[int]], Awaitable[None]],
+    deadline: float,
+) -> None:
+    """Run ``run`` for each shard's keys in parallel; regroup and retry refused groups."""
+    pending = list(range(len(keys)))
+    attempt = 0
+    while pending:
+        topo = cluster.require_topology()
+        groups = _group(topo, [keys[i] for i in pending])
+        outcomes = await asyncio.gather(
+            *(
+                run(topo, topo.shards[name], [pending[i] for i in idx])
+                for name, idx in groups.items()
+            ),
+            return_exceptions=True,
+        )
+        retry: list[int] = []
+        for idx, outcome in zip(groups.values(), outcomes, strict=True):
+            if isinstance(outcome, errors.StaleMap):
+                retry.extend(pending[i] for i in idx)
+            elif isinstance(outcome, BaseException):
+                raise outcome
+        pending = sorted(retry)
+        if pending:
+            await cluster.after_stale(topo, attempt, deadline, "batch")
+            attempt += 1
+
+
+async def batch_get(request: web.Request) -> web.Response:
+    cluster, settings = _ctx(request)
+    table = await _table(request)
+    body = validate.json_object(await _body(request), max_depth=settings.max_json_depth)
+    if set(body) != {"keys"}:
+        raise errors.BadRequest('the body is {"keys": [{"pk", "sk"}...]}', code="invalid_batch")
+    entries = _batch_keys(body["keys"], what="keys", settings=settings, with_item=False)
+    if not 1 <= len(entries) <= settings.max_batch_keys:
+        raise errors.BadRequest(
+            f"a batch holds 1 to {settings.max_batch_keys} keys", code="invalid_batch"
+        )
+    token = _session(request)
+    consistency = _consistency(request, token)
+    slot_count = cluster.require_topology().slot_count
+    keys = [(slot_of(pk, slot_count), pk, sk) for pk, sk, _ in entries]
+    found: list[store.Item | None] = [None] * len(keys)
+    deadline = cluster.deadline()
+
+    async def run(topo: Topology, shard: Shard, indexes: list[int]) -> None:
+        items, _ = await cluster.read_shard(
+            shard,
+            lambda conn, min_lsn: store.get_many(
+                conn, table=table, keys=[keys[i] for i in indexes], min_lsn=min_lsn
+            ),
+            consistency=consistency,
+            token=token,
+            deadline=deadline,
+        )
+        for i, item in zip(indexes, items, strict=True):
+            found[i] = item
+
+    await _per_shard(cluster, keys, run, deadline)
+    results = []
+    for (_, pk, sk), item in zip(keys, found, strict=True):
+        if item is None:
+            results.append({"pk": pk, "sk": sk, "found": False})
+        else:
+            results.append(
+                {"pk": pk, "sk": sk, "found": True, "version": item.version, "item": item.doc}
+            )
+    return respond({"table": table, "results": results})
+
+
+async def batch_write(request: web.Request) -> web.Response:
+    cluster, settings = _ctx(request)
+    table = await _table(request)
+    body = validate.json_object(await _body(request), max_depth=settings.max_json_depth + 3)
+    if not body or set(body) - {"puts", "deletes"}:
+        raise errors.BadRequest(
+            'the body is {"puts": [...], "deletes": [...]}', code="invalid_batch"
+        )
+    puts = _batch_keys(body.get("puts", []), what="puts", settings=settings, with_item=True)
+    deletes = _batch_keys(
+        body.get("deletes", []), what="deletes", settings=settings, with_item=False
+    )
+    total = len(puts) + len(deletes)
+    if not 1 <= total <= settings.max_batch_keys:
+        raise errors.BadRequest(
+            f"a batch holds 1 to {settings.max_batch_keys} keys", code="invalid_batch"
+        )
+    for _, _, item in puts:
+        validate.json_object(orjson.dumps(item), max_depth=settings.max_json_depth, what="an item")
+    all_keys = [(pk, sk) for pk, sk, _ in puts + deletes]
+    if len(set(all_keys)) != len(all_keys):
+        raise errors.BadRequest("a batch names each key once", code="invalid_batch")
+    token = _session(request)
+    slot_count = cluster.require_topology().slot_count
+    keys = [(slot_of(pk, slot_count), pk, sk) for pk, sk in all_keys]
+    docs = [item for _, _, item in puts]
+    n_puts = len(puts)
+    results: list[dict[str, Any]] = [{} for _ in keys]
+    session = token or SessionToken({})
+    deadline = cluster.deadline()
+
+    async def run(topo: Topology, shard: Shard, indexes: list[int]) -> None:
+        nonlocal session
+        put_idx = [i for i in indexes if i < n_puts]
+        del_idx = [i for i in indexes if i >= n_puts]
+        try:
+            (versions, deleted, lsn), served = await cluster.write_shard(
+                topo,
+                shard,
+                lambda conn: store.write_batch(
+                    conn,
+                    table=table,
+                    puts=[(*keys[i], docs[i]) for i in put_idx],
+                    deletes=[keys[i] for i in del_idx],
+                ),
+                deadline=deadline,
+            )
+        except errors.ApiError as exc:
+            for i in indexes:
+                results[i] = {
+                    "status": "error",
+                    "error": {"code": exc.code, "message": exc.message},
+                }
+            return
+        session = session.merged(served.shard, lsn)
+        for i, version in zip(put_idx, versions, strict=True):
+            results[i] = {"status": "ok", "version": version}
+        for i, version in zip(del_idx, deleted, strict=True):
+            results[i] = {"status": "deleted" if version is not None else "absent"}
+
+    await _per_shard(cluster, keys, run, deadline)
+    shaped = []
+    for index, ((_, pk, sk), outcome) in enumerate(zip(keys, results, strict=True)):
+        shaped.append({"op": "put" if index < n_puts else "delete", "pk": pk, "sk": sk, **outcome})
+    ok = all(r["status"] != "error" for r in shaped)
+    headers = {"Shardd-Session": str(session)} if session.positions else {}
+    return respond({"table": table, "ok": ok, "results": shaped}, headers=headers)

@@ -1,0 +1,13 @@
+"""Typed application keys shared by the API modules."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from ..cluster import Cluster
+from ..config import Settings
+from .auth import TokenTable
+
+CLUSTER = web.AppKey("cluster", Cluster)
+SETTINGS = web.AppKey("settings", Settings)
+TOKENS = web.AppKey("tokens", TokenTable)

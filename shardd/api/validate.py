@@ -1,0 +1,158 @@
+"""Everything a client sends is checked here before any shard sees it.
+
+Keys arrive as percent-encoded path segments and may hold any UTF-8 but NUL ("/" is
+sent as %2F), so they are decoded from the raw path strictly: malformed escapes, invalid
+UTF-8, NUL bytes, empty or oversized keys are all 400s.  JSON bodies must be objects,
+valid UTF-8, free of NUL characters (Postgres jsonb cannot store them) and no deeper
+than ``max_json_depth``.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+import orjson
+
+from ..errors import BadRequest
+
+TABLE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def table_name(name: str) -> str:
+    if not TABLE_NAME.match(name):
+        raise BadRequest("table names match ^[a-z][a-z0-9_]{0,62}$", code="invalid_table_name")
+    return name
+
+
+def decode_segment(raw: str, *, what: str, max_bytes: int, allow_empty: bool = False) -> str:
+    if _BAD_ESCAPE.search(raw):
+        raise BadRequest(f"{what}: malformed percent-encoding", code="invalid_key")
+    data = unquote_to_bytes(raw)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest(f"{what}: not valid UTF-8", code="invalid_key") from None
+    return key(text, what=what, max_bytes=max_bytes, allow_empty=allow_empty)
+
+
+def key(text: Any, *, what: str, max_bytes: int, allow_empty: bool = False) -> str:
+    if not isinstance(text, str):
+        raise BadRequest(f"{what} must be a string", code="invalid_key")
+    if not text and not allow_empty:
+        raise BadRequest(f"{what} must not be empty", code="invalid_key")
+    if "\x00" in text:
+        raise BadRequest(f"{what} must not contain NUL", code="invalid_key")
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise BadRequest(f"{what} is not valid UTF-8", code="invalid_key") from None
+    if size > max_bytes:
+        raise BadRequest(f"{what} is longer than {max_bytes} bytes", code="invalid_key")
+    return text
+
+
+def item_keys(raw_rest: str, *, max_bytes: int) -> tuple[str, str]:
+    """``pk`` or ``pk/sk`` (raw, percent-encoded) -> decoded (pk, sk); sk defaults to ""."""
+    parts = raw_rest.split("/")
+    if len(parts) not in (1, 2):
+        raise BadRequest(
+            "item paths are items/{pk} or items/{pk}/{sk}; encode '/' in keys as %2F",
+            code="invalid_key",
+        )
+    pk = decode_segment(parts[0], what="pk", max_bytes=max_bytes)
+    sk = (
+        decode_segment(parts[1], what="sk", max_bytes=max_bytes, allow_empty=True)
+        if len(parts) == 2
+        else ""
+    )
+    return pk, sk
+
+
+def json_value(body: bytes, *, max_depth: int) -> Any:
+    if not body:
+        raise BadRequest("a JSON body is required", code="invalid_json")
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"invalid JSON: {exc}", code="invalid_json") from None
+    _check_tree(value, max_depth)
+    return value
+
+
+def json_object(body: bytes, *, max_depth: int, what: str = "the body") -> dict[str, Any]:
+    value = json_value(body, max_depth=max_depth)
+    if not isinstance(value, dict):
+        raise BadRequest(f"{what} must be a JSON object", code="invalid_json")
+    return value
+
+
+def _check_tree(value: Any, max_depth: int) -> None:
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            if depth > max_depth:
+                raise BadRequest(f"JSON nested deeper than {max_depth}", code="invalid_json")
+            for k, v in node.items():
+                if "\x00" in k:
+                    raise BadRequest("JSON keys must not contain NUL", code="invalid_json")
+                stack.append((v, depth + 1))
+        elif isinstance(node, list):
+            if depth > max_depth:
+                raise BadRequest(f"JSON nested deeper than {max_depth}", code="invalid_json")
+            stack.extend((v, depth + 1) for v in node)
+        elif isinstance(node, str) and "\x00" in node:
+            raise BadRequest("JSON strings must not contain NUL", code="invalid_json")
+
+
+def int_param(raw: str | None, *, name: str, default: int, low: int, high: int) -> int:
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or len(raw) > 9:
+        raise BadRequest(f"{name} must be an integer", code="invalid_parameter")
+    value = int(raw)
+    if not low <= value <= high:
+        raise BadRequest(f"{name} must be between {low} and {high}", code="invalid_parameter")
+    return value
+
+
+def version_condition(raw: str | None, *, header: str) -> int | None:
+    """An ETag from If-Match / If-None-Match: '"7"', 'W/"7"' or '7'; '*' means 0 (absent)."""
+    if raw is None:
+        return None
+    text = raw.strip()
+    if text == "*":
+        return 0
+    if text.startswith("W/"):
+        text = text[2:]
+    text = text.strip('"')
+    if not text.isdigit() or len(text) > 18 or int(text) < 1:
+        raise BadRequest(f'{header} must be an ETag like "3"', code="invalid_precondition")
+    return int(text)
+
+
+def encode_cursor(data: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps(data)).decode("ascii").rstrip("=")
+
+
+def decode_cursor(raw: str | None) -> dict[str, Any] | None:
+    if raw is None or raw == "":
+        return None
+    try:
+        padded = raw + "=" * (-len(raw) % 4)
+        data = orjson.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+    except (ValueError, UnicodeEncodeError, orjson.JSONDecodeError):
+        raise BadRequest("cursor is not one this service issued", code="invalid_cursor") from None
+    if not (
+        isinstance(data, dict)
+        and isinstance(data.get("s"), str)
+        and isinstance(data.get("pk"), str)
+        and isinstance(data.get("sk"), str)
+        and "\x00" not in data["pk"] + data["sk"] + data["s"]
+    ):
+        raise BadRequest("cursor is not one this service issued", code="invalid_cursor")
+    return data

@@ -1,0 +1,139 @@
+"""The catalog database: topology, slot map and its epoch, tables.
+
+Instances read it as one consistent :class:`~shardd.topology.Topology` snapshot.  Every
+change goes through :func:`bump_epoch` in the same transaction, which raises the epoch
+and notifies ``shardd_topology``; instances LISTEN on that channel and also poll the
+epoch, so a lost notification only delays a refresh.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import asyncpg
+
+from .topology import Node, Shard, TableInfo, Topology
+
+CHANNEL = "shardd_topology"
+
+
+async def load_topology(conn: asyncpg.Connection) -> Topology:
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        cluster = await conn.fetchrow("SELECT epoch, slot_count FROM shardd_cluster")
+        if cluster is None:
+            raise LookupError("the catalog has no cluster; run `shardctl init`")
+        shard_rows = await conn.fetch("SELECT name, weight FROM shardd_shards ORDER BY name")
+        node_rows = await conn.fetch(
+            "SELECT name, shard, role, host, port, dbname, username, password, fenced"
+            " FROM shardd_nodes ORDER BY shard, role, name"
+        )
+        slot_rows = await conn.fetch("SELECT slot, shard FROM shardd_slot_map")
+        table_rows = await conn.fetch(
+            "SELECT name, description, created_at, updated_at FROM shardd_tables"
+        )
+    nodes: dict[str, list[Node]] = {}
+    for row in node_rows:
+        nodes.setdefault(row["shard"], []).append(Node(**dict(row)))
+    shards = {
+        row["name"]: Shard(row["name"], row["weight"], tuple(nodes.get(row["name"], ())))
+        for row in shard_rows
+    }
+    slot_map: list[str | None] = [None] * cluster["slot_count"]
+    for row in slot_rows:
+        slot_map[row["slot"]] = row["shard"]
+    tables = {
+        row["name"]: TableInfo(
+            row["name"],
+            row["description"],
+            row["created_at"].isoformat(),
+            row["updated_at"].isoformat(),
+        )
+        for row in table_rows
+    }
+    return Topology(
+        epoch=cluster["epoch"],
+        slot_count=cluster["slot_count"],
+        shards=shards,
+        slot_map=tuple(slot_map),
+        tables=tables,
+    )
+
+
+async def current_epoch(conn: asyncpg.Connection) -> int:
+    epoch: int = await conn.fetchval("SELECT epoch FROM shardd_cluster")
+    return epoch
+
+
+async def bump_epoch(conn: asyncpg.Connection) -> int:
+    """Raise the epoch and notify instances; call inside the changing transaction."""
+    epoch: int = await conn.fetchval("UPDATE shardd_cluster SET epoch = epoch + 1 RETURNING epoch")
+    await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, str(epoch))
+    return epoch
+
+
+async def create_cluster(conn: asyncpg.Connection, *, slot_count: int) -> bool:
+    """Create the cluster row; False when it already exists (slot count is then fixed)."""
+    status = await conn.execute(
+        "INSERT INTO shardd_cluster (slot_count) VALUES ($1) ON CONFLICT (id) DO NOTHING",
+        slot_count,
+    )
+    return bool(status.endswith("1"))
+
+
+async def add_shard(
+    conn: asyncpg.Connection, *, name: str, weight: int, nodes: Sequence[Node]
+) -> int:
+    async with conn.transaction():
+        await conn.execute("INSERT INTO shardd_shards (name, weight) VALUES ($1, $2)", name, weight)
+        for node in nodes:
+            await conn.execute(
+                "INSERT INTO shardd_nodes (name, shard, role, host, port, dbname, username,"
+                " password) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                node.name,
+                name,
+                node.role,
+                node.host,
+                node.port,
+                node.dbname,
+                node.username,
+                node.password,
+            )
+        return await bump_epoch(conn)
+
+
+async def set_slot_map(conn: asyncpg.Connection, assignment: dict[int, str]) -> int:
+    async with conn.transaction():
+        await conn.executemany(
+            "INSERT INTO shardd_slot_map (slot, shard) VALUES ($1, $2)"
+            " ON CONFLICT (slot) DO UPDATE SET shard = excluded.shard",
+            list(assignment.items()),
+        )
+        return await bump_epoch(conn)
+
+
+async def pinned_slots(conn: asyncpg.Connection) -> dict[int, str]:
+    rows = await conn.fetch("SELECT slot, shard FROM shardd_slot_overrides")
+    return {row["slot"]: row["shard"] for row in rows}
+
+
+async def put_table(conn: asyncpg.Connection, *, name: str, description: str) -> bool:
+    """Create or update a table declaration; True when it was created."""
+    async with conn.transaction():
+        created: bool = await conn.fetchval(
+            "INSERT INTO shardd_tables AS t (name, description) VALUES ($1, $2)"
+            " ON CONFLICT (name) DO UPDATE SET description = excluded.description,"
+            " updated_at = now() RETURNING (xmax = 0)",
+            name,
+            description,
+        )
+        await bump_epoch(conn)
+    return created
+
+
+async def drop_table(conn: asyncpg.Connection, name: str) -> bool:
+    async with conn.transaction():
+        status = await conn.execute("DELETE FROM shardd_tables WHERE name = $1", name)
+        if status.endswith(" 0"):
+            return False
+        await bump_epoch(conn)
+    return True

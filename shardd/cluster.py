@@ -1,0 +1,329 @@
+"""One shardd instance's live view of the cluster, and the loop that runs work on it.
+
+:class:`Cluster` owns the current :class:`~shardd.topology.Topology` (refreshed on
+``LISTEN`` notifications and by polling the catalog epoch), the node pools and the
+health monitor.  Its ``write``/``read`` methods route one operation to a node, translate
+failures, and retry transparently when a shard refuses a slot it no longer owns.
+
+Safety notes:
+
+* Fencing is not ours to trust: the shard checks slot ownership in the same transaction
+  as the write.  An instance with an old map is refused (``StaleMap``), refreshes, and
+  retries until the request's deadline; nothing it does here can double-own a slot.
+* A write whose connection is lost or whose deadline passes after it was sent may have
+  committed: it is reported as ``OutcomeUnknown`` and never retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import asyncpg
+
+from . import catalog, errors, metrics, router
+from .config import Settings
+from .nodes import HealthMonitor, NodePools
+from .placement import slot_of
+from .topology import Node, Shard, Topology
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Work = Callable[[asyncpg.Connection], Awaitable[T]]
+
+
+@dataclass(frozen=True)
+class Served:
+    """Where an operation ran."""
+
+    shard: str
+    node: str
+
+    def header(self) -> str:
+        return f"{self.shard}/{self.node}"
+
+
+class NodeLost(Exception):
+    """A read's node failed before answering; another node may serve it."""
+
+
+class Cluster:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.topology: Topology | None = None
+        self.catalog_ok = False
+        self.pools = NodePools(
+            pool_size=settings.pool_size, connect_timeout=min(2.0, settings.request_timeout)
+        )
+        self.health = HealthMonitor(
+            self.pools, lambda: self.topology, interval=settings.health_interval
+        )
+        self._catalog: asyncpg.Pool | None = None
+        self._listener: asyncpg.Connection | None = None
+        self._refresh_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._catalog = await asyncpg.create_pool(
+            self.settings.catalog_dsn, min_size=0, max_size=4, timeout=2.0
+        )
+        with contextlib.suppress(Exception):
+            await self.refresh(force=True)
+        self._tasks = [
+            asyncio.create_task(self._poll_catalog(), name="catalog-poll"),
+            asyncio.create_task(self.health.run(), name="health"),
+        ]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.close(timeout=1)
+        if self._catalog is not None:
+            await self._catalog.close()
+        await self.pools.close()
+
+    @property
+    def catalog(self) -> asyncpg.Pool:
+        if self._catalog is None:
+            raise errors.NotReady("shardd is starting")
+        return self._catalog
+
+    def require_topology(self) -> Topology:
+        if self.topology is None:
+            raise errors.NotReady("the topology has not been loaded from the catalog yet")
+        return self.topology
+
+    # -- topology ----------------------------------------------------------------
+
+    async def refresh(self, *, force: bool = False, seen_epoch: int | None = None) -> Topology:
+        """Reload the topology when the catalog has a newer epoch (or when forced).
+
+        Concurrent callers that saw the same stale epoch share one reload.
+        """
+        async with self._refresh_lock:
+            current = self.topology
+            if current is not None and seen_epoch is not None and current.epoch > seen_epoch:
+                return current
+            async with self.catalog.acquire() as conn:
+                if not force and current is not None:
+                    if await catalog.current_epoch(conn) == current.epoch:
+                        self.catalog_ok = True
+                        return current
+                loaded = await catalog.load_topology(conn)
+            self.catalog_ok = True
+            if current is None or loaded.epoch != current.epoch:
+                log.info("topology epoch %s loaded", loaded.epoch)
+            self.topology = loaded
+            metrics.TOPOLOGY_EPOCH.set(loaded.epoch)
+            if current is None:
+                await self.health.check_all()
+            return loaded
+
+    async def _ensure_listener(self) -> None:
+        if self._listener is not None and not self._listener.is_closed():
+            return
+        conn = await asyncpg.connect(self.settings.catalog_dsn, timeout=2.0)
+
+        def notified(*_: object) -> None:
+            asyncio.get_running_loop().create_task(self._refresh_quietly())
+
+        await conn.add_listener(catalog.CHANNEL, notified)
+        self._listener = conn
+
+    async def _refresh_quietly(self) -> None:
+        try:
+            await self.refresh()
+        except Exception as exc:
+            self.catalog_ok = False
+            log.warning("catalog refresh failed: %s", exc)
+
+    async def _poll_catalog(self) -> None:
+        while True:
+            try:
+                await self._ensure_listener()
+                await self.refresh()
+            except Exception as exc:
+                self.catalog_ok = False
+                log.warning("catalog poll failed: %s", exc)
+            metrics.observe_pools(self.pools)
+            await asyncio.sleep(self.settings.topology_poll_interval)
+
+    # -- running work ------------------------------------------------------------
+
+    def deadline(self) -> float:
+        return time.monotonic() + self.settings.request_timeout
+
+    async def _run(
+        self, shard: str, node: Node, work: Work[T], *, writing: bool, deadline: float
+    ) -> T:
+        """Run ``work`` on one node, translating every failure into what it means."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise errors.Timeout("the request deadline passed")
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(remaining):
+                pool = await self.pools.pool(node)
+                conn = await pool.acquire()
+        except (TimeoutError, *errors.CONNECT_ERRORS, *errors.LOST_CONNECTION_ERRORS) as exc:
+            metrics.QUERY_ERRORS.labels(shard, node.name, "connect").inc()
+            if not writing:
+                raise NodeLost(str(exc)) from exc
+            raise errors.ShardUnavailable(shard, f"cannot connect to {node.name}") from exc
+        try:
+            async with asyncio.timeout(max(0.001, deadline - time.monotonic())):
+                return await work(conn)
+        except (TimeoutError, *errors.LOST_CONNECTION_ERRORS) as exc:
+            metrics.QUERY_ERRORS.labels(shard, node.name, "lost").inc()
+            with contextlib.suppress(Exception):
+                conn.terminate()
+            if writing:
+                raise errors.OutcomeUnknown(
+                    f"the connection to {node.name} failed before the commit was confirmed;"
+                    " the write may or may not have been applied"
+                ) from exc
+            if isinstance(exc, TimeoutError):
+                raise errors.Timeout(f"{node.name} did not answer before the deadline") from exc
+            raise NodeLost(str(exc)) from exc
+        except asyncpg.PostgresError as exc:
+            translated = errors.from_postgres(exc)
+            if isinstance(translated, errors.StaleMap):
+                metrics.STALE_MAP_RETRIES.inc()
+            elif type(translated) is errors.ApiError:
+                metrics.QUERY_ERRORS.labels(shard, node.name, "sql").inc()
+            raise translated from exc
+        finally:
+            metrics.QUERY_SECONDS.labels(shard, node.name).observe(time.perf_counter() - started)
+            with contextlib.suppress(Exception):
+                await pool.release(conn)
+
+    async def after_stale(
+        self, topology: Topology, attempt: int, deadline: float, shard: str
+    ) -> None:
+        """Refresh the map; back off a little while the catalog has nothing newer yet."""
+        fresh = await self.refresh(force=True, seen_epoch=topology.epoch)
+        if fresh.epoch == topology.epoch:
+            pause = min(0.1, 0.005 * 2**attempt)
+            if time.monotonic() + pause >= deadline:
+                raise errors.ShardUnavailable(
+                    shard, "the slot is changing owner; retry", retry_after=1
+                )
+            await asyncio.sleep(pause)
+
+    def route(self, pk: str) -> tuple[Topology, int, Shard]:
+        topology = self.require_topology()
+        slot = slot_of(pk, topology.slot_count)
+        shard = topology.shard_for_slot(slot)
+        if shard is None:
+            raise errors.ShardUnavailable("none", f"slot {slot} has no owner")
+        return topology, slot, shard
+
+    async def write(
+        self, pk: str, work: Callable[[asyncpg.Connection, int], Awaitable[T]], *, deadline: float
+    ) -> tuple[T, Served]:
+        """Run a write on the primary owning ``pk``'s slot, following the map as it moves."""
+        attempt = 0
+        while True:
+            topology, slot, shard = self.route(pk)
+            primary = shard.primary
+            if primary is None:
+                raise errors.ShardUnavailable(shard.name, "it has no primary")
+            try:
+                result = await self._run(
+                    shard.name,
+                    primary,
+                    lambda conn, slot=slot: work(conn, slot),
+                    writing=True,
+                    deadline=deadline,
+                )
+                return result, Served(shard.name, primary.name)
+            except errors.StaleMap:
+                await self.after_stale(topology, attempt, deadline, shard.name)
+                attempt += 1
+
+    async def write_shard(
+        self, topology: Topology, shard: Shard, work: Work[T], *, deadline: float
+    ) -> tuple[T, Served]:
+        """Run a multi-key write on one shard's primary (no retry: callers regroup)."""
+        primary = shard.primary
+        if primary is None:
+            raise errors.ShardUnavailable(shard.name, "it has no primary")
+        result = await self._run(shard.name, primary, work, writing=True, deadline=deadline)
+        return result, Served(shard.name, primary.name)
+
+    async def read_shard(
+        self,
+        shard: Shard,
+        work: Callable[[asyncpg.Connection, int | None], Awaitable[T | None]],
+        *,
+        consistency: str,
+        token: router.SessionToken | None,
+        deadline: float,
+    ) -> tuple[T, Served]:
+        """Run a read on the best node of ``shard`` for the consistency asked.
+
+        ``work`` gets the session position to require (or None) and returns None when the
+        node had not replayed it; the next candidate (finally the primary) is tried.  A
+        node that fails is skipped once; raises StaleMap when the shard refuses the slot.
+        """
+        min_lsn = token.positions.get(shard.name) if token is not None else None
+        candidates = router.read_candidates(
+            shard,
+            self.health.snapshot,
+            consistency=consistency,
+            min_lsn=min_lsn,
+            max_lag_bytes=self.settings.max_replica_lag_bytes,
+        )
+        failures = 0
+        for node in candidates:
+            try:
+                result = await self._run(
+                    shard.name,
+                    node,
+                    lambda conn: work(conn, min_lsn),
+                    writing=False,
+                    deadline=deadline,
+                )
+            except NodeLost:
+                failures += 1
+                metrics.READ_RETRIES.inc()
+                if failures > 1:
+                    break
+                continue
+            if result is not None:
+                return result, Served(shard.name, node.name)
+        raise errors.ShardUnavailable(shard.name, "no node could serve the read")
+
+    async def read(
+        self,
+        pk: str,
+        work: Callable[[asyncpg.Connection, int, int | None], Awaitable[T | None]],
+        *,
+        consistency: str,
+        token: router.SessionToken | None,
+        deadline: float,
+    ) -> tuple[T, Served]:
+        attempt = 0
+        while True:
+            topology, slot, shard = self.route(pk)
+            try:
+                return await self.read_shard(
+                    shard,
+                    lambda conn, min_lsn, slot=slot: work(conn, slot, min_lsn),
+                    consistency=consistency,
+                    token=token,
+                    deadline=deadline,
+                )
+            except errors.StaleMap:
+                await self.after_stale(topology, attempt, deadline, shard.name)
+                attempt += 1

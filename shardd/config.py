@@ -1,0 +1,141 @@
+"""Every setting shardd and shardctl read, declared once.
+
+The :class:`Settings` dataclass *is* the declaration: each field carries its type,
+default and help text.  The command-line flags of ``shardd``, the ``SHARDD_*``
+environment variables, the TOML config file and the README's settings table all come
+from these fields (a test fails when a setting is missing from the README).
+
+Precedence, lowest first: default, config file (``--config`` or ``SHARDD_CONFIG``),
+environment, command-line flag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "SHARDD_"
+
+
+def _setting(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Settings:
+    catalog_dsn: str = _setting(
+        "postgresql://shardd@127.0.0.1:5432/shardd",
+        "DSN of the catalog database (topology, slot map, tables).",
+    )
+    host: str = _setting(
+        "127.0.0.1",
+        "Address the HTTP API listens on. Without tokens only a loopback address is allowed.",
+    )
+    port: int = _setting(8080, "Port the HTTP API listens on.")
+    tokens: tuple[str, ...] = _setting(
+        (),
+        "Bearer tokens as SECRET:SCOPE[,SCOPE] (scopes read, write, admin; admin implies "
+        "write, write implies read). Separate several with ';' in the environment.",
+    )
+    slot_count: int = _setting(4096, "Number of slots; fixed when the cluster is created.")
+    pool_size: int = _setting(10, "Maximum connections per Postgres node and shardd instance.")
+    health_interval: float = _setting(1.0, "Seconds between health checks of every node.")
+    max_replica_lag_bytes: int = _setting(
+        16 * 1024 * 1024, "Replicas further behind their primary serve no eventual reads."
+    )
+    topology_poll_interval: float = _setting(
+        2.0, "Seconds between catalog polls (LISTEN/NOTIFY usually reports changes sooner)."
+    )
+    request_timeout: float = _setting(5.0, "Deadline in seconds for one API request.")
+    max_body_bytes: int = _setting(1024 * 1024, "Largest accepted request body (413 above).")
+    max_key_bytes: int = _setting(1024, "Largest partition or sort key, in UTF-8 bytes.")
+    max_json_depth: int = _setting(32, "Deepest nesting of arrays and objects in an item.")
+    max_batch_keys: int = _setting(100, "Most keys in one batch get or batch write.")
+    max_page_size: int = _setting(1000, "Largest `limit` for partition queries and scans.")
+    default_page_size: int = _setting(100, "`limit` when a query or scan gives none.")
+    shutdown_timeout: float = _setting(
+        10.0, "Seconds a stopping server waits for in-flight requests to finish."
+    )
+    log_level: str = _setting("info", "Log level: debug, info, warning or error.")
+    access_log: bool = _setting(True, "Log one JSON line per request.")
+
+    @classmethod
+    def fields(cls) -> tuple[dataclasses.Field[Any], ...]:
+        return dataclasses.fields(cls)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def field_type(f: dataclasses.Field[Any]) -> Any:
+    hints = typing.get_type_hints(Settings)
+    return hints[f.name]
+
+
+def parse_value(f: dataclasses.Field[Any], raw: Any) -> Any:
+    """Convert a raw value (string from env/flags, or TOML value) to the field's type."""
+    kind = field_type(f)
+    if typing.get_origin(kind) is tuple:
+        if isinstance(raw, str):
+            return tuple(part.strip() for part in raw.split(";") if part.strip())
+        if isinstance(raw, list | tuple):
+            return tuple(str(part) for part in raw)
+        raise ValueError(f"setting {f.name}: expected a list, got {raw!r}")
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"setting {f.name}: expected a boolean, got {raw!r}")
+    if isinstance(kind, type) and not isinstance(kind, types.GenericAlias):
+        try:
+            return kind(raw)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"setting {f.name}: expected {kind.__name__}, got {raw!r}") from exc
+    raise TypeError(f"unsupported setting type {kind!r}")
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def load(
+    *,
+    config_file: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the settings from file, environment and explicit overrides (flags)."""
+    environ = os.environ if environ is None else environ
+    config_file = config_file or environ.get(ENV_PREFIX + "CONFIG")
+    by_name = {f.name: f for f in Settings.fields()}
+    values: dict[str, Any] = {}
+    if config_file:
+        with open(config_file, "rb") as fh:
+            data = tomllib.load(fh)
+        for key, raw in data.items():
+            if key not in by_name:
+                raise ValueError(f"{config_file}: unknown setting {key!r}")
+            values[key] = parse_value(by_name[key], raw)
+    for name, f in by_name.items():
+        if env_name(name) in environ:
+            values[name] = parse_value(f, environ[env_name(name)])
+    for name, raw in (overrides or {}).items():
+        if raw is not None:
+            values[name] = parse_value(by_name[name], raw)
+    return Settings(**values)
+
+
+def documentation_rows() -> Iterator[tuple[str, str, str, str]]:
+    """(name, environment variable, default, help) for every setting, for docs."""
+    for f in Settings.fields():
+        yield f.name, env_name(f.name), repr(f.default), f.metadata["help"]

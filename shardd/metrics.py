@@ -1,0 +1,77 @@
+"""Prometheus metrics, all declared here (scraped at ``GET /metrics``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from .nodes import HealthSnapshot, NodePools
+    from .topology import Topology
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+REQUESTS = Counter(
+    "shardd_http_requests_total",
+    "HTTP requests by route, method and status",
+    ["route", "method", "status"],
+)
+REQUEST_SECONDS = Histogram(
+    "shardd_http_request_seconds",
+    "HTTP request latency by route",
+    ["route", "method"],
+    buckets=LATENCY_BUCKETS,
+)
+QUERY_SECONDS = Histogram(
+    "shardd_shard_query_seconds",
+    "Latency of queries sent to shard nodes",
+    ["shard", "node"],
+    buckets=LATENCY_BUCKETS,
+)
+QUERY_ERRORS = Counter(
+    "shardd_shard_query_errors_total",
+    "Failed queries to shard nodes by kind",
+    ["shard", "node", "kind"],
+)
+STALE_MAP_RETRIES = Counter(
+    "shardd_stale_map_retries_total", "Operations refused by a shard for a stale map, retried"
+)
+READ_RETRIES = Counter(
+    "shardd_read_retries_total", "Reads retried on another node after a connection failure"
+)
+POOL_CONNECTIONS = Gauge("shardd_pool_connections", "Open connections per node pool", ["node"])
+POOL_IN_USE = Gauge("shardd_pool_connections_in_use", "Connections in use per node", ["node"])
+TOPOLOGY_EPOCH = Gauge("shardd_topology_epoch", "Epoch of the topology this instance uses")
+NODE_UP = Gauge(
+    "shardd_node_up", "1 when the last health check of the node passed", ["shard", "node", "role"]
+)
+REPLICA_LAG_BYTES = Gauge(
+    "shardd_replica_lag_bytes", "Replica lag behind its primary, bytes", ["shard", "node"]
+)
+REPLICA_LAG_SECONDS = Gauge(
+    "shardd_replica_lag_seconds", "Replica replay delay, seconds", ["shard", "node"]
+)
+
+
+def observe_health(topology: Topology, health: HealthSnapshot) -> None:
+    TOPOLOGY_EPOCH.set(topology.epoch)
+    for node in topology.nodes():
+        state = health.get(node.name)
+        up = bool(state and state.healthy)
+        NODE_UP.labels(node.shard, node.name, node.role).set(1 if up else 0)
+        if node.role == "replica" and state and state.healthy:
+            if state.lag_bytes is not None:
+                REPLICA_LAG_BYTES.labels(node.shard, node.name).set(state.lag_bytes)
+            if state.lag_seconds is not None:
+                REPLICA_LAG_SECONDS.labels(node.shard, node.name).set(state.lag_seconds)
+
+
+def observe_pools(pools: NodePools) -> None:
+    for node, (size, in_use) in pools.usage().items():
+        POOL_CONNECTIONS.labels(node).set(size)
+        POOL_IN_USE.labels(node).set(in_use)
+
+
+def exposition() -> tuple[bytes, str]:
+    return generate_latest(), CONTENT_TYPE_LATEST

@@ -1,0 +1,194 @@
+"""Connections to the Postgres nodes of every shard, and their health.
+
+:class:`NodePools` keeps one asyncpg pool per node, created on first use (a node that is
+down at start-up does not stop shardd).  :class:`HealthMonitor` checks every node each
+``health_interval`` and publishes an immutable :class:`HealthSnapshot`: reachable or not,
+WAL position, replica lag in bytes and seconds.  Routing reads only that snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import asyncpg
+import orjson
+
+from . import metrics
+from .topology import Node, Topology
+
+log = logging.getLogger(__name__)
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # Documents come back as pre-serialized JSON fragments: a read never parses and
+    # re-serializes the item, it splices the bytes Postgres sent into the response.
+    await conn.set_type_codec(
+        "jsonb",
+        schema="pg_catalog",
+        format="binary",
+        encoder=lambda value: b"\x01" + orjson.dumps(value),
+        decoder=lambda data: orjson.Fragment(data[1:]),
+    )
+
+
+class NodePools:
+    def __init__(self, *, pool_size: int, connect_timeout: float) -> None:
+        self._pool_size = pool_size
+        self._connect_timeout = connect_timeout
+        self._pools: dict[str, asyncpg.Pool] = {}
+        self._dsns: dict[str, str] = {}
+        self._ready: dict[str, asyncio.Future[object]] = {}
+
+    async def pool(self, node: Node) -> asyncpg.Pool:
+        """The node's pool, created (without connecting) on first use."""
+        dsn = node.dsn()
+        if self._dsns.get(node.name) != dsn:
+            old = self._pools.pop(node.name, None)
+            if old is not None:
+                asyncio.get_running_loop().create_task(old.close())
+            pool = asyncpg.create_pool(
+                dsn,
+                min_size=0,
+                max_size=self._pool_size,
+                init=_init_connection,
+                timeout=self._connect_timeout,
+                max_inactive_connection_lifetime=60.0,
+                server_settings={"application_name": "shardd"},
+            )
+            self._pools[node.name] = pool
+            self._dsns[node.name] = dsn
+            self._ready[node.name] = asyncio.ensure_future(pool._async__init__())
+        await self._ready[node.name]
+        return self._pools[node.name]
+
+    def usage(self) -> dict[str, tuple[int, int]]:
+        """node -> (open connections, connections in use)."""
+        result = {}
+        for name, pool in self._pools.items():
+            size = pool.get_size()
+            result[name] = (size, size - pool.get_idle_size())
+        return result
+
+    async def close(self) -> None:
+        pools = list(self._pools.values())
+        self._pools.clear()
+        self._dsns.clear()
+        self._ready.clear()
+        await asyncio.gather(*(pool.close() for pool in pools), return_exceptions=True)
+
+
+@dataclass(frozen=True)
+class NodeHealth:
+    healthy: bool
+    in_recovery: bool | None = None
+    lsn: int | None = None  # primary: current WAL position; replica: replay position
+    lag_bytes: int | None = None
+    lag_seconds: float | None = None
+    error: str | None = None
+    checked_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class HealthSnapshot:
+    nodes: Mapping[str, NodeHealth] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "nodes", MappingProxyType(dict(self.nodes)))
+
+    def get(self, name: str) -> NodeHealth | None:
+        return self.nodes.get(name)
+
+
+_CHECK_SQL = """
+SELECT pg_is_in_recovery() AS in_recovery,
+       CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
+            ELSE pg_current_wal_lsn() END AS lsn,
+       CASE WHEN NOT pg_is_in_recovery()
+              OR pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0
+            ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END AS lag_s
+"""
+
+
+async def check_node(pools: NodePools, node: Node, limit: float) -> NodeHealth:
+    now = time.monotonic()
+    try:
+        async with asyncio.timeout(limit):
+            async with (await pools.pool(node)).acquire() as conn:
+                row = await conn.fetchrow(_CHECK_SQL)
+    except Exception as exc:  # any failure means "not healthy", reported with its reason
+        return NodeHealth(healthy=False, error=f"{type(exc).__name__}: {exc}", checked_at=now)
+    return NodeHealth(
+        healthy=True,
+        in_recovery=row["in_recovery"],
+        lsn=row["lsn"],
+        lag_seconds=float(row["lag_s"] or 0.0),
+        checked_at=now,
+    )
+
+
+def with_lag(topology: Topology, raw: Mapping[str, NodeHealth]) -> HealthSnapshot:
+    """Fill in each replica's byte lag from its primary's position."""
+    result = dict(raw)
+    for shard in topology.shards.values():
+        primary = shard.primary
+        primary_health = raw.get(primary.name) if primary else None
+        for node in shard.replicas:
+            health = raw.get(node.name)
+            if health is None or not health.healthy:
+                continue
+            lag = None
+            if primary_health and primary_health.lsn is not None and health.lsn is not None:
+                lag = max(0, primary_health.lsn - health.lsn)
+            result[node.name] = NodeHealth(
+                healthy=True,
+                in_recovery=health.in_recovery,
+                lsn=health.lsn,
+                lag_bytes=lag,
+                lag_seconds=health.lag_seconds,
+                checked_at=health.checked_at,
+            )
+        if primary and primary_health and primary_health.healthy:
+            result[primary.name] = NodeHealth(
+                healthy=True,
+                in_recovery=primary_health.in_recovery,
+                lsn=primary_health.lsn,
+                lag_bytes=0,
+                lag_seconds=0.0,
+                checked_at=primary_health.checked_at,
+            )
+    return HealthSnapshot(result)
+
+
+class HealthMonitor:
+    def __init__(
+        self, pools: NodePools, topology: Callable[[], Topology | None], *, interval: float
+    ) -> None:
+        self._pools = pools
+        self._topology = topology
+        self._interval = interval
+        self.snapshot = HealthSnapshot()
+
+    async def check_all(self) -> HealthSnapshot:
+        topology = self._topology()
+        if topology is None:
+            return self.snapshot
+        nodes = topology.nodes()
+        results = await asyncio.gather(
+            *(check_node(self._pools, node, self._interval * 2) for node in nodes)
+        )
+        self.snapshot = with_lag(topology, dict(zip((n.name for n in nodes), results, strict=True)))
+        metrics.observe_health(topology, self.snapshot)
+        return self.snapshot
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.check_all()
+            except Exception:
+                log.exception("health check round failed")
+            await asyncio.sleep(self._interval)

@@ -1,0 +1,102 @@
+"""Which node serves an operation: pure decisions over immutable snapshots.
+
+* Writes go to the shard's primary (fenced nodes are never primaries).
+* ``strong`` reads go to the primary.
+* ``session`` reads carry a token with, per shard, the WAL position of the caller's
+  last write; replicas known to have replayed it come first, the primary last.  The
+  read itself re-checks the position on the node, so a stale health snapshot can cost a
+  retry on the primary but never a read that misses the caller's write.
+* ``eventual`` reads go to healthy replicas within ``max_replica_lag_bytes``, spread
+  round-robin, with the primary as the last resort.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from .errors import BadRequest
+from .nodes import HealthSnapshot
+from .topology import Node, Shard
+
+CONSISTENCY_LEVELS = ("strong", "session", "eventual")
+
+
+@dataclass(frozen=True)
+class SessionToken:
+    """shard -> WAL position (as an integer LSN) of the caller's latest write there."""
+
+    positions: Mapping[str, int]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "positions", MappingProxyType(dict(self.positions)))
+
+    @classmethod
+    def parse(cls, text: str) -> SessionToken:
+        positions: dict[str, int] = {}
+        for part in text.split(","):
+            shard, sep, lsn = part.strip().partition(":")
+            if not sep or not shard or not lsn.isdigit() or len(lsn) > 20:
+                raise BadRequest(
+                    "Shardd-Session must look like shard:lsn[,shard:lsn...]",
+                    code="invalid_session_token",
+                )
+            positions[shard] = max(int(lsn), positions.get(shard, 0))
+        return cls(positions)
+
+    def merged(self, shard: str, lsn: int) -> SessionToken:
+        positions = dict(self.positions)
+        positions[shard] = max(lsn, positions.get(shard, 0))
+        return SessionToken(positions)
+
+    def __str__(self) -> str:
+        return ",".join(f"{shard}:{lsn}" for shard, lsn in sorted(self.positions.items()))
+
+
+EMPTY_TOKEN = SessionToken({})
+
+
+def resolve_consistency(requested: str | None, token: SessionToken | None) -> str:
+    if requested is None or requested == "":
+        return "session" if token is not None else "eventual"
+    if requested not in CONSISTENCY_LEVELS:
+        raise BadRequest(
+            f"consistency must be one of {', '.join(CONSISTENCY_LEVELS)}",
+            code="invalid_consistency",
+        )
+    return requested
+
+
+_spread = itertools.count()
+
+
+def read_candidates(
+    shard: Shard,
+    health: HealthSnapshot,
+    *,
+    consistency: str,
+    min_lsn: int | None,
+    max_lag_bytes: int,
+) -> tuple[Node, ...]:
+    """Nodes to try for a read, best first; the primary is always the last resort."""
+    primary = shard.primary
+    tail = (primary,) if primary is not None else ()
+    if consistency == "strong":
+        return tail
+
+    def usable(node: Node) -> bool:
+        state = health.get(node.name)
+        if state is None or not state.healthy or state.in_recovery is False:
+            return False
+        if consistency == "session" and min_lsn is not None:
+            return state.lsn is not None and state.lsn >= min_lsn
+        # Unknown lag (the primary is unreachable) still beats no read at all.
+        return state.lag_bytes is None or state.lag_bytes <= max_lag_bytes
+
+    replicas = [node for node in shard.replicas if usable(node)]
+    if replicas:
+        turn = next(_spread) % len(replicas)
+        replicas = replicas[turn:] + replicas[:turn]
+    return (*replicas, *tail)

@@ -1,0 +1,95 @@
+"""The immutable snapshot of the cluster that every decision is made on.
+
+A :class:`Topology` is loaded from the catalog as a whole (one transaction) and never
+changed; a newer epoch replaces it.  Routing, planning and health decisions are pure
+functions over these values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    shard: str
+    role: str  # 'primary' | 'replica'
+    host: str
+    port: int
+    dbname: str
+    username: str
+    password: str | None = None
+    fenced: bool = False
+
+    @property
+    def is_primary(self) -> bool:
+        return self.role == "primary" and not self.fenced
+
+    def dsn(self) -> str:
+        auth = self.username if self.password is None else f"{self.username}:{self.password}"
+        return f"postgresql://{auth}@{self.host}:{self.port}/{self.dbname}"
+
+
+@dataclass(frozen=True)
+class Shard:
+    name: str
+    weight: int
+    nodes: tuple[Node, ...]
+
+    @property
+    def primary(self) -> Node | None:
+        return next((node for node in self.nodes if node.is_primary), None)
+
+    @property
+    def replicas(self) -> tuple[Node, ...]:
+        return tuple(n for n in self.nodes if n.role == "replica" and not n.fenced)
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    name: str
+    description: str
+    created_at: str
+    updated_at: str
+
+    def as_json(self) -> dict[str, str]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
+
+def _frozen(mapping: Mapping[str, object]) -> Mapping[str, object]:
+    return MappingProxyType(dict(mapping))
+
+
+@dataclass(frozen=True)
+class Topology:
+    epoch: int
+    slot_count: int
+    shards: Mapping[str, Shard]
+    slot_map: tuple[str | None, ...]  # slot -> owning shard
+    tables: Mapping[str, TableInfo] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shards", _frozen(self.shards))
+        object.__setattr__(self, "tables", _frozen(self.tables))
+
+    def shard_for_slot(self, slot: int) -> Shard | None:
+        owner = self.slot_map[slot]
+        return None if owner is None else self.shards.get(owner)
+
+    def nodes(self) -> tuple[Node, ...]:
+        return tuple(node for shard in self.shards.values() for node in shard.nodes)
+
+    def slot_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(self.shards, 0)
+        for owner in self.slot_map:
+            if owner is not None:
+                counts[owner] = counts.get(owner, 0) + 1
+        return counts

@@ -1,0 +1,551 @@
+"""A real local shardd cluster on loopback: catalog + N shards x (primary + R replicas) + shardd.
+
+Everything lives under --dir (default ./.devcluster): one data directory per Postgres
+node, their logs, shardd's log, and cluster.json, which records what was created.  As
+root, Postgres runs as the unprivileged ``postgres`` user (Postgres refuses root).
+
+Ports: shardd on --port; Postgres nodes from --pg-port upwards (catalog first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import glob
+import json
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import click
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from shardd import admin  # noqa: E402
+
+PG_USER = "postgres"
+DB = "shardd"
+STATE = "cluster.json"
+
+
+# -- Postgres binaries and running as the right user ------------------------------------
+
+
+def pg_bindir() -> Path:
+    """Newest /usr/lib/postgresql/<version>/bin with initdb; install it when root."""
+
+    def found() -> Path | None:
+        dirs = glob.glob("/usr/lib/postgresql/*/bin/initdb")
+        dirs.sort(key=lambda p: int(re.findall(r"/(\d+)/bin", p)[0]), reverse=True)
+        if dirs:
+            return Path(dirs[0]).parent
+        which = shutil.which("initdb")
+        return Path(which).resolve().parent if which else None
+
+    bindir = found()
+    if bindir is None and os.geteuid() == 0:
+        click.echo("PostgreSQL server binaries not found; installing with apt-get ...", err=True)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-q"], check=True, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-q", "postgresql"], check=True, env=env)
+        bindir = found()
+    if bindir is None:
+        raise click.ClickException(
+            "PostgreSQL server binaries not found. Install them with:\n"
+            "    sudo apt-get install -y postgresql"
+        )
+    return bindir
+
+
+def as_pg_user(cmd: list[str]) -> list[str]:
+    if os.geteuid() == 0:
+        return ["runuser", "-u", PG_USER, "--", *cmd]
+    return cmd
+
+
+def run_pg(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(as_pg_user(cmd), capture_output=True, text=True, **kwargs)
+    if result.returncode != 0:
+        raise click.ClickException(
+            f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}{result.stderr}"
+        )
+    return result
+
+
+def own_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        pw = pwd.getpwnam(PG_USER)
+        os.chown(path, pw.pw_uid, pw.pw_gid)
+        check = subprocess.run(as_pg_user(["test", "-w", str(path)]))
+        if check.returncode != 0:
+            raise click.ClickException(
+                f"user {PG_USER} cannot write to {path}; choose a --dir whose parents it can"
+                " enter (for example under /tmp)"
+            )
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+# -- cluster state ------------------------------------------------------------------
+
+
+class Cluster:
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory.resolve()
+        self.state_file = self.dir / STATE
+        self.state: dict[str, Any] = {}
+        if self.state_file.exists():
+            self.state = json.loads(self.state_file.read_text())
+
+    def save(self) -> None:
+        self.state_file.write_text(json.dumps(self.state, indent=2))
+
+    @property
+    def nodes(self) -> list[dict[str, Any]]:
+        nodes: list[dict[str, Any]] = self.state.setdefault("nodes", [])
+        return nodes
+
+    def node(self, name: str) -> dict[str, Any]:
+        for node in self.nodes:
+            if node["name"] == name:
+                return node
+        names = ", ".join(n["name"] for n in self.nodes)
+        raise click.ClickException(f"no node {name!r}; nodes are: {names}, shardd")
+
+    def dsn(self, node: dict[str, Any]) -> str:
+        return f"postgresql://shardd@127.0.0.1:{node['port']}/{DB}"
+
+    @property
+    def catalog_dsn(self) -> str:
+        return self.dsn(self.node("catalog"))
+
+    def datadir(self, node: dict[str, Any]) -> Path:
+        return self.dir / node["name"]
+
+    def next_port(self) -> int:
+        used = [n["port"] for n in self.nodes]
+        return max(used) + 1 if used else int(self.state["pg_port"])
+
+    # -- Postgres nodes
+
+    def pid(self, node: dict[str, Any]) -> int | None:
+        pidfile = self.datadir(node) / "postmaster.pid"
+        try:
+            pid = int(pidfile.read_text().split("\n", 1)[0])
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return None
+        return pid
+
+    def start_node(self, node: dict[str, Any]) -> None:
+        if self.pid(node) is not None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            (self.datadir(node) / "postmaster.pid").unlink()
+        run_pg(
+            [
+                str(pg_bindir() / "pg_ctl"),
+                "-D",
+                str(self.datadir(node)),
+                "-l",
+                str(self.dir / f"{node['name']}.log"),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ]
+        )
+
+    def stop_node(self, node: dict[str, Any]) -> None:
+        if self.pid(node) is None:
+            return
+        run_pg(
+            [
+                str(pg_bindir() / "pg_ctl"),
+                "-D",
+                str(self.datadir(node)),
+                "-m",
+                "fast",
+                "-w",
+                "-t",
+                "60",
+                "stop",
+            ]
+        )
+
+    def create_primary(self, node: dict[str, Any]) -> None:
+        datadir = self.datadir(node)
+        if not port_free(node["port"]):
+            raise click.ClickException(f"port {node['port']} is in use")
+        run_pg(
+            [
+                str(pg_bindir() / "initdb"),
+                "-D",
+                str(datadir),
+                "-U",
+                "shardd",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+                "--no-instructions",
+            ]
+        )
+        sync = "'ANY 1 (*)'" if self.state.get("sync") else "''"
+        with open(datadir / "postgresql.conf", "a") as conf:
+            conf.write(
+                f"\n# shardd devcluster\nport = {node['port']}\n"
+                "listen_addresses = '127.0.0.1'\nunix_socket_directories = ''\n"
+                "wal_level = replica\nmax_wal_senders = 10\nmax_replication_slots = 10\n"
+                "hot_standby = on\nhot_standby_feedback = on\nwal_keep_size = '256MB'\n"
+                "fsync = off\nshared_buffers = '64MB'\nmax_connections = 200\n"
+                f"synchronous_standby_names = {sync}\n"
+                f"cluster_name = '{node['name']}'\n"
+            )
+        self.start_node(node)
+        asyncio.run(_create_database(f"postgresql://shardd@127.0.0.1:{node['port']}/postgres"))
+
+    def create_replica(self, node: dict[str, Any], primary: dict[str, Any]) -> None:
+        datadir = self.datadir(node)
+        if not port_free(node["port"]):
+            raise click.ClickException(f"port {node['port']} is in use")
+        slot_name = node["name"].replace("-", "_")
+        run_pg(
+            [
+                str(pg_bindir() / "pg_basebackup"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(primary["port"]),
+                "-U",
+                "shardd",
+                "-D",
+                str(datadir),
+                "-R",
+                "-X",
+                "stream",
+                "-C",
+                "-S",
+                slot_name,
+                "--no-sync",
+                "--checkpoint=fast",
+            ]
+        )
+        with open(datadir / "postgresql.auto.conf", "a") as conf:
+            conf.write(
+                f"port = {node['port']}\ncluster_name = '{node['name']}'\n"
+                "synchronous_standby_names = ''\n"
+            )
+        self.start_node(node)
+
+    def create_shard(self, name: str, replicas: int) -> None:
+        primary = {
+            "name": f"{name}-primary",
+            "shard": name,
+            "role": "primary",
+            "port": self.next_port(),
+        }
+        self.nodes.append(primary)
+        self.save()
+        self.create_primary(primary)
+        for i in range(1, replicas + 1):
+            replica = {
+                "name": f"{name}-replica{i}",
+                "shard": name,
+                "role": "replica",
+                "port": self.next_port(),
+            }
+            self.nodes.append(replica)
+            self.save()
+            self.create_replica(replica, primary)
+        replica_dsns = [
+            self.dsn(n) for n in self.nodes if n["shard"] == name and n["role"] == "replica"
+        ]
+        asyncio.run(
+            admin.add_shard(
+                self.catalog_dsn,
+                name=name,
+                primary_dsn=self.dsn(primary),
+                replica_dsns=replica_dsns,
+            )
+        )
+
+    # -- shardd
+
+    def shardd_pid(self) -> int | None:
+        pid = self.state.get("shardd_pid")
+        if not pid:
+            return None
+        try:
+            os.kill(pid, 0)
+            with open(f"/proc/{pid}/stat") as fh:
+                if fh.read().split()[2] == "Z":
+                    return None
+        except OSError:
+            return None
+        return int(pid)
+
+    def shardd_env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "SHARDD_CATALOG_DSN": self.catalog_dsn,
+            "SHARDD_PORT": str(self.state["port"]),
+            "SHARDD_HOST": "127.0.0.1",
+        }
+
+    def start_shardd(self) -> None:
+        if self.shardd_pid() is not None:
+            return
+        if not port_free(self.state["port"]):
+            raise click.ClickException(f"port {self.state['port']} is in use")
+        log = open(self.dir / "shardd.log", "ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "shardd.server"],
+            cwd=ROOT,
+            env=self.shardd_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.state["shardd_pid"] = proc.pid
+        self.save()
+        url = f"http://127.0.0.1:{self.state['port']}/readyz"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise click.ClickException(f"shardd exited; see {self.dir / 'shardd.log'}")
+            with contextlib.suppress(OSError, urllib.error.URLError):
+                with urllib.request.urlopen(url, timeout=1) as resp:
+                    if resp.status == 200:
+                        return
+            time.sleep(0.1)
+        raise click.ClickException(f"shardd not ready after 30s; see {self.dir / 'shardd.log'}")
+
+    def stop_shardd(self) -> None:
+        pid = self.shardd_pid()
+        if pid is None:
+            return
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and self.shardd_pid() is not None:
+            time.sleep(0.05)
+        if self.shardd_pid() is not None:
+            os.kill(pid, signal.SIGKILL)
+
+
+async def _create_database(dsn: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        if not await conn.fetchval("SELECT true FROM pg_database WHERE datname = $1", DB):
+            await conn.execute(f"CREATE DATABASE {DB}")
+    finally:
+        await conn.close()
+
+
+# -- commands -----------------------------------------------------------------------
+
+dir_option = click.option(
+    "--dir",
+    "directory",
+    type=click.Path(path_type=Path),
+    default=Path(".devcluster"),
+    show_default=True,
+    help="Folder holding the cluster's data and logs.",
+)
+
+
+@click.group()
+def cli() -> None:
+    """Run a real local shardd cluster on loopback for development, tests and benchmarks."""
+
+
+@cli.command()
+@dir_option
+@click.option("--shards", default=3, show_default=True)
+@click.option("--replicas", default=1, show_default=True)
+@click.option("--port", default=8080, show_default=True, help="shardd HTTP port.")
+@click.option("--pg-port", type=int, default=None, help="First Postgres port [port+1].")
+@click.option("--sync", is_flag=True, help="Synchronous replication (ANY 1).")
+@click.option("--slots", default=4096, show_default=True, help="Slot count of a new cluster.")
+def up(
+    directory: Path,
+    shards: int,
+    replicas: int,
+    port: int,
+    pg_port: int | None,
+    sync: bool,
+    slots: int,
+) -> None:
+    """Create (first time) or start the cluster and shardd; idempotent."""
+    cluster = Cluster(directory)
+    if not cluster.state.get("ready"):
+        if cluster.dir.exists() and any(cluster.dir.iterdir()):
+            shutil.rmtree(cluster.dir)  # a half-created cluster: start over
+        own_dir(cluster.dir)
+        cluster.state = {
+            "port": port,
+            "pg_port": pg_port or port + 1,
+            "sync": sync,
+            "slots": slots,
+            "nodes": [],
+        }
+        catalog = {"name": "catalog", "shard": None, "role": "catalog", "port": cluster.next_port()}
+        cluster.nodes.append(catalog)
+        cluster.save()
+        cluster.create_primary(catalog)
+        asyncio.run(admin.migrate_all(cluster.catalog_dsn, slot_count=slots))
+        for i in range(1, shards + 1):
+            cluster.create_shard(f"s{i}", replicas)
+        asyncio.run(admin.init_slots(cluster.catalog_dsn))
+        cluster.state["ready"] = True
+        cluster.save()
+    else:
+        for node in cluster.nodes:
+            cluster.start_node(node)
+    cluster.start_shardd()
+    url = f"http://127.0.0.1:{cluster.state['port']}"
+    click.echo(f"shardd is up at {url} (cluster in {cluster.dir})\n")
+    click.echo("Try:")
+    click.echo(f"  curl -X PUT {url}/v1/tables/users")
+    click.echo(f'  curl -X PUT {url}/v1/tables/users/items/alice -d \'{{"name": "Alice"}}\'')
+    click.echo(f"  curl {url}/v1/tables/users/items/alice")
+    click.echo(f"  curl {url}/v1/topology")
+    click.echo(f'  eval "$(tools/devcluster env --dir {directory})" && .venv/bin/shardctl status')
+
+
+@cli.command()
+@dir_option
+@click.option("--purge", is_flag=True, help="Also delete the data directory.")
+def down(directory: Path, purge: bool) -> None:
+    """Stop shardd and every Postgres node."""
+    cluster = Cluster(directory)
+    cluster.stop_shardd()
+    for node in reversed(cluster.nodes):
+        with contextlib.suppress(click.ClickException):
+            cluster.stop_node(node)
+    if purge and cluster.dir.exists():
+        shutil.rmtree(cluster.dir)
+    click.echo("cluster stopped" + (" and deleted" if purge else ""))
+
+
+@cli.command()
+@dir_option
+@click.option("--json", "as_json", is_flag=True)
+def status(directory: Path, as_json: bool) -> None:
+    """Every node: shard, role, port, data dir, pid, up/down."""
+    cluster = Cluster(directory)
+    rows = []
+    for node in cluster.nodes:
+        pid = cluster.pid(node)
+        rows.append(
+            {
+                "name": node["name"],
+                "shard": node["shard"],
+                "role": node["role"],
+                "port": node["port"],
+                "datadir": str(cluster.datadir(node)),
+                "pid": pid,
+                "up": pid is not None,
+            }
+        )
+    pid = cluster.shardd_pid() if cluster.state else None
+    rows.append(
+        {
+            "name": "shardd",
+            "shard": None,
+            "role": "shardd",
+            "port": cluster.state.get("port"),
+            "datadir": None,
+            "pid": pid,
+            "up": pid is not None,
+        }
+    )
+    if as_json:
+        click.echo(json.dumps({"dir": str(cluster.dir), "nodes": rows}, indent=2))
+        return
+    for row in rows:
+        click.echo(
+            f"{row['name']:<16} {row['shard'] or '-':<6} {row['role']:<8} "
+            f"{row['port']!s:<6} {'up' if row['up'] else 'down':<5} "
+            f"pid={row['pid'] or '-'} {row['datadir'] or ''}"
+        )
+
+
+@cli.command()
+@dir_option
+@click.argument("node")
+def kill(directory: Path, node: str) -> None:
+    """SIGKILL a node's postmaster (or shardd), for fault tests."""
+    cluster = Cluster(directory)
+    pid = cluster.shardd_pid() if node == "shardd" else cluster.pid(cluster.node(node))
+    if pid is None:
+        raise click.ClickException(f"{node} is not running")
+    os.kill(pid, signal.SIGKILL)
+    click.echo(f"killed {node} (pid {pid})")
+
+
+@cli.command()
+@dir_option
+@click.argument("node")
+def start(directory: Path, node: str) -> None:
+    """Start a node (or shardd) again."""
+    cluster = Cluster(directory)
+    if node == "shardd":
+        cluster.start_shardd()
+    else:
+        cluster.start_node(cluster.node(node))
+    click.echo(f"started {node}")
+
+
+@cli.command("add-shard")
+@dir_option
+@click.argument("name")
+@click.option("--replicas", default=1, show_default=True)
+def add_shard(directory: Path, name: str, replicas: int) -> None:
+    """Create a primary and replicas and register them as shard NAME (moves no data)."""
+    cluster = Cluster(directory)
+    if not cluster.state.get("ready"):
+        raise click.ClickException("no cluster here; run `tools/devcluster up` first")
+    if any(n["shard"] == name for n in cluster.nodes):
+        raise click.ClickException(f"shard {name} exists")
+    cluster.create_shard(name, replicas)
+    click.echo(f"shard {name} registered; it owns no slots until a rebalance")
+
+
+@cli.command()
+@dir_option
+def env(directory: Path) -> None:
+    """Print export lines pointing shardctl at this cluster."""
+    cluster = Cluster(directory)
+    if not cluster.state.get("ready"):
+        raise click.ClickException("no cluster here; run `tools/devcluster up` first")
+    click.echo(f"export SHARDD_CATALOG_DSN={cluster.catalog_dsn}")
+    click.echo(f"export SHARDD_URL=http://127.0.0.1:{cluster.state['port']}")
+
+
+if __name__ == "__main__":
+    cli()
