@@ -307,8 +307,10 @@ class Cluster:
         return int(pid)
 
     def shardd_env(self) -> dict[str, str]:
+        """shardd's environment: the SHARDD_* settings given to `up`, then the cluster's."""
         return {
             **os.environ,
+            **self.state.get("shardd_settings", {}),
             "SHARDD_CATALOG_DSN": self.catalog_dsn,
             "SHARDD_PORT": str(self.state["port"]),
             "SHARDD_HOST": "127.0.0.1",
@@ -406,7 +408,9 @@ def up(
         if cluster.dir.exists() and any(cluster.dir.iterdir()):
             shutil.rmtree(cluster.dir)  # a half-created cluster: start over
         own_dir(cluster.dir)
+        settings = {k: v for k, v in os.environ.items() if k.startswith("SHARDD_")}
         cluster.state = {
+            "shardd_settings": settings,
             "port": port,
             "pg_port": pg_port or port + 1,
             "sync": sync,

@@ -1,0 +1,185 @@
+"""``shardctl``: the operator's CLI over the catalog and the shards.
+
+Read commands take ``--json``; commands that change the cluster ask for confirmation
+unless given ``--yes``.  The catalog DSN comes from the settings (``SHARDD_CATALOG_DSN``,
+``--config``) or ``--catalog-dsn``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import click
+
+from . import admin, config
+
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(coro)
+    except (OSError, LookupError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def emit(data: Any, as_json: bool, render: Callable[[Any], None]) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        render(data)
+
+
+def confirm(yes: bool, question: str) -> None:
+    if not yes:
+        click.confirm(question, abort=True)
+
+
+yes_option = click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+
+
+class Context:
+    def __init__(self, settings: config.Settings) -> None:
+        self.settings = settings
+
+    @property
+    def dsn(self) -> str:
+        return self.settings.catalog_dsn
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+@click.group(invoke_without_command=True)
+@click.option("--catalog-dsn", default=None, help="Catalog DSN [SHARDD_CATALOG_DSN].")
+@click.option("--config", "config_file", default=None, help="TOML settings file.")
+@click.pass_context
+def main(ctx: click.Context, catalog_dsn: str | None, config_file: str | None) -> None:
+    """Operate a shardd cluster."""
+    try:
+        settings = config.load(config_file=config_file, overrides={"catalog_dsn": catalog_dsn})
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    ctx.obj = Context(settings)
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
+
+
+@main.command()
+@json_option
+@pass_ctx
+def status(ctx: Context, as_json: bool) -> None:
+    """Shards, nodes, roles, health, replica lag, slots and items per shard."""
+
+    def render(data: dict[str, Any]) -> None:
+        click.echo(f"epoch {data['epoch']}, {data['slot_count']} slots")
+        for shard in data["shards"]:
+            items = "?" if shard["items"] is None else shard["items"]
+            click.echo(f"shard {shard['name']}: {shard['slots']} slots, {items} items")
+            for node in shard["nodes"]:
+                health = "up" if node["healthy"] else "DOWN"
+                lag = "" if node["lag_bytes"] is None else f" lag={node['lag_bytes']}B"
+                fenced = " FENCED" if node["fenced"] else ""
+                click.echo(
+                    f"  {node['name']:<18} {node['role']:<8} {node['host']}:{node['port']:<6}"
+                    f" {health}{lag}{fenced}"
+                )
+
+    emit(run(admin.status(ctx.dsn)), as_json, render)
+
+
+@main.command()
+@json_option
+@pass_ctx
+def tables(ctx: Context, as_json: bool) -> None:
+    """Declared tables."""
+    topo = run(admin.topology(ctx.dsn))
+    data = [topo.tables[name].as_json() for name in sorted(topo.tables)]
+
+    def render(rows: list[dict[str, str]]) -> None:
+        for row in rows:
+            click.echo(f"{row['name']:<32} {row['description']}")
+
+    emit(data, as_json, render)
+
+
+@main.command()
+@yes_option
+@pass_ctx
+def migrate(ctx: Context, yes: bool) -> None:
+    """Apply migrations/ to the catalog and every shard primary (idempotent)."""
+    confirm(yes, "Apply pending migrations to the catalog and all shard primaries?")
+    applied = run(admin.migrate_all(ctx.dsn, slot_count=ctx.settings.slot_count))
+    for target, versions in applied.items():
+        done = ", ".join(f"{v:04d}" for v in versions) or "up to date"
+        click.echo(f"{target}: {done}")
+
+
+@main.command()
+@yes_option
+@pass_ctx
+def init(ctx: Context, yes: bool) -> None:
+    """Assign every slot of a new cluster to the registered shards (once)."""
+    confirm(yes, "Assign all slots to the registered shards?")
+    counts = run(admin.init_slots(ctx.dsn))
+    for shard, count in sorted(counts.items()):
+        click.echo(f"{shard}: {count} slots")
+
+
+@main.group()
+def shard() -> None:
+    """Shards: list, add."""
+
+
+@shard.command("list")
+@json_option
+@pass_ctx
+def shard_list(ctx: Context, as_json: bool) -> None:
+    """Registered shards and their nodes."""
+    topo = run(admin.topology(ctx.dsn))
+    counts = topo.slot_counts()
+    data = [
+        {
+            "name": s.name,
+            "weight": s.weight,
+            "slots": counts.get(s.name, 0),
+            "nodes": [
+                {"name": n.name, "role": n.role, "host": n.host, "port": n.port,
+                 "fenced": n.fenced}
+                for n in s.nodes
+            ],
+        }
+        for s in topo.shards.values()
+    ]
+
+    def render(rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            nodes = ", ".join(f"{n['name']}({n['role']})" for n in row["nodes"])
+            click.echo(f"{row['name']:<10} weight={row['weight']} slots={row['slots']} {nodes}")
+
+    emit(data, as_json, render)
+
+
+@shard.command("add")
+@click.argument("name")
+@click.option("--primary", "primary_dsn", required=True, help="postgresql:// DSN")
+@click.option("--replica", "replica_dsns", multiple=True, help="DSN of a replica (repeat)")
+@click.option("--weight", default=1, show_default=True)
+@yes_option
+@pass_ctx
+def shard_add(ctx: Context, name: str, primary_dsn: str, replica_dsns: tuple[str, ...],
+              weight: int, yes: bool) -> None:
+    """Register shard NAME (migrates its primary; it owns no slots until a rebalance)."""
+    confirm(yes, f"Register shard {name}?")
+    epoch = run(admin.add_shard(ctx.dsn, name=name, primary_dsn=primary_dsn,
+                                replica_dsns=replica_dsns, weight=weight))
+    click.echo(f"shard {name} registered (epoch {epoch})")
+
+
+
+if __name__ == "__main__":
+    main()

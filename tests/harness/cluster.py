@@ -1,0 +1,140 @@
+"""Start and drive a real devcluster (Postgres processes + shardd) for the tests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+
+from tests.harness.http import Api
+
+ROOT = Path(__file__).resolve().parents[2]
+DEVCLUSTER = ROOT / "tools" / "devcluster"
+T = TypeVar("T")
+
+TOKENS = {"admin": "admin-secret-0123", "write": "writer-secret-4567", "read": "reader-secret-89"}
+
+
+def free_port_block(size: int) -> int:
+    for _ in range(200):
+        base = random.randint(20000, 40000)
+        ok = True
+        for port in range(base, base + size):
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError("no free block of ports")
+
+
+def wait_for(predicate: Callable[[], T], *, timeout: float, what: str, every: float = 0.05) -> T:
+    """Poll ``predicate`` until it returns something truthy, or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(every)
+
+
+@dataclass
+class TestCluster:
+    dir: Path
+    port: int
+
+    def devcluster(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(DEVCLUSTER), *args, "--dir", str(self.dir)],
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=300,
+        )
+
+    def status(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(self.devcluster("status", "--json").stdout)
+        return data
+
+    def node_port(self, name: str) -> int:
+        return int(next(n["port"] for n in self.status()["nodes"] if n["name"] == name))
+
+    def catalog_dsn(self) -> str:
+        return f"postgresql://shardd@127.0.0.1:{self.node_port('catalog')}/shardd"
+
+    def node_dsn(self, name: str) -> str:
+        return f"postgresql://shardd@127.0.0.1:{self.node_port(name)}/shardd"
+
+    def sql(self, node: str, query: str, *args: Any) -> list[asyncpg.Record]:
+        """Run one query on a node directly (to check what physically happened)."""
+
+        async def go() -> list[asyncpg.Record]:
+            conn = await asyncpg.connect(self.node_dsn(node))
+            try:
+                return list(await conn.fetch(query, *args))
+            finally:
+                await conn.close()
+
+        return asyncio.run(go())
+
+    def api(self, scope: str | None = "admin") -> Api:
+        return Api(self.port, token=TOKENS[scope] if scope else None)
+
+    def shardctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "SHARDD_CATALOG_DSN": self.catalog_dsn()}
+        return subprocess.run(
+            [str(ROOT / ".venv" / "bin" / "shardctl"), *args],
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=120,
+            env=env,
+        )
+
+    def down(self) -> None:
+        self.devcluster("down", "--purge", check=False)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def start_cluster() -> TestCluster:
+    directory = Path(tempfile.mkdtemp(prefix="shardd-test-"))
+    os.chmod(directory, 0o755)
+    port = free_port_block(12)
+    cluster = TestCluster(directory, port)
+    env = {
+        **os.environ,
+        "SHARDD_TOKENS": ";".join(f"{secret}:{scope}" for scope, secret in TOKENS.items()),
+        "SHARDD_HEALTH_INTERVAL": "0.2",
+        "SHARDD_TOPOLOGY_POLL_INTERVAL": "1.0",
+        "SHARDD_ACCESS_LOG": "false",
+    }
+    result = subprocess.run(
+        [str(DEVCLUSTER), "up", "--dir", str(directory), "--port", str(port)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    if result.returncode != 0:
+        log = directory / "shardd.log"
+        tail = log.read_text()[-3000:] if log.exists() else ""
+        cluster.down()
+        raise RuntimeError(f"devcluster up failed:\n{result.stdout}\n{result.stderr}\n{tail}")
+    return cluster

@@ -1,0 +1,136 @@
+"""Items through the API: CRUD, versions and ETags, conditions, merge patch, sessions."""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+from tests.harness.http import Api
+
+
+def item_path(table: str, pk: str, sk: str | None = None) -> str:
+    path = f"/v1/tables/{table}/items/{quote(pk, safe='')}"
+    return path if sk is None else f"{path}/{quote(sk, safe='')}"
+
+
+def test_put_get_replace_delete(api: Api, table: str) -> None:
+    path = item_path(table, "alice")
+    created = api.request("PUT", path, body={"name": "Alice", "age": 30})
+    assert created.status == 201
+    assert created.body == {"pk": "alice", "sk": "", "version": 1}
+    assert created.header("ETag") == '"1"'
+    shard, _, node = created.header("Shardd-Served-By").partition("/")
+    assert node == f"{shard}-primary"
+
+    got = api.request("GET", path + "?consistency=strong")
+    assert got.status == 200
+    assert got.body == {
+        "table": table,
+        "pk": "alice",
+        "sk": "",
+        "version": 1,
+        "item": {"name": "Alice", "age": 30},
+    }
+
+    replaced = api.request("PUT", path, body={"name": "Alicia"})
+    assert replaced.status == 200
+    assert replaced.body["version"] == 2
+    assert api.request("GET", path + "?consistency=strong").body["item"] == {"name": "Alicia"}
+
+    assert api.request("DELETE", path).status == 204
+    missing = api.request("GET", path + "?consistency=strong")
+    assert missing.status == 404
+    assert missing.body["error"]["code"] == "item_not_found"
+    assert api.request("DELETE", path).status == 404
+
+
+def test_sort_keys_and_keys_with_slashes_and_unicode(api: Api, table: str) -> None:
+    pk, sk = "user/ü/1 %", "order/2026-01-01#7"
+    path = item_path(table, pk, sk)
+    assert api.request("PUT", path, body={"total": 12.5}).status == 201
+    got = api.request("GET", path + "?consistency=strong")
+    assert got.body["pk"] == pk and got.body["sk"] == sk
+    # The same pk with no sk is another item.
+    assert api.request("GET", item_path(table, pk) + "?consistency=strong").status == 404
+    assert api.request("GET", item_path(table, pk, "") + "?consistency=strong").status == 404
+
+
+def test_if_match_and_if_none_match(api: Api, table: str) -> None:
+    path = item_path(table, "bob")
+    assert api.request("PUT", path, body={"v": 1}, headers={"If-None-Match": "*"}).status == 201
+    again = api.request("PUT", path, body={"v": 2}, headers={"If-None-Match": "*"})
+    assert again.status == 412
+    assert again.body["error"]["code"] == "precondition_failed"
+
+    stale = api.request("PUT", path, body={"v": 2}, headers={"If-Match": '"7"'})
+    assert stale.status == 412
+    ok = api.request("PUT", path, body={"v": 2}, headers={"If-Match": '"1"'})
+    assert ok.status == 200 and ok.body["version"] == 2
+    assert api.request("DELETE", path, headers={"If-Match": '"1"'}).status == 412
+
+    unchanged = api.request("GET", path + "?consistency=strong", headers={"If-None-Match": '"2"'})
+    assert unchanged.status == 304
+    assert unchanged.header("ETag") == '"2"'
+    changed = api.request("GET", path + "?consistency=strong", headers={"If-None-Match": '"1"'})
+    assert changed.status == 200
+
+    assert api.request("DELETE", path, headers={"If-Match": '"2"'}).status == 204
+    absent = api.request("PUT", path, body={"v": 3}, headers={"If-Match": '"2"'})
+    assert absent.status == 412
+    assert api.request("GET", path + "?consistency=strong").status == 404
+
+
+def test_merge_patch(api: Api, table: str) -> None:
+    path = item_path(table, "carol")
+    api.request(
+        "PUT",
+        path,
+        body={"name": "Carol", "address": {"city": "Oslo", "zip": "0150"}, "tags": ["a"]},
+    )
+    patched = api.request(
+        "PATCH", path, body={"address": {"zip": None, "street": "Main"}, "tags": ["b"], "age": 40}
+    )
+    assert patched.status == 200
+    assert patched.body["version"] == 2
+    assert patched.body["item"] == {
+        "name": "Carol",
+        "address": {"city": "Oslo", "street": "Main"},
+        "tags": ["b"],
+        "age": 40,
+    }
+    assert api.request("GET", path + "?consistency=strong").body["item"] == patched.body["item"]
+    assert api.request("PATCH", path, body={"x": 1}, headers={"If-Match": '"1"'}).status == 412
+    assert api.request("PATCH", item_path(table, "nobody"), body={"x": 1}).status == 404
+
+
+def test_session_token_gives_read_your_writes(api: Api, table: str) -> None:
+    token = None
+    for i in range(30):
+        path = item_path(table, f"ryw-{i}")
+        headers = {"Shardd-Session": token} if token else {}
+        written = api.request("PUT", path, body={"i": i}, headers=headers)
+        token = written.header("Shardd-Session")
+        assert token
+        read = api.request("GET", path, headers={"Shardd-Session": token})
+        assert read.status == 200, read.body
+        assert read.body["item"] == {"i": i}
+    # The token accumulates positions for every shard written in this session.
+    assert len(token.split(",")) == 3
+
+
+def test_eventual_reads_use_replicas(api: Api, table: str) -> None:
+    path = item_path(table, "replicated")
+    api.request("PUT", path, body={"x": 1})
+    served = set()
+    for _ in range(20):
+        got = api.request("GET", path + "?consistency=eventual")
+        if got.status == 200:
+            served.add(got.header("Shardd-Served-By").split("/")[1])
+    assert any("replica" in node for node in served), served
+    strong = api.request("GET", path, headers={"Shardd-Consistency": "strong"})
+    assert strong.header("Shardd-Served-By").endswith("-primary")
+
+
+def test_unknown_table_is_404(api: Api) -> None:
+    response = api.request("GET", item_path("no_such_table", "x"))
+    assert response.status == 404
+    assert response.body["error"]["code"] == "table_not_found"
