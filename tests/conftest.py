@@ -6,12 +6,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.harness.cluster import TestCluster, start_cluster
+from tests.harness.cluster import RunningCluster, start_cluster
 from tests.harness.http import Api
 
 
 @pytest.fixture(scope="session")
-def cluster() -> Iterator[TestCluster]:
+def cluster() -> Iterator[RunningCluster]:
     running = start_cluster()
     try:
         yield running
@@ -20,7 +20,7 @@ def cluster() -> Iterator[TestCluster]:
 
 
 @pytest.fixture(scope="session")
-def api(cluster: TestCluster) -> Api:
+def api(cluster: RunningCluster) -> Api:
     return cluster.api()
 
 

@@ -56,7 +56,7 @@ def wait_for(predicate: Callable[[], T], *, timeout: float, what: str, every: fl
 
 
 @dataclass
-class TestCluster:
+class RunningCluster:
     dir: Path
     port: int
 
@@ -113,11 +113,11 @@ class TestCluster:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def start_cluster() -> TestCluster:
+def start_cluster() -> RunningCluster:
     directory = Path(tempfile.mkdtemp(prefix="shardd-test-"))
     os.chmod(directory, 0o755)
     port = free_port_block(12)
-    cluster = TestCluster(directory, port)
+    cluster = RunningCluster(directory, port)
     env = {
         **os.environ,
         "SHARDD_TOKENS": ";".join(f"{secret}:{scope}" for scope, secret in TOKENS.items()),
