@@ -179,7 +179,9 @@ class Cluster:
             metrics.QUERY_ERRORS.labels(shard, node.name, "connect").inc()
             if not writing:
                 raise NodeLost(str(exc)) from exc
-            raise errors.ShardUnavailable(shard, f"cannot connect to {node.name}") from exc
+            raise errors.ShardUnavailable(
+                shard, f"cannot connect to {node.name} ({type(exc).__name__}: {exc})"
+            ) from exc
         try:
             async with asyncio.timeout(max(0.001, deadline - time.monotonic())):
                 return await work(conn)

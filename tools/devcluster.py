@@ -106,6 +106,35 @@ def port_free(port: int) -> bool:
     return True
 
 
+def alive(pid: int) -> bool:
+    """True when the process runs (a zombie awaiting its parent does not count)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def title(node: dict[str, Any]) -> str:
+    """The node's cluster_name, unique on this machine (its port is part of it)."""
+    return f"{node['name']}-{node['port']}"
+
+
+def backends_of(cluster_name: str) -> list[int]:
+    """Live processes titled "postgres: <cluster_name>: ..." (set by cluster_name)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            title = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if title.startswith(f"postgres: {cluster_name}: ".encode()) and alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
 # -- cluster state ------------------------------------------------------------------
 
 
@@ -152,14 +181,18 @@ class Cluster:
         pidfile = self.datadir(node) / "postmaster.pid"
         try:
             pid = int(pidfile.read_text().split("\n", 1)[0])
-            os.kill(pid, 0)
         except (OSError, ValueError):
             return None
-        return pid
+        return pid if alive(pid) else None
 
     def start_node(self, node: dict[str, Any]) -> None:
         if self.pid(node) is not None:
             return
+        # After a SIGKILL the old backends linger until they notice; starting before they
+        # are gone would let two generations share the data directory.
+        deadline = time.monotonic() + 30
+        while backends_of(title(node)) and time.monotonic() < deadline:
+            time.sleep(0.05)
         with contextlib.suppress(FileNotFoundError):
             (self.datadir(node) / "postmaster.pid").unlink()
         run_pg(
@@ -221,7 +254,7 @@ class Cluster:
                 "hot_standby = on\nhot_standby_feedback = on\nwal_keep_size = '256MB'\n"
                 "fsync = off\nshared_buffers = '64MB'\nmax_connections = 200\n"
                 f"synchronous_standby_names = {sync}\n"
-                f"cluster_name = '{node['name']}'\n"
+                f"cluster_name = '{title(node)}'\n"
             )
         self.start_node(node)
         asyncio.run(_create_database(f"postgresql://shardd@127.0.0.1:{node['port']}/postgres"))
@@ -254,7 +287,7 @@ class Cluster:
         )
         with open(datadir / "postgresql.auto.conf", "a") as conf:
             conf.write(
-                f"port = {node['port']}\ncluster_name = '{node['name']}'\n"
+                f"port = {node['port']}\ncluster_name = '{title(node)}'\n"
                 "synchronous_standby_names = ''\n"
             )
         self.start_node(node)
@@ -295,16 +328,7 @@ class Cluster:
 
     def shardd_pid(self) -> int | None:
         pid = self.state.get("shardd_pid")
-        if not pid:
-            return None
-        try:
-            os.kill(pid, 0)
-            with open(f"/proc/{pid}/stat") as fh:
-                if fh.read().split()[2] == "Z":
-                    return None
-        except OSError:
-            return None
-        return int(pid)
+        return int(pid) if pid and alive(int(pid)) else None
 
     def shardd_env(self) -> dict[str, str]:
         """shardd's environment: the SHARDD_* settings given to `up`, then the cluster's."""

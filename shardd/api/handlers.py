@@ -466,14 +466,16 @@ async def _per_shard(
             return_exceptions=True,
         )
         retry: list[int] = []
-        for idx, outcome in zip(groups.values(), outcomes, strict=True):
+        refused = []
+        for (name, idx), outcome in zip(groups.items(), outcomes, strict=True):
             if isinstance(outcome, errors.StaleMap):
                 retry.extend(pending[i] for i in idx)
+                refused.append(name)
             elif isinstance(outcome, BaseException):
                 raise outcome
         pending = sorted(retry)
         if pending:
-            await cluster.after_stale(topo, attempt, deadline, "batch")
+            await cluster.after_stale(topo, attempt, deadline, ",".join(refused))
             attempt += 1
 
 
