@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -46,6 +46,15 @@ class Served:
 
     def header(self) -> str:
         return f"{self.shard}/{self.node}"
+
+
+def _bind(work: Callable[..., Awaitable[T]], slot: int) -> Callable[..., Awaitable[T]]:
+    """``work`` with the slot filled in: (conn, *rest) -> work(conn, slot, *rest)."""
+
+    def bound(conn: asyncpg.Connection, *rest: Any) -> Awaitable[T]:
+        return work(conn, slot, *rest)
+
+    return bound
 
 
 class NodeLost(Exception):
@@ -242,11 +251,7 @@ class Cluster:
                 raise errors.ShardUnavailable(shard.name, "it has no primary")
             try:
                 result = await self._run(
-                    shard.name,
-                    primary,
-                    lambda conn, slot=slot: work(conn, slot),
-                    writing=True,
-                    deadline=deadline,
+                    shard.name, primary, _bind(work, slot), writing=True, deadline=deadline
                 )
                 return result, Served(shard.name, primary.name)
             except errors.StaleMap:
@@ -321,7 +326,7 @@ class Cluster:
             try:
                 return await self.read_shard(
                     shard,
-                    lambda conn, min_lsn, slot=slot: work(conn, slot, min_lsn),
+                    _bind(work, slot),
                     consistency=consistency,
                     token=token,
                     deadline=deadline,

@@ -148,8 +148,7 @@ def shard_list(ctx: Context, as_json: bool) -> None:
             "weight": s.weight,
             "slots": counts.get(s.name, 0),
             "nodes": [
-                {"name": n.name, "role": n.role, "host": n.host, "port": n.port,
-                 "fenced": n.fenced}
+                {"name": n.name, "role": n.role, "host": n.host, "port": n.port, "fenced": n.fenced}
                 for n in s.nodes
             ],
         }
@@ -171,14 +170,17 @@ def shard_list(ctx: Context, as_json: bool) -> None:
 @click.option("--weight", default=1, show_default=True)
 @yes_option
 @pass_ctx
-def shard_add(ctx: Context, name: str, primary_dsn: str, replica_dsns: tuple[str, ...],
-              weight: int, yes: bool) -> None:
+def shard_add(
+    ctx: Context, name: str, primary_dsn: str, replica_dsns: tuple[str, ...], weight: int, yes: bool
+) -> None:
     """Register shard NAME (migrates its primary; it owns no slots until a rebalance)."""
     confirm(yes, f"Register shard {name}?")
-    epoch = run(admin.add_shard(ctx.dsn, name=name, primary_dsn=primary_dsn,
-                                replica_dsns=replica_dsns, weight=weight))
+    epoch = run(
+        admin.add_shard(
+            ctx.dsn, name=name, primary_dsn=primary_dsn, replica_dsns=replica_dsns, weight=weight
+        )
+    )
     click.echo(f"shard {name} registered (epoch {epoch})")
-
 
 
 if __name__ == "__main__":

@@ -380,12 +380,9 @@ async def scan(request: web.Request) -> web.Response:
         if cursor is not None and name < cursor["s"]:
             continue
         after = (cursor["pk"], cursor["sk"]) if cursor is not None and name == cursor["s"] else None
-        want = limit - len(items)
         page, _ = await cluster.read_shard(
             topo.shards[name],
-            lambda conn, min_lsn, after=after, want=want: store.scan(
-                conn, table=table, after=after, limit=want, min_lsn=min_lsn
-            ),
+            _scan_page(table, after, limit - len(items)),
             consistency=consistency,
             token=token,
             deadline=deadline,
@@ -401,6 +398,15 @@ async def scan(request: web.Request) -> web.Response:
             {"s": last_shard, "pk": position[0], "sk": position[1]}
         )
     return respond({"items": [_item_json(table, item) for item in items], "cursor": next_cursor})
+
+
+def _scan_page(
+    table: str, after: tuple[str, str] | None, want: int
+) -> Callable[[asyncpg.Connection, int | None], Awaitable[list[store.Item] | None]]:
+    def page(conn: asyncpg.Connection, min_lsn: int | None) -> Awaitable[list[store.Item] | None]:
+        return store.scan(conn, table=table, after=after, limit=want, min_lsn=min_lsn)
+
+    return page
 
 
 # -- batches ----------------------------------------------------------------------
@@ -579,8 +585,8 @@ async def batch_write(request: web.Request) -> web.Response:
         session = session.merged(served.shard, lsn)
         for i, version in zip(put_idx, versions, strict=True):
             results[i] = {"status": "ok", "version": version}
-        for i, version in zip(del_idx, deleted, strict=True):
-            results[i] = {"status": "deleted" if version is not None else "absent"}
+        for i, old_version in zip(del_idx, deleted, strict=True):
+            results[i] = {"status": "deleted" if old_version is not None else "absent"}
 
     await _per_shard(cluster, keys, run, deadline)
     shaped = []

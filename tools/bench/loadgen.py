@@ -1,0 +1,78 @@
+"""Closed-loop load: C workers, each sending its next request when the last one answered."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Result:
+    name: str
+    requests: int
+    errors: int
+    seconds: float
+    latencies: tuple[float, ...]
+
+    @property
+    def throughput(self) -> float:
+        return self.requests / self.seconds
+
+    def percentile(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+    @property
+    def p50_ms(self) -> float:
+        return statistics.median(self.latencies) * 1000 if self.latencies else 0.0
+
+    @property
+    def p99_ms(self) -> float:
+        return self.percentile(0.99) * 1000
+
+
+async def closed_loop(
+    name: str,
+    op: Callable[[str], Awaitable[bool]],
+    keys: list[str],
+    *,
+    concurrency: int,
+    seconds: float,
+    warmup: float,
+) -> Result:
+    """Run ``op(key)`` from ``concurrency`` workers; count only after ``warmup`` seconds."""
+    latencies: list[float] = []
+    errors = 0
+    start = time.perf_counter()
+    measure_from = start + warmup
+    stop = measure_from + seconds
+
+    async def worker(seed: int) -> None:
+        nonlocal errors
+        rng = random.Random(seed)
+        while True:
+            began = time.perf_counter()
+            if began >= stop:
+                return
+            ok = await op(rng.choice(keys))
+            ended = time.perf_counter()
+            if began >= measure_from:
+                latencies.append(ended - began)
+                if not ok:
+                    errors += 1
+
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    return Result(name, len(latencies), errors, seconds, tuple(latencies))
+
+
+def table(results: list[Result]) -> str:
+    lines = ["| target | requests/s | p50 ms | p99 ms | errors |", "|---|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(
+            f"| {r.name} | {r.throughput:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.errors} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,45 @@
+"""The baseline a user writes by hand: one aiohttp handler over one asyncpg pool."""
+
+from __future__ import annotations
+
+import sys
+
+import asyncpg
+import orjson
+from aiohttp import web
+
+
+async def make_app(dsn: str) -> web.Application:
+    pool = await asyncpg.create_pool(dsn, min_size=4, max_size=10)
+
+    async def get(request: web.Request) -> web.Response:
+        row = await pool.fetchrow(
+            "SELECT v::text FROM bench_kv WHERE k = $1", request.match_info["k"]
+        )
+        if row is None:
+            return web.Response(status=404)
+        return web.Response(body=row[0].encode(), content_type="application/json")
+
+    async def put(request: web.Request) -> web.Response:
+        body = await request.read()
+        version = await pool.fetchval(
+            "INSERT INTO bench_kv (k, v, version) VALUES ($1, $2::jsonb, 1)"
+            " ON CONFLICT (k) DO UPDATE SET v = excluded.v, version = bench_kv.version + 1"
+            " RETURNING version",
+            request.match_info["k"],
+            orjson.loads(body) and body.decode(),
+        )
+        return web.Response(
+            body=orjson.dumps({"version": version}), content_type="application/json"
+        )
+
+    app = web.Application()
+    app.router.add_get("/items/{k}", get)
+    app.router.add_put("/items/{k}", put)
+    return app
+
+
+if __name__ == "__main__":
+    web.run_app(
+        make_app(sys.argv[1]), host="127.0.0.1", port=int(sys.argv[2]), access_log=None, print=None
+    )

@@ -1,0 +1,205 @@
+"""Point reads and writes: shardd vs a hand-written handler vs bare asyncpg, one run.
+
+Starts its own devcluster (3 shards x primary + replica), loads the same keys into
+shardd and into a plain table on one shard primary, then drives the same closed-loop
+load (same concurrency, same keys, after a warm-up) against:
+
+  a) shardd           GET/PUT /v1/tables/bench/items/{k}  (default settings)
+  b) minimal handler  aiohttp + asyncpg on one Postgres, no routing, no checks
+  c) asyncpg          the same SQL straight from the load process, no HTTP
+
+and prints throughput and p50/p99 latency with the ratios a/b and a/c.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import click
+import orjson
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+sys.path.insert(0, str(HERE))
+
+from loadgen import Result, closed_loop, table  # noqa: E402
+
+
+def devcluster(*args: str, env: dict[str, str] | None = None) -> str:
+    return subprocess.run(
+        [str(ROOT / "tools" / "devcluster"), *args],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+    ).stdout
+
+
+async def wait_http(url: str) -> None:
+    deadline = time.monotonic() + 20
+    async with aiohttp.ClientSession() as http:
+        while True:
+            try:
+                async with http.get(url) as resp:
+                    if resp.status < 500:
+                        return
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not come up")
+            await asyncio.sleep(0.1)
+
+
+async def run(
+    *, keys: int, concurrency: int, seconds: float, warmup: float, port: int, access_log: bool
+) -> list[Result]:
+    names = [f"key-{i}" for i in range(keys)]
+    doc = {"name": "benchmark item", "n": 12345, "tags": ["a", "b", "c"]}
+    body = orjson.dumps(doc)
+    shardd = f"http://127.0.0.1:{port}"
+    minimal_port = port + 50
+    with tempfile.TemporaryDirectory(prefix="shardd-bench-") as tmp:
+        os.chmod(tmp, 0o755)
+        env = {**os.environ, "SHARDD_ACCESS_LOG": str(access_log).lower()}
+        devcluster("up", "--dir", tmp, "--port", str(port), env=env)
+        minimal = None
+        try:
+            pg = f"postgresql://shardd@127.0.0.1:{port + 2}/shardd"  # s1-primary
+            conn = await asyncpg.connect(pg)
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS bench_kv"
+                " (k text PRIMARY KEY, v jsonb NOT NULL, version bigint NOT NULL)"
+            )
+            await conn.executemany(
+                "INSERT INTO bench_kv VALUES ($1, $2::jsonb, 1) ON CONFLICT (k) DO NOTHING",
+                [(k, body.decode()) for k in names],
+            )
+            await conn.close()
+            minimal = subprocess.Popen(  # noqa: ASYNC220 - started once, before timing
+                [sys.executable, str(HERE / "minimal.py"), pg, str(minimal_port)]
+            )
+            await wait_http(f"http://127.0.0.1:{minimal_port}/items/x")
+            results = []
+            async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=concurrency * 2)
+            ) as http:
+                async with http.put(f"{shardd}/v1/tables/bench") as resp:
+                    assert resp.status in (200, 201)
+                for i in range(0, keys, 100):
+                    puts = [{"pk": k, "item": doc} for k in names[i : i + 100]]
+                    async with http.post(
+                        f"{shardd}/v1/tables/bench/batch/write", data=orjson.dumps({"puts": puts})
+                    ) as resp:
+                        assert resp.status == 200, await resp.text()
+
+                def http_op(method: str, base: str) -> object:
+                    async def op(key: str) -> bool:
+                        async with http.request(
+                            method, f"{base}/{key}", data=body if method == "PUT" else None
+                        ) as r:
+                            await r.read()
+                            return r.status < 300
+
+                    return op
+
+                pool = await asyncpg.create_pool(pg, min_size=concurrency, max_size=concurrency)
+
+                async def direct_get(key: str) -> bool:
+                    return (
+                        await pool.fetchval("SELECT v::text FROM bench_kv WHERE k = $1", key)
+                        is not None
+                    )
+
+                async def direct_put(key: str) -> bool:
+                    await pool.fetchval(
+                        "INSERT INTO bench_kv (k, v, version) VALUES ($1, $2::jsonb, 1)"
+                        " ON CONFLICT (k) DO UPDATE SET v = excluded.v,"
+                        " version = bench_kv.version + 1 RETURNING version",
+                        key,
+                        body.decode(),
+                    )
+                    return True
+
+                targets = [
+                    ("a) shardd GET", http_op("GET", f"{shardd}/v1/tables/bench/items")),
+                    (
+                        "b) minimal handler GET",
+                        http_op("GET", f"http://127.0.0.1:{minimal_port}/items"),
+                    ),
+                    ("c) asyncpg GET", direct_get),
+                    ("a) shardd PUT", http_op("PUT", f"{shardd}/v1/tables/bench/items")),
+                    (
+                        "b) minimal handler PUT",
+                        http_op("PUT", f"http://127.0.0.1:{minimal_port}/items"),
+                    ),
+                    ("c) asyncpg PUT", direct_put),
+                ]
+                for name, op in targets:
+                    results.append(
+                        await closed_loop(
+                            name, op, names, concurrency=concurrency, seconds=seconds, warmup=warmup
+                        )
+                    )  # type: ignore[arg-type]
+                await pool.close()
+            return results
+        finally:
+            if minimal is not None:
+                minimal.terminate()
+                minimal.wait()
+            devcluster("down", "--dir", tmp, "--purge")
+
+
+@click.command()
+@click.option("--keys", default=10000, show_default=True)
+@click.option("--concurrency", default=16, show_default=True)
+@click.option("--seconds", default=10.0, show_default=True)
+@click.option("--warmup", default=2.0, show_default=True)
+@click.option("--port", default=18400, show_default=True)
+@click.option(
+    "--access-log/--no-access-log",
+    default=True,
+    show_default=True,
+    help="shardd's per-request JSON log line (on by default in shardd).",
+)
+def main(
+    keys: int, concurrency: int, seconds: float, warmup: float, port: int, access_log: bool
+) -> None:
+    results = asyncio.run(
+        run(
+            keys=keys,
+            concurrency=concurrency,
+            seconds=seconds,
+            warmup=warmup,
+            port=port,
+            access_log=access_log,
+        )
+    )
+    by = {r.name: r for r in results}
+    click.echo(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}; keys={keys} concurrency={concurrency} "
+        f"seconds={seconds} access_log={access_log}\n"
+    )
+    click.echo(table(results))
+    click.echo("\n| ratio | throughput | p99 |\n|---|---:|---:|")
+    for op in ("GET", "PUT"):
+        a = by[f"a) shardd {op}"]
+        for base in ("b) minimal handler", "c) asyncpg"):
+            b = by[f"{base} {op}"]
+            click.echo(
+                f"| {op} a/{base[0]} | {a.throughput / b.throughput:.2f} | "
+                f"{a.p99_ms / b.p99_ms:.2f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
