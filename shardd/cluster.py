@@ -180,24 +180,23 @@ class Cluster:
         if remaining <= 0:
             raise errors.Timeout("the request deadline passed")
         started = time.perf_counter()
+        pool = conn = None
+        # One timer for the whole call; ``conn`` tells whether the work was already sent.
         try:
             async with asyncio.timeout(remaining):
                 pool = await self.pools.pool(node)
                 conn = await pool.acquire()
-        except (TimeoutError, *errors.CONNECT_ERRORS, *errors.LOST_CONNECTION_ERRORS) as exc:
-            metrics.QUERY_ERRORS.labels(shard, node.name, "connect").inc()
-            if not writing:
-                raise NodeLost(str(exc)) from exc
-            raise errors.ShardUnavailable(
-                shard, f"cannot connect to {node.name} ({type(exc).__name__}: {exc})"
-            ) from exc
-        try:
-            async with asyncio.timeout(max(0.001, deadline - time.monotonic())):
                 return await work(conn)
-        except (TimeoutError, *errors.LOST_CONNECTION_ERRORS) as exc:
+        except (TimeoutError, *errors.CONNECT_ERRORS, *errors.LOST_CONNECTION_ERRORS) as exc:
+            if conn is None:
+                metrics.QUERY_ERRORS.labels(shard, node.name, "connect").inc()
+                if not writing:
+                    raise NodeLost(str(exc)) from exc
+                raise errors.ShardUnavailable(
+                    shard, f"cannot connect to {node.name} ({type(exc).__name__}: {exc})"
+                ) from exc
             metrics.QUERY_ERRORS.labels(shard, node.name, "lost").inc()
-            with contextlib.suppress(Exception):
-                conn.terminate()
+            conn.terminate()
             if writing:
                 raise errors.OutcomeUnknown(
                     f"the connection to {node.name} failed before the commit was confirmed;"
@@ -214,9 +213,12 @@ class Cluster:
                 metrics.QUERY_ERRORS.labels(shard, node.name, "sql").inc()
             raise translated from exc
         finally:
-            metrics.QUERY_SECONDS.labels(shard, node.name).observe(time.perf_counter() - started)
-            with contextlib.suppress(Exception):
-                await pool.release(conn)
+            if conn is not None and pool is not None:
+                metrics.QUERY_SECONDS.labels(shard, node.name).observe(
+                    time.perf_counter() - started
+                )
+                with contextlib.suppress(Exception):
+                    await pool.release(conn)
 
     async def after_stale(
         self, topology: Topology, attempt: int, deadline: float, shard: str

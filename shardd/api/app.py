@@ -6,6 +6,7 @@ the auth check and the OpenAPI document all read that table.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import time
@@ -96,15 +97,37 @@ def _http_error(exc: web.HTTPException) -> errors.ApiError:
     )
 
 
+def canonical(path: str) -> str:
+    """The path template aiohttp reports for a route (regex parts dropped)."""
+    return re.sub(r"\{(\w+):[^}]+\}", r"{\1}", path)
+
+
+_SCOPES = {(route.method, canonical(route.path)): route.scope for route in ROUTES}
+
+
+_ID_PREFIX = uuid.uuid4().hex[:12]
+_ID_COUNTER = itertools.count(1)
+
+
+def _new_request_id() -> str:
+    """Unique across instances (random per-process prefix) without a syscall per request."""
+    return f"{_ID_PREFIX}-{next(_ID_COUNTER):x}"
+
+
 @web.middleware
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Request id, the one error shape, metrics and the access log, for every request."""
+    """Request id, auth, the one error shape, metrics and the access log, for every request.
+
+    One middleware rather than several: each layer costs a coroutine per request.
+    """
     incoming = request.headers.get("X-Request-Id", "")
-    request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    request_id = incoming if _REQUEST_ID.match(incoming) else _new_request_id()
     started = time.perf_counter()
-    route = request.match_info.route.resource
-    route_name = route.canonical if route is not None else "unmatched"
+    resource = request.match_info.route.resource
+    route_name = resource.canonical if resource is not None else "unmatched"
     try:
+        scope = _SCOPES.get((request.method, route_name))
+        request.app[TOKENS].check(request.headers.get("Authorization"), scope)
         response = await handler(request)
     except errors.ApiError as exc:
         response = _render(exc, request_id)
@@ -144,25 +167,8 @@ def _render(exc: errors.ApiError, request_id: str) -> web.Response:
     )
 
 
-def canonical(path: str) -> str:
-    """The path template aiohttp reports for a route (regex parts dropped)."""
-    return re.sub(r"\{(\w+):[^}]+\}", r"{\1}", path)
-
-
-_SCOPES = {(route.method, canonical(route.path)): route.scope for route in ROUTES}
-
-
-@web.middleware
-async def authorize(request: web.Request, handler: Handler) -> web.StreamResponse:
-    resource = request.match_info.route.resource
-    if resource is not None:
-        scope = _SCOPES.get((request.method, resource.canonical))
-        request.app[TOKENS].check(request.headers.get("Authorization"), scope)
-    return await handler(request)
-
-
 def make_app(settings: Settings, cluster: Cluster | None = None) -> web.Application:
-    app = web.Application(middlewares=[observe, authorize], client_max_size=settings.max_body_bytes)
+    app = web.Application(middlewares=[observe], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[TOKENS] = TokenTable.parse(settings.tokens)
     app[CLUSTER] = cluster or Cluster(settings)

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -101,7 +102,7 @@ async def run(
                     ) as resp:
                         assert resp.status == 200, await resp.text()
 
-                def http_op(method: str, base: str) -> object:
+                def http_op(method: str, base: str) -> Callable[[str], Awaitable[bool]]:
                     async def op(key: str) -> bool:
                         async with http.request(
                             method, f"{base}/{key}", data=body if method == "PUT" else None
@@ -148,7 +149,7 @@ async def run(
                         await closed_loop(
                             name, op, names, concurrency=concurrency, seconds=seconds, warmup=warmup
                         )
-                    )  # type: ignore[arg-type]
+                    )
                 await pool.close()
             return results
         finally:
