@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -101,11 +101,26 @@ class Cluster:
             await self._catalog.close()
         await self.pools.close()
 
-    @property
-    def catalog(self) -> asyncpg.Pool:
+    @contextlib.asynccontextmanager
+    async def catalog_connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A catalog connection; an unreachable catalog is a 503, never a 500."""
         if self._catalog is None:
             raise errors.NotReady("shardd is starting")
-        return self._catalog
+        try:
+            async with asyncio.timeout(self.settings.request_timeout):
+                conn = await self._catalog.acquire()
+        except (TimeoutError, *errors.CONNECT_ERRORS, *errors.LOST_CONNECTION_ERRORS) as exc:
+            self.catalog_ok = False
+            raise errors.ApiError(
+                f"the catalog is unreachable: {exc}",
+                status=503,
+                code="catalog_unavailable",
+                headers={"Retry-After": "1"},
+            ) from exc
+        try:
+            yield conn
+        finally:
+            await self._catalog.release(conn)
 
     def require_topology(self) -> Topology:
         if self.topology is None:
@@ -123,7 +138,7 @@ class Cluster:
             current = self.topology
             if current is not None and seen_epoch is not None and current.epoch > seen_epoch:
                 return current
-            async with self.catalog.acquire() as conn:
+            async with self.catalog_connection() as conn:
                 if not force and current is not None:
                     if await catalog.current_epoch(conn) == current.epoch:
                         self.catalog_ok = True

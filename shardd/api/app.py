@@ -135,6 +135,17 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exc.status < 400:
             raise
         response = _render(_http_error(exc), request_id)
+    except (*errors.CONNECT_ERRORS, *errors.LOST_CONNECTION_ERRORS) as exc:
+        log.warning("backend connection failed: %s", exc)
+        response = _render(
+            errors.ApiError(
+                f"a backend connection failed: {exc}",
+                status=503,
+                code="backend_unavailable",
+                headers={"Retry-After": "1"},
+            ),
+            request_id,
+        )
     except Exception:
         log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
         response = _render(errors.ApiError("internal error"), request_id)

@@ -57,6 +57,11 @@ def _served_headers(
     return headers
 
 
+def _served_by(served: list[Served]) -> dict[str, str]:
+    """Shardd-Served-By for a request that touched several shards."""
+    return {"Shardd-Served-By": ", ".join(sorted({s.header() for s in served}))}
+
+
 async def _table(request: web.Request) -> str:
     """The table named in the path; 404 unless it is declared."""
     cluster, _ = _ctx(request)
@@ -168,7 +173,7 @@ async def put_table(request: web.Request) -> web.Response:
         raise errors.BadRequest(
             "description must be a string of at most 1000 characters", code="invalid_table_spec"
         )
-    async with cluster.catalog.acquire() as conn:
+    async with cluster.catalog_connection() as conn:
         created = await catalog.put_table(conn, name=name, description=description)
     topo = await cluster.refresh(force=True)
     return respond(topo.tables[name].as_json(), status=201 if created else 200)
@@ -211,7 +216,7 @@ async def delete_table(request: web.Request) -> web.Response:
             raise errors.Conflict(
                 f"table {name} is not empty; use ?force=true", code="table_not_empty"
             )
-    async with cluster.catalog.acquire() as conn:
+    async with cluster.catalog_connection() as conn:
         await catalog.drop_table(conn, name)
     await cluster.refresh(force=True)
     await on_every_primary(lambda conn: store.delete_table_items(conn, name))
@@ -376,11 +381,12 @@ async def scan(request: web.Request) -> web.Response:
     items: list[store.Item] = []
     position: tuple[str, str] | None = None
     last_shard = None
+    touched: list[Served] = []
     for name in sorted(topo.shards):
         if cursor is not None and name < cursor["s"]:
             continue
         after = (cursor["pk"], cursor["sk"]) if cursor is not None and name == cursor["s"] else None
-        page, _ = await cluster.read_shard(
+        page, served = await cluster.read_shard(
             topo.shards[name],
             _scan_page(table, after, limit - len(items)),
             consistency=consistency,
@@ -388,6 +394,7 @@ async def scan(request: web.Request) -> web.Response:
             deadline=deadline,
         )
         items.extend(page)
+        touched.append(served)
         if len(items) >= limit:
             last_shard = name
             position = (items[-1].pk, items[-1].sk)
@@ -397,7 +404,10 @@ async def scan(request: web.Request) -> web.Response:
         next_cursor = validate.encode_cursor(
             {"s": last_shard, "pk": position[0], "sk": position[1]}
         )
-    return respond({"items": [_item_json(table, item) for item in items], "cursor": next_cursor})
+    return respond(
+        {"items": [_item_json(table, item) for item in items], "cursor": next_cursor},
+        headers=_served_by(touched),
+    )
 
 
 def _scan_page(
@@ -501,10 +511,11 @@ async def batch_get(request: web.Request) -> web.Response:
     slot_count = cluster.require_topology().slot_count
     keys = [(slot_of(pk, slot_count), pk, sk) for pk, sk, _ in entries]
     found: list[store.Item | None] = [None] * len(keys)
+    touched: list[Served] = []
     deadline = cluster.deadline()
 
     async def run(topo: Topology, shard: Shard, indexes: list[int]) -> None:
-        items, _ = await cluster.read_shard(
+        items, served = await cluster.read_shard(
             shard,
             lambda conn, min_lsn: store.get_many(
                 conn, table=table, keys=[keys[i] for i in indexes], min_lsn=min_lsn
@@ -513,6 +524,7 @@ async def batch_get(request: web.Request) -> web.Response:
             token=token,
             deadline=deadline,
         )
+        touched.append(served)
         for i, item in zip(indexes, items, strict=True):
             found[i] = item
 
@@ -525,7 +537,7 @@ async def batch_get(request: web.Request) -> web.Response:
             results.append(
                 {"pk": pk, "sk": sk, "found": True, "version": item.version, "item": item.doc}
             )
-    return respond({"table": table, "results": results})
+    return respond({"table": table, "results": results}, headers=_served_by(touched))
 
 
 async def batch_write(request: web.Request) -> web.Response:
@@ -557,6 +569,7 @@ async def batch_write(request: web.Request) -> web.Response:
     n_puts = len(puts)
     results: list[dict[str, Any]] = [{} for _ in keys]
     session = token or SessionToken({})
+    touched: list[Served] = []
     deadline = cluster.deadline()
 
     async def run(topo: Topology, shard: Shard, indexes: list[int]) -> None:
@@ -583,6 +596,7 @@ async def batch_write(request: web.Request) -> web.Response:
                 }
             return
         session = session.merged(served.shard, lsn)
+        touched.append(served)
         for i, version in zip(put_idx, versions, strict=True):
             results[i] = {"status": "ok", "version": version}
         for i, old_version in zip(del_idx, deleted, strict=True):
@@ -593,5 +607,7 @@ async def batch_write(request: web.Request) -> web.Response:
     for index, ((_, pk, sk), outcome) in enumerate(zip(keys, results, strict=True)):
         shaped.append({"op": "put" if index < n_puts else "delete", "pk": pk, "sk": sk, **outcome})
     ok = all(r["status"] != "error" for r in shaped)
-    headers = {"Shardd-Session": str(session)} if session.positions else {}
+    headers = _served_by(touched)
+    if session.positions:
+        headers["Shardd-Session"] = str(session)
     return respond({"table": table, "ok": ok, "results": shaped}, headers=headers)

@@ -52,6 +52,7 @@ def test_batch_write_then_batch_get_across_shards(
     assert [r["status"] for r in written.body["results"]] == ["ok"] * 40
     token = written.header("Shardd-Session")
     assert token and len(token.split(",")) == 3
+    assert written.header("Shardd-Served-By") == "s1/s1-primary, s2/s2-primary, s3/s3-primary"
 
     keys = [{"pk": f"b-{i}", "sk": "s"} for i in range(45)]
     got = api.request(

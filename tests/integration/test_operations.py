@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 
-from tests.harness.cluster import RunningCluster, wait_for
+from tests.harness.cluster import ROOT, RunningCluster, wait_for
 from tests.harness.http import Api
 from tests.integration.test_bad_input import assert_error
 from tests.integration.test_items import item_path
@@ -124,3 +126,24 @@ def test_add_shard_registers_without_moving_data(cluster: RunningCluster, api: A
     }
     assert cluster.sql("s9-primary", "SELECT count(*) AS n FROM shardd_slots")[0]["n"] == 0
     assert {n["name"] for n in shards["s9"]["nodes"]} == {"s9-primary", "s9-replica1"}
+
+
+def test_shardd_refuses_a_public_address_without_tokens(cluster: RunningCluster) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDD_")}
+    result = subprocess.run(
+        [
+            str(ROOT / ".venv" / "bin" / "shardd"),
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "1",
+            "--catalog-dsn",
+            cluster.catalog_dsn(),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "refusing to listen on 0.0.0.0 without tokens" in result.stderr
