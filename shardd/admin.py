@@ -14,7 +14,7 @@ from urllib.parse import unquote, urlsplit
 import asyncpg
 
 from . import catalog, migrate, placement, store
-from .nodes import NodePools, check_node, with_lag
+from .nodes import NodePools, check_node, describe, with_lag
 from .topology import Node, Topology
 
 
@@ -133,20 +133,7 @@ async def status(catalog_dsn: str) -> dict[str, Any]:
     slots = topo.slot_counts()
     shards = []
     for shard, items in zip(topo.shards.values(), counts, strict=True):
-        shard_nodes = []
-        for node in shard.nodes:
-            h = health.get(node.name)
-            shard_nodes.append(
-                {
-                    "name": node.name,
-                    "role": node.role,
-                    "host": node.host,
-                    "port": node.port,
-                    "healthy": bool(h and h.healthy),
-                    "fenced": node.fenced,
-                    "lag_bytes": h.lag_bytes if h else None,
-                }
-            )
+        shard_nodes = [describe(node, health) for node in shard.nodes]
         shards.append(
             {
                 "name": shard.name,

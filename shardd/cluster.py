@@ -211,7 +211,8 @@ class Cluster:
                     shard, f"cannot connect to {node.name} ({type(exc).__name__}: {exc})"
                 ) from exc
             metrics.QUERY_ERRORS.labels(shard, node.name, "lost").inc()
-            conn.terminate()
+            with contextlib.suppress(Exception):  # the pool may have dropped it already
+                conn.terminate()
             if writing:
                 raise errors.OutcomeUnknown(
                     f"the connection to {node.name} failed before the commit was confirmed;"

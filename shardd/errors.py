@@ -127,6 +127,7 @@ LOST_CONNECTION_ERRORS = (
     ConnectionError,
     asyncpg.ConnectionDoesNotExistError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # a connection left mid-protocol by a dead server
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     asyncio.IncompleteReadError,

@@ -115,6 +115,20 @@ class HealthSnapshot:
         return self.nodes.get(name)
 
 
+def describe(node: Node, health: HealthSnapshot) -> dict[str, object]:
+    """A node as the topology endpoint and ``shardctl status`` show it."""
+    state = health.get(node.name)
+    return {
+        "name": node.name,
+        "role": node.role,
+        "host": node.host,
+        "port": node.port,
+        "fenced": node.fenced,
+        "healthy": bool(state and state.healthy),
+        "lag_bytes": state.lag_bytes if state else None,
+    }
+
+
 _CHECK_SQL = """
 SELECT pg_is_in_recovery() AS in_recovery,
        CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()

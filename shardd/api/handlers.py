@@ -17,6 +17,7 @@ from aiohttp import web
 from .. import catalog, errors, metrics, store
 from ..cluster import Cluster, Served
 from ..config import Settings
+from ..nodes import describe
 from ..placement import slot_of
 from ..router import SessionToken, resolve_consistency
 from ..topology import Shard, Topology
@@ -94,6 +95,16 @@ async def _body(request: web.Request) -> bytes:
         ) from None
 
 
+def _limit(request: web.Request, settings: Settings) -> int:
+    return validate.int_param(
+        request.query.get("limit"),
+        name="limit",
+        default=settings.default_page_size,
+        low=1,
+        high=settings.max_page_size,
+    )
+
+
 def _item_json(table: str, item: store.Item) -> dict[str, Any]:
     return {"table": table, "pk": item.pk, "sk": item.sk, "version": item.version, "item": item.doc}
 
@@ -130,26 +141,12 @@ async def topology(request: web.Request) -> web.Response:
     health = cluster.health.snapshot
     shards = []
     for shard in topo.shards.values():
-        nodes = []
-        for node in shard.nodes:
-            state = health.get(node.name)
-            nodes.append(
-                {
-                    "name": node.name,
-                    "role": node.role,
-                    "host": node.host,
-                    "port": node.port,
-                    "fenced": node.fenced,
-                    "healthy": bool(state and state.healthy),
-                    "lag_bytes": state.lag_bytes if state else None,
-                }
-            )
         shards.append(
             {
                 "name": shard.name,
                 "weight": shard.weight,
                 "slots": counts.get(shard.name, 0),
-                "nodes": nodes,
+                "nodes": [describe(node, health) for node in shard.nodes],
             }
         )
     return respond({"epoch": topo.epoch, "slot_count": topo.slot_count, "shards": shards})
@@ -330,13 +327,7 @@ async def query_partition(request: web.Request) -> web.Response:
     for name, value in (("prefix", prefix), ("after", after)):
         if value is not None:
             validate.key(value, what=name, max_bytes=settings.max_key_bytes, allow_empty=True)
-    limit = validate.int_param(
-        request.query.get("limit"),
-        name="limit",
-        default=settings.default_page_size,
-        low=1,
-        high=settings.max_page_size,
-    )
+    limit = _limit(request, settings)
     token = _session(request)
     items, served = await cluster.read(
         pk,
@@ -366,13 +357,7 @@ async def query_partition(request: web.Request) -> web.Response:
 async def scan(request: web.Request) -> web.Response:
     cluster, settings = _ctx(request)
     table = await _table(request)
-    limit = validate.int_param(
-        request.query.get("limit"),
-        name="limit",
-        default=settings.default_page_size,
-        low=1,
-        high=settings.max_page_size,
-    )
+    limit = _limit(request, settings)
     cursor = validate.decode_cursor(request.query.get("cursor"))
     token = _session(request)
     consistency = _consistency(request, token)

@@ -109,8 +109,11 @@ class RunningCluster:
         )
 
     def down(self) -> None:
-        self.devcluster("down", "--purge", check=False)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        """Stop everything; SHARDD_TEST_KEEP=1 keeps the folder (logs) for a post-mortem."""
+        keep = os.environ.get("SHARDD_TEST_KEEP") == "1"
+        self.devcluster("down", *(() if keep else ("--purge",)), check=False)
+        if not keep:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def start_cluster() -> RunningCluster:

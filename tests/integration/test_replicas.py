@@ -1,0 +1,69 @@
+"""Replica reads survive a replica being killed under load; it rejoins the rotation."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from shardd.placement import slot_of
+from tests.harness.cluster import RunningCluster, wait_for
+from tests.harness.http import Api
+from tests.integration.test_items import item_path
+
+
+def test_killing_a_replica_under_read_load_fails_no_read(
+    cluster: RunningCluster, api: Api, table: str
+) -> None:
+    slot_map = {
+        r["slot"]: r["shard"]
+        for r in cluster.sql("catalog", "SELECT slot, shard FROM shardd_slot_map")
+    }
+    keys = [k for k in (f"rk-{i}" for i in range(400)) if slot_map[slot_of(k, 4096)] == "s1"][:20]
+    for key in keys:
+        assert api.request("PUT", item_path(table, key), body={"k": key}).status == 201
+    wait_for(
+        lambda: (
+            api.request("GET", item_path(table, keys[-1]) + "?consistency=eventual").status == 200
+        ),
+        timeout=10,
+        what="replica caught up",
+    )
+
+    statuses: list[int] = []
+    served: list[str] = []
+    stop = time.monotonic() + 4.0
+
+    def reader(offset: int) -> None:
+        client = cluster.api("read")
+        i = offset
+        while time.monotonic() < stop:
+            response = client.request(
+                "GET", item_path(table, keys[i % len(keys)]) + "?consistency=eventual"
+            )
+            statuses.append(response.status)
+            served.append(response.header("Shardd-Served-By") or "")
+            i += 1
+
+    threads = [threading.Thread(target=reader, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    cluster.devcluster("kill", "s1-replica1")
+    for thread in threads:
+        thread.join()
+    try:
+        assert statuses and set(statuses) == {200}, sorted(set(statuses))
+        assert "s1/s1-replica1" in served  # the replica served before it died
+        assert served[-1] == "s1/s1-primary"  # and the primary took over
+    finally:
+        cluster.devcluster("start", "s1-replica1")
+    wait_for(
+        lambda: (
+            api.request("GET", item_path(table, keys[0]) + "?consistency=eventual").header(
+                "Shardd-Served-By"
+            )
+            == "s1/s1-replica1"
+        ),
+        timeout=30,
+        what="the replica back in rotation",
+    )
