@@ -69,9 +69,6 @@ class Settings:
     def fields(cls) -> tuple[dataclasses.Field[Any], ...]:
         return dataclasses.fields(cls)
 
-    def replace(self, **changes: Any) -> Settings:
-        return dataclasses.replace(self, **changes)
-
 
 def field_type(f: dataclasses.Field[Any]) -> Any:
     hints = typing.get_type_hints(Settings)

@@ -46,6 +46,10 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     """
 
 
+async def _initialized(pool: asyncpg.Pool) -> asyncpg.Pool:
+    return await pool
+
+
 class NodePools:
     def __init__(self, *, pool_size: int, connect_timeout: float) -> None:
         self._pool_size = pool_size
@@ -73,7 +77,8 @@ class NodePools:
             )
             self._pools[node.name] = pool
             self._dsns[node.name] = dsn
-            self._ready[node.name] = asyncio.ensure_future(pool._async__init__())
+            # Several requests may need the new pool at once; they share one init.
+            self._ready[node.name] = asyncio.ensure_future(_initialized(pool))
         await self._ready[node.name]
         return self._pools[node.name]
 
