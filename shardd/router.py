@@ -55,9 +55,6 @@ class SessionToken:
         return ",".join(f"{shard}:{lsn}" for shard, lsn in sorted(self.positions.items()))
 
 
-EMPTY_TOKEN = SessionToken({})
-
-
 def resolve_consistency(requested: str | None, token: SessionToken | None) -> str:
     if requested is None or requested == "":
         return "session" if token is not None else "eventual"
