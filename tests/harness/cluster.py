@@ -94,6 +94,11 @@ class RunningCluster:
 
         return asyncio.run(go())
 
+    def slot_map(self) -> dict[int, str]:
+        """slot -> owning shard, as the catalog records it now."""
+        rows = self.sql("catalog", "SELECT slot, shard FROM shardd_slot_map")
+        return {row["slot"]: row["shard"] for row in rows}
+
     def api(self, scope: str | None = "admin") -> Api:
         return Api(self.port, token=TOKENS[scope] if scope else None)
 

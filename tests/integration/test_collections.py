@@ -87,10 +87,7 @@ def test_batch_write_then_batch_get_across_shards(
 
 def test_batch_write_is_atomic_per_shard(cluster: RunningCluster, api: Api, table: str) -> None:
     """A shard whose batch fails keeps none of it (a failing row aborts the whole group)."""
-    slot_map = {
-        r["slot"]: r["shard"]
-        for r in cluster.sql("catalog", "SELECT slot, shard FROM shardd_slot_map")
-    }
+    slot_map = cluster.slot_map()
     on_s1 = [k for k in (f"atom-{i}" for i in range(500)) if slot_map[slot_of(k, 4096)] == "s1"][:3]
     # Make the third key's slot refuse writes on s1 only long enough to see the rollback:
     # mark it 'frozen' so the shard raises inside the batch transaction.

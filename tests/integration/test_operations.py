@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 
+from shardd.placement import slot_of
 from tests.harness.cluster import ROOT, RunningCluster, wait_for
 from tests.harness.http import Api
 from tests.integration.test_bad_input import assert_error
@@ -74,12 +75,7 @@ def test_devcluster_status_lists_every_node(cluster: RunningCluster) -> None:
 def test_a_down_shard_is_503_naming_it_and_others_keep_working(
     cluster: RunningCluster, api: Api, table: str
 ) -> None:
-    slot_map = {
-        r["slot"]: r["shard"]
-        for r in cluster.sql("catalog", "SELECT slot, shard FROM shardd_slot_map")
-    }
-    from shardd.placement import slot_of
-
+    slot_map = cluster.slot_map()
     on = {
         shard: next(
             f"down-{i}" for i in range(1000) if slot_map[slot_of(f"down-{i}", 4096)] == shard

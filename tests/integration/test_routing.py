@@ -10,18 +10,13 @@ from tests.harness.http import Api
 from tests.integration.test_items import item_path
 
 
-def catalog_map(cluster: RunningCluster) -> dict[int, str]:
-    rows = cluster.sql("catalog", "SELECT slot, shard FROM shardd_slot_map")
-    return {row["slot"]: row["shard"] for row in rows}
-
-
 def test_every_item_sits_on_the_shard_its_slot_maps_to(
     cluster: RunningCluster, api: Api, table: str
 ) -> None:
     keys = [f"route-{i}" for i in range(60)]
     for key in keys:
         assert api.request("PUT", item_path(table, key), body={"k": key}).status == 201
-    slot_map = catalog_map(cluster)
+    slot_map = cluster.slot_map()
     found: dict[str, str] = {}
     for shard in ("s1", "s2", "s3"):
         rows = cluster.sql(
@@ -38,7 +33,7 @@ def test_every_item_sits_on_the_shard_its_slot_maps_to(
 
 
 def test_shard_refuses_write_for_a_slot_it_does_not_own(cluster: RunningCluster) -> None:
-    slot_map = catalog_map(cluster)
+    slot_map = cluster.slot_map()
     foreign = next(slot for slot, shard in slot_map.items() if shard != "s1")
     try:
         cluster.sql(
@@ -82,7 +77,7 @@ def _stale_retries(api: Api) -> float:
 def test_stale_map_is_refused_by_the_shard_then_retried(
     cluster: RunningCluster, api: Api, table: str
 ) -> None:
-    slot_map = catalog_map(cluster)
+    slot_map = cluster.slot_map()
     used = {
         row["slot"]
         for shard in ("s1", "s2", "s3")
@@ -132,7 +127,7 @@ def test_stale_map_is_refused_by_the_shard_then_retried(
 def test_a_replica_of_a_shard_that_no_longer_owns_a_slot_never_answers(
     cluster: RunningCluster, api: Api, table: str
 ) -> None:
-    slot_map = catalog_map(cluster)
+    slot_map = cluster.slot_map()
     foreign = next(slot for slot, shard in slot_map.items() if shard == "s2")
     rows = cluster.sql(
         "s1-replica1", "SELECT * FROM shardd_get($1, $2, 'k', '', NULL)", foreign, table
