@@ -49,12 +49,19 @@ async def topology(catalog_dsn: str) -> Topology:
         return await catalog.load_topology(conn)
 
 
-async def migrate_all(catalog_dsn: str, *, slot_count: int) -> dict[str, list[int]]:
-    """Apply migrations to the catalog and every shard primary; create the cluster row."""
+async def migrate_all(
+    catalog_dsn: str, *, slot_count: int, synchronous: bool | None = None
+) -> dict[str, list[int]]:
+    """Apply migrations to the catalog and every shard primary; create the cluster row.
+
+    ``synchronous`` records whether shards replicate synchronously (None: unchanged).
+    """
     applied: dict[str, list[int]] = {}
     async with connect(catalog_dsn) as conn:
         applied["catalog"] = await migrate.apply(conn, "catalog")
         await catalog.create_cluster(conn, slot_count=slot_count)
+        if synchronous is not None:
+            await catalog.set_synchronous(conn, synchronous)
         topo = await catalog.load_topology(conn)
     for shard in topo.shards.values():
         if shard.primary is not None:
@@ -143,4 +150,17 @@ async def status(catalog_dsn: str) -> dict[str, Any]:
                 "nodes": shard_nodes,
             }
         )
-    return {"epoch": topo.epoch, "slot_count": topo.slot_count, "shards": shards}
+    async with connect(catalog_dsn) as conn:
+        synchronous = await catalog.is_synchronous(conn)
+        monitor = await conn.fetchval("SELECT holder FROM shardd_leases WHERE name = 'monitor'")
+        instances = await catalog.live_instances(conn, lease=60.0)
+        history = await catalog.failovers(conn, limit=10)
+    return {
+        "epoch": topo.epoch,
+        "slot_count": topo.slot_count,
+        "synchronous": synchronous,
+        "monitor": monitor,
+        "instances": instances,
+        "shards": shards,
+        "failovers": history,
+    }

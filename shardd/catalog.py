@@ -9,6 +9,7 @@ epoch, so a lost notification only delays a refresh.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 
 import asyncpg
 
@@ -137,3 +138,107 @@ async def drop_table(conn: asyncpg.Connection, name: str) -> bool:
             return False
         await bump_epoch(conn)
     return True
+
+
+# -- failover ---------------------------------------------------------------------
+
+
+async def is_synchronous(conn: asyncpg.Connection) -> bool:
+    return bool(await conn.fetchval("SELECT synchronous FROM shardd_cluster"))
+
+
+async def set_synchronous(conn: asyncpg.Connection, synchronous: bool) -> None:
+    await conn.execute("UPDATE shardd_cluster SET synchronous = $1", synchronous)
+
+
+async def fence_node(conn: asyncpg.Connection, name: str) -> int:
+    """Mark a node fenced: no instance routes anything to it once it has this epoch."""
+    async with conn.transaction():
+        await conn.execute("UPDATE shardd_nodes SET fenced = true WHERE name = $1", name)
+        return await bump_epoch(conn)
+
+
+async def record_promotion(
+    conn: asyncpg.Connection,
+    *,
+    shard: str,
+    old_primary: str,
+    new_primary: str,
+    kind: str,
+    lost_bytes: int | None,
+    detected_at: datetime,
+) -> int:
+    """The promoted replica becomes the shard's primary; the old one stays fenced."""
+    async with conn.transaction():
+        await conn.execute("UPDATE shardd_nodes SET fenced = true WHERE name = $1", old_primary)
+        await conn.execute(
+            "UPDATE shardd_nodes SET role = 'primary', fenced = false WHERE name = $1",
+            new_primary,
+        )
+        await conn.execute(
+            "INSERT INTO shardd_failovers (shard, kind, old_primary, new_primary, lost_bytes,"
+            " detected_at) VALUES ($1, $2, $3, $4, $5, $6)",
+            shard,
+            kind,
+            old_primary,
+            new_primary,
+            lost_bytes,
+            detected_at,
+        )
+        return await bump_epoch(conn)
+
+
+async def record_rejoin(conn: asyncpg.Connection, name: str) -> int:
+    async with conn.transaction():
+        await conn.execute(
+            "UPDATE shardd_nodes SET role = 'replica', fenced = false WHERE name = $1", name
+        )
+        return await bump_epoch(conn)
+
+
+async def failovers(conn: asyncpg.Connection, *, limit: int = 20) -> list[dict[str, object]]:
+    rows = await conn.fetch(
+        "SELECT shard, kind, old_primary, new_primary, lost_bytes, detected_at, promoted_at"
+        " FROM shardd_failovers ORDER BY id DESC LIMIT $1",
+        limit,
+    )
+    return [dict(row) for row in rows]
+
+
+# -- live instances -----------------------------------------------------------------
+
+
+async def report_instance(
+    conn: asyncpg.Connection, *, instance: str, address: str, epoch: int
+) -> None:
+    await conn.execute(
+        "INSERT INTO shardd_instances (id, address, epoch) VALUES ($1, $2, $3)"
+        " ON CONFLICT (id) DO UPDATE SET epoch = excluded.epoch, seen_at = now()",
+        instance,
+        address,
+        epoch,
+    )
+
+
+async def forget_instance(conn: asyncpg.Connection, instance: str) -> None:
+    await conn.execute("DELETE FROM shardd_instances WHERE id = $1", instance)
+
+
+async def instances_behind(conn: asyncpg.Connection, *, epoch: int, lease: float) -> list[str]:
+    """Instances seen within ``lease`` seconds that still route with an older epoch."""
+    rows = await conn.fetch(
+        "SELECT id FROM shardd_instances WHERE epoch < $1"
+        " AND seen_at > now() - make_interval(secs => $2)",
+        epoch,
+        lease,
+    )
+    return [row["id"] for row in rows]
+
+
+async def live_instances(conn: asyncpg.Connection, *, lease: float) -> list[dict[str, object]]:
+    rows = await conn.fetch(
+        "SELECT id, address, epoch, started_at, seen_at FROM shardd_instances"
+        " WHERE seen_at > now() - make_interval(secs => $1) ORDER BY started_at",
+        lease,
+    )
+    return [dict(row) for row in rows]

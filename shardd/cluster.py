@@ -12,6 +12,11 @@ Safety notes:
   retries until the request's deadline; nothing it does here can double-own a slot.
 * A write whose connection is lost or whose deadline passes after it was sent may have
   committed: it is reported as ``OutcomeUnknown`` and never retried.
+* A write that could not reach a primary (none on record, or the connection was
+  refused) wrote nothing: it waits for a new primary up to ``write_buffer_timeout``.
+* An instance writes only with a topology confirmed by the catalog within
+  ``topology_lease`` seconds, and reports the epoch it uses to the catalog; a failover
+  relies on both to know when no instance can still write to a fenced primary.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -28,6 +35,7 @@ import asyncpg
 
 from . import catalog, errors, metrics, router
 from .config import Settings
+from .monitor import Monitor
 from .nodes import HealthMonitor, NodePools
 from .placement import slot_of
 from .topology import Node, Shard, Topology
@@ -72,9 +80,13 @@ class Cluster:
         self.health = HealthMonitor(
             self.pools, lambda: self.topology, interval=settings.health_interval
         )
+        self.instance = f"{socket.gethostname()}:{settings.port}:{os.getpid()}"
+        self.monitor = Monitor(settings, self.instance, self.health, lambda: self.topology)
+        self.confirmed_at = float("-inf")  # when the catalog last confirmed our topology
         self._catalog: asyncpg.Pool | None = None
         self._listener: asyncpg.Connection | None = None
         self._refresh_lock = asyncio.Lock()
+        self._new_topology = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- lifecycle ---------------------------------------------------------------
@@ -88,12 +100,18 @@ class Cluster:
         self._tasks = [
             asyncio.create_task(self._poll_catalog(), name="catalog-poll"),
             asyncio.create_task(self.health.run(), name="health"),
+            asyncio.create_task(self.monitor.run(), name="monitor"),
         ]
 
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.monitor.close()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1):
+                async with self.catalog_connection() as conn:
+                    await catalog.forget_instance(conn, self.instance)
         if self._listener is not None:
             with contextlib.suppress(Exception):
                 await self._listener.close(timeout=1)
@@ -138,20 +156,36 @@ class Cluster:
             current = self.topology
             if current is not None and seen_epoch is not None and current.epoch > seen_epoch:
                 return current
+            asked = time.monotonic()
             async with self.catalog_connection() as conn:
                 if not force and current is not None:
                     if await catalog.current_epoch(conn) == current.epoch:
                         self.catalog_ok = True
+                        self.confirmed_at = asked
                         return current
                 loaded = await catalog.load_topology(conn)
+                if current is None or loaded.epoch != current.epoch:
+                    await self._report(conn, loaded.epoch)
             self.catalog_ok = True
+            self.confirmed_at = asked
             if current is None or loaded.epoch != current.epoch:
                 log.info("topology epoch %s loaded", loaded.epoch)
+                self._new_topology.set()
+                self._new_topology = asyncio.Event()
             self.topology = loaded
             metrics.TOPOLOGY_EPOCH.set(loaded.epoch)
             if current is None:
                 await self.health.check_all()
             return loaded
+
+    async def _report(self, conn: asyncpg.Connection, epoch: int) -> None:
+        """Tell the catalog which epoch this instance routes with (failovers wait for it)."""
+        await catalog.report_instance(
+            conn,
+            instance=self.instance,
+            address=f"{self.settings.host}:{self.settings.port}",
+            epoch=epoch,
+        )
 
     async def _ensure_listener(self) -> None:
         if self._listener is not None and not self._listener.is_closed():
@@ -175,7 +209,9 @@ class Cluster:
         while True:
             try:
                 await self._ensure_listener()
-                await self.refresh()
+                topology = await self.refresh()
+                async with self.catalog_connection() as conn:
+                    await self._report(conn, topology.epoch)
             except Exception as exc:
                 self.catalog_ok = False
                 log.warning("catalog poll failed: %s", exc)
@@ -257,17 +293,44 @@ class Cluster:
             raise errors.ShardUnavailable("none", f"slot {slot} has no owner")
         return topology, slot, shard
 
+    async def confirm_topology(self) -> None:
+        """Refuse to write with a topology the catalog has not confirmed within the lease."""
+        if time.monotonic() - self.confirmed_at > self.settings.topology_lease:
+            await self.refresh()
+
+    async def await_primary(
+        self, topology: Topology, failure: errors.ShardUnavailable, until: float
+    ) -> None:
+        """Buffer a write that found no reachable primary: wait for a new topology (or a
+        moment, to try again) until ``until``; then fail with the original 503."""
+        remaining = until - time.monotonic()
+        if remaining <= 0:
+            metrics.WRITES_NO_PRIMARY.labels(failure.shard).inc()
+            raise failure
+        changed = self._new_topology
+        if self.topology is not None and self.topology.epoch != topology.epoch:
+            return
+        metrics.BUFFERED_WRITES.inc()
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(remaining, 0.25)):
+                    await changed.wait()
+        finally:
+            metrics.BUFFERED_WRITES.dec()
+
     async def write(
         self, pk: str, work: Callable[[asyncpg.Connection, int], Awaitable[T]], *, deadline: float
     ) -> tuple[T, Served]:
         """Run a write on the primary owning ``pk``'s slot, following the map as it moves."""
         attempt = 0
+        buffer_until: float | None = None
         while True:
+            await self.confirm_topology()
             topology, slot, shard = self.route(pk)
             primary = shard.primary
-            if primary is None:
-                raise errors.ShardUnavailable(shard.name, "it has no primary")
             try:
+                if primary is None:
+                    raise errors.ShardUnavailable(shard.name, "it has no primary")
                 result = await self._run(
                     shard.name, primary, _bind(work, slot), writing=True, deadline=deadline
                 )
@@ -275,6 +338,12 @@ class Cluster:
             except errors.StaleMap:
                 await self.after_stale(topology, attempt, deadline, shard.name)
                 attempt += 1
+            except errors.ShardUnavailable as exc:  # nothing was written: wait for a primary
+                if buffer_until is None:
+                    buffer_until = min(
+                        deadline - 0.05, time.monotonic() + self.settings.write_buffer_timeout
+                    )
+                await self.await_primary(topology, exc, buffer_until)
 
     async def write_shard(
         self, topology: Topology, shard: Shard, work: Work[T], *, deadline: float

@@ -53,6 +53,23 @@ class Settings:
         2.0, "Seconds between catalog polls (LISTEN/NOTIFY usually reports changes sooner)."
     )
     request_timeout: float = _setting(5.0, "Deadline in seconds for one API request.")
+    failover: bool = _setting(
+        True, "Promote a replica automatically when a shard's primary is down (monitor)."
+    )
+    failover_after_checks: int = _setting(
+        3, "Consecutive failed health checks after which a primary is declared down."
+    )
+    topology_lease: float = _setting(
+        5.0,
+        "An instance that could not confirm its topology with the catalog for this many "
+        "seconds stops writing; a failover waits at most this long for instances to see "
+        "the old primary fenced. Same value on every instance.",
+    )
+    write_buffer_timeout: float = _setting(
+        5.0,
+        "Seconds a write waits for a shard without a reachable primary to get one "
+        "(within the request deadline) before failing with 503.",
+    )
     max_body_bytes: int = _setting(1024 * 1024, "Largest accepted request body (413 above).")
     max_key_bytes: int = _setting(1024, "Largest partition or sort key, in UTF-8 bytes.")
     max_json_depth: int = _setting(32, "Deepest nesting of arrays and objects in an item.")

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import click
 
-from . import admin, config
+from . import admin, config, failover, pgctl
 
 T = TypeVar("T")
 
@@ -22,7 +22,13 @@ T = TypeVar("T")
 def run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
-    except (OSError, LookupError, ValueError) as exc:
+    except (
+        OSError,
+        LookupError,
+        ValueError,
+        failover.FailoverError,
+        pgctl.PgCtlError,
+    ) as exc:
         raise click.ClickException(str(exc)) from exc
 
 
@@ -76,20 +82,100 @@ def status(ctx: Context, as_json: bool) -> None:
     """Shards, nodes, roles, health, replica lag, slots and items per shard."""
 
     def render(data: dict[str, Any]) -> None:
-        click.echo(f"epoch {data['epoch']}, {data['slot_count']} slots")
+        mode = "synchronous" if data["synchronous"] else "asynchronous"
+        click.echo(f"epoch {data['epoch']}, {data['slot_count']} slots, {mode} replication")
+        click.echo(f"monitor: {data['monitor'] or 'none yet'}")
         for shard in data["shards"]:
             items = "?" if shard["items"] is None else shard["items"]
             click.echo(f"shard {shard['name']}: {shard['slots']} slots, {items} items")
             for node in shard["nodes"]:
                 health = "up" if node["healthy"] else "DOWN"
                 lag = "" if node["lag_bytes"] is None else f" lag={node['lag_bytes']}B"
+                if node["lag_seconds"] is not None and node["role"] == "replica":
+                    lag += f"/{node['lag_seconds']:.1f}s"
                 fenced = " FENCED" if node["fenced"] else ""
                 click.echo(
                     f"  {node['name']:<18} {node['role']:<8} {node['host']}:{node['port']:<6}"
                     f" {health}{lag}{fenced}"
                 )
 
+        for event in data["failovers"]:
+            lost = "?" if event["lost_bytes"] is None else event["lost_bytes"]
+            click.echo(
+                f"failover {event['promoted_at']:%Y-%m-%d %H:%M:%S} {event['shard']}:"
+                f" {event['old_primary']} -> {event['new_primary']} ({event['kind']},"
+                f" lost {lost} bytes)"
+            )
+
     emit(run(admin.status(ctx.dsn)), as_json, render)
+
+
+@main.command("failover")
+@click.option("--shard", "shard_name", required=True, help="Shard whose primary to replace.")
+@click.option("--to", "to", default=None, help="Replica to promote [the most caught-up].")
+@click.option("--catch-up-timeout", default=10.0, show_default=True, help="Seconds.")
+@yes_option
+@pass_ctx
+def failover_command(
+    ctx: Context, shard_name: str, to: str | None, catch_up_timeout: float, yes: bool
+) -> None:
+    """Planned switchover: pause the shard's writes, promote a caught-up replica, resume.
+
+    Clients see added latency, not errors.  The old primary is fenced afterwards; bring
+    it back as a replica with `shardctl node rejoin`.
+    """
+    confirm(yes, f"Switch shard {shard_name} over to {to or 'its most caught-up replica'}?")
+    outcome = run(
+        failover.switch_over(ctx.dsn, shard_name, to=to, catch_up_timeout=catch_up_timeout)
+    )
+    click.echo(
+        f"shard {outcome.shard}: {outcome.new_primary} is the primary (was"
+        f" {outcome.old_primary}; writes paused {outcome.seconds:.3f}s; epoch {outcome.epoch})"
+    )
+
+
+@main.group()
+def node() -> None:
+    """Nodes: list, rejoin."""
+
+
+@node.command("list")
+@json_option
+@pass_ctx
+def node_list(ctx: Context, as_json: bool) -> None:
+    """Every node with its shard, role, health, lag and fence."""
+    data = run(admin.status(ctx.dsn))
+    rows = [{"shard": s["name"], **n} for s in data["shards"] for n in s["nodes"]]
+
+    def render(rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            health = "up" if row["healthy"] else "DOWN"
+            lag = "-" if row["lag_bytes"] is None else f"{row['lag_bytes']}B"
+            fenced = "fenced" if row["fenced"] else ""
+            click.echo(
+                f"{row['name']:<18} {row['shard']:<8} {row['role']:<8}"
+                f" {row['host']}:{row['port']:<6} {health:<5} lag={lag:<10} {fenced}"
+            )
+
+    emit(rows, as_json, render)
+
+
+@node.command("rejoin")
+@click.argument("name")
+@click.option("--datadir", required=True, help="The node's data directory (on this host).")
+@click.option("--log", "logfile", default=None, help="Server log file [DATADIR.log].")
+@yes_option
+@pass_ctx
+def node_rejoin(ctx: Context, name: str, datadir: str, logfile: str | None, yes: bool) -> None:
+    """Rebuild fenced node NAME as a replica of its shard's primary (run on its host).
+
+    The node is stopped, its data replaced by a base backup of the current primary
+    (its own configuration files are kept), started as a standby and, once it streams,
+    recorded as a replica.
+    """
+    confirm(yes, f"Replace the data of {name} in {datadir} with a copy of its primary?")
+    epoch = run(failover.rejoin(ctx.dsn, name, datadir=datadir, logfile=logfile))
+    click.echo(f"{name} rejoined as a replica (epoch {epoch})")
 
 
 @main.command()

@@ -6,8 +6,9 @@ message; the API renders all of them in one shape::
     {"error": {"code": "...", "message": "...", "request_id": "..."}}
 
 Some errors never reach a client: :class:`StaleMap` means "refresh the slot map and
-retry", raised when a shard refuses a slot it does not own (SQLSTATE ``SD001``) or a
-node refuses a write because it is no longer a primary (``25006``).
+retry", raised when a shard refuses a slot it does not own (SQLSTATE ``SD001``), a
+fenced former primary refuses a write (``SD002``), or a node refuses a write because it
+is a replica (``25006``).
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ class StaleMap(Exception):
 
 # SQLSTATE -> how to treat it.  Connection-level failures are handled by the callers,
 # which know whether a write was in flight (ambiguous) or not.
-STALE_SQLSTATES = frozenset({"SD001", "25006"})
+STALE_SQLSTATES = frozenset({"SD001", "SD002", "25006"})
 PRECONDITION_SQLSTATE = "SD412"
 CONNECT_ERRORS = (OSError, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError)
 LOST_CONNECTION_ERRORS = (

@@ -40,6 +40,24 @@ STALE_MAP_RETRIES = Counter(
 READ_RETRIES = Counter(
     "shardd_read_retries_total", "Reads retried on another node after a connection failure"
 )
+FAILOVERS = Counter(
+    "shardd_failovers_total", "Primaries replaced, by shard and kind", ["shard", "kind"]
+)
+FAILOVER_SECONDS = Histogram(
+    "shardd_failover_seconds",
+    "From detection (or the operator's command) to the new primary on record",
+    ["kind"],
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60),
+)
+MONITOR_LEADER = Gauge("shardd_monitor_leader", "1 while this instance is the failover monitor")
+BUFFERED_WRITES = Gauge(
+    "shardd_buffered_writes", "Writes waiting for their shard to have a reachable primary"
+)
+WRITES_NO_PRIMARY = Counter(
+    "shardd_writes_failed_no_primary_total",
+    "Writes that failed because their shard had no reachable primary in time",
+    ["shard"],
+)
 POOL_CONNECTIONS = Gauge("shardd_pool_connections", "Open connections per node pool", ["node"])
 POOL_IN_USE = Gauge("shardd_pool_connections_in_use", "Connections in use per node", ["node"])
 TOPOLOGY_EPOCH = Gauge("shardd_topology_epoch", "Epoch of the topology this instance uses")

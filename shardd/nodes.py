@@ -9,6 +9,7 @@ WAL position, replica lag in bytes and seconds.  Routing reads only that snapsho
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -107,6 +108,8 @@ class NodeHealth:
     lag_seconds: float | None = None
     error: str | None = None
     checked_at: float = 0.0
+    received_lsn: int | None = None  # replica: WAL received and flushed (None on a primary)
+    failures: int = 0  # consecutive failed checks, 0 when healthy
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,10 @@ def describe(node: Node, health: HealthSnapshot) -> dict[str, object]:
         "port": node.port,
         "fenced": node.fenced,
         "healthy": bool(state and state.healthy),
+        "in_recovery": state.in_recovery if state else None,
         "lag_bytes": state.lag_bytes if state else None,
+        "lag_seconds": state.lag_seconds if state else None,
+        "failed_checks": state.failures if state else 0,
     }
 
 
@@ -140,7 +146,8 @@ SELECT pg_is_in_recovery() AS in_recovery,
             ELSE pg_current_wal_lsn() END AS lsn,
        CASE WHEN NOT pg_is_in_recovery()
               OR pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0
-            ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END AS lag_s
+            ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END AS lag_s,
+       pg_last_wal_receive_lsn() AS received
 """
 
 
@@ -158,6 +165,7 @@ async def check_node(pools: NodePools, node: Node, limit: float) -> NodeHealth:
         lsn=row["lsn"],
         lag_seconds=float(row["lag_s"] or 0.0),
         checked_at=now,
+        received_lsn=row["received"],
     )
 
 
@@ -174,24 +182,28 @@ def with_lag(topology: Topology, raw: Mapping[str, NodeHealth]) -> HealthSnapsho
             lag = None
             if primary_health and primary_health.lsn is not None and health.lsn is not None:
                 lag = max(0, primary_health.lsn - health.lsn)
-            result[node.name] = NodeHealth(
-                healthy=True,
-                in_recovery=health.in_recovery,
-                lsn=health.lsn,
-                lag_bytes=lag,
-                lag_seconds=health.lag_seconds,
-                checked_at=health.checked_at,
-            )
+            result[node.name] = dataclasses.replace(health, lag_bytes=lag)
         if primary and primary_health and primary_health.healthy:
-            result[primary.name] = NodeHealth(
-                healthy=True,
-                in_recovery=primary_health.in_recovery,
-                lsn=primary_health.lsn,
-                lag_bytes=0,
-                lag_seconds=0.0,
-                checked_at=primary_health.checked_at,
-            )
+            result[primary.name] = dataclasses.replace(primary_health, lag_bytes=0, lag_seconds=0.0)
     return HealthSnapshot(result)
+
+
+def with_failures(previous: HealthSnapshot, raw: Mapping[str, NodeHealth]) -> dict[str, NodeHealth]:
+    """Carry each node's count of consecutive failed checks over from the last round."""
+    result = {}
+    for name, health in raw.items():
+        if health.healthy:
+            result[name] = health
+        else:
+            # A failed node keeps its last known WAL position: a failover reports how far
+            # the promoted replica was behind it.
+            before = previous.get(name)
+            result[name] = dataclasses.replace(
+                health,
+                failures=(before.failures if before else 0) + 1,
+                lsn=before.lsn if before else None,
+            )
+    return result
 
 
 class HealthMonitor:
@@ -211,7 +223,8 @@ class HealthMonitor:
         results = await asyncio.gather(
             *(check_node(self._pools, node, self._interval * 2) for node in nodes)
         )
-        self.snapshot = with_lag(topology, dict(zip((n.name for n in nodes), results, strict=True)))
+        raw = dict(zip((n.name for n in nodes), results, strict=True))
+        self.snapshot = with_lag(topology, with_failures(self.snapshot, raw))
         metrics.observe_health(topology, self.snapshot)
         return self.snapshot
 

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import glob
 import json
 import os
 import pwd
-import re
 import shutil
 import signal
 import socket
@@ -32,7 +30,7 @@ import click
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from shardd import admin  # noqa: E402
+from shardd import admin, failover, pgctl  # noqa: E402
 
 PG_USER = "postgres"
 DB = "shardd"
@@ -44,22 +42,13 @@ STATE = "cluster.json"
 
 def pg_bindir() -> Path:
     """Newest /usr/lib/postgresql/<version>/bin with initdb; install it when root."""
-
-    def found() -> Path | None:
-        dirs = glob.glob("/usr/lib/postgresql/*/bin/initdb")
-        dirs.sort(key=lambda p: int(re.findall(r"/(\d+)/bin", p)[0]), reverse=True)
-        if dirs:
-            return Path(dirs[0]).parent
-        which = shutil.which("initdb")
-        return Path(which).resolve().parent if which else None
-
-    bindir = found()
+    bindir = pgctl.bindir()
     if bindir is None and os.geteuid() == 0:
         click.echo("PostgreSQL server binaries not found; installing with apt-get ...", err=True)
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         subprocess.run(["apt-get", "update", "-q"], check=True, env=env)
         subprocess.run(["apt-get", "install", "-y", "-q", "postgresql"], check=True, env=env)
-        bindir = found()
+        bindir = pgctl.bindir()
     if bindir is None:
         raise click.ClickException(
             "PostgreSQL server binaries not found. Install them with:\n"
@@ -69,9 +58,7 @@ def pg_bindir() -> Path:
 
 
 def as_pg_user(cmd: list[str]) -> list[str]:
-    if os.geteuid() == 0:
-        return ["runuser", "-u", PG_USER, "--", *cmd]
-    return cmd
+    return pgctl.as_user(cmd, PG_USER)
 
 
 def run_pg(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -195,36 +182,19 @@ class Cluster:
             time.sleep(0.05)
         with contextlib.suppress(FileNotFoundError):
             (self.datadir(node) / "postmaster.pid").unlink()
-        run_pg(
-            [
-                str(pg_bindir() / "pg_ctl"),
-                "-D",
-                str(self.datadir(node)),
-                "-l",
-                str(self.dir / f"{node['name']}.log"),
-                "-w",
-                "-t",
-                "60",
-                "start",
-            ]
-        )
+        pg_bindir()
+        try:
+            pgctl.start(self.datadir(node), logfile=self.dir / f"{node['name']}.log", user=PG_USER)
+        except pgctl.PgCtlError as exc:
+            raise click.ClickException(str(exc)) from exc
 
     def stop_node(self, node: dict[str, Any]) -> None:
         if self.pid(node) is None:
             return
-        run_pg(
-            [
-                str(pg_bindir() / "pg_ctl"),
-                "-D",
-                str(self.datadir(node)),
-                "-m",
-                "fast",
-                "-w",
-                "-t",
-                "60",
-                "stop",
-            ]
-        )
+        try:
+            pgctl.stop(self.datadir(node), user=PG_USER)
+        except pgctl.PgCtlError as exc:
+            raise click.ClickException(str(exc)) from exc
 
     def create_primary(self, node: dict[str, Any]) -> None:
         datadir = self.datadir(node)
@@ -245,7 +215,6 @@ class Cluster:
                 "--no-instructions",
             ]
         )
-        sync = "'ANY 1 (*)'" if self.state.get("sync") else "''"
         with open(datadir / "postgresql.conf", "a") as conf:
             conf.write(
                 f"\n# shardd devcluster\nport = {node['port']}\n"
@@ -253,7 +222,6 @@ class Cluster:
                 "wal_level = replica\nmax_wal_senders = 10\nmax_replication_slots = 10\n"
                 "hot_standby = on\nhot_standby_feedback = on\nwal_keep_size = '256MB'\n"
                 "fsync = off\nshared_buffers = '64MB'\nmax_connections = 200\n"
-                f"synchronous_standby_names = {sync}\n"
                 f"cluster_name = '{title(node)}'\n"
             )
         self.start_node(node)
@@ -315,6 +283,12 @@ class Cluster:
         replica_dsns = [
             self.dsn(n) for n in self.nodes if n["shard"] == name and n["role"] == "replica"
         ]
+        if self.state.get("sync") and replica_dsns:
+            # Only now: a synchronous primary without a standby blocks every commit.
+            node = admin.node_from_dsn(
+                self.dsn(primary), name=primary["name"], shard=name, role="primary"
+            )
+            asyncio.run(failover.set_sync_standbys(node, synchronous=True))
         asyncio.run(
             admin.add_shard(
                 self.catalog_dsn,
@@ -445,7 +419,7 @@ def up(
         cluster.nodes.append(catalog)
         cluster.save()
         cluster.create_primary(catalog)
-        asyncio.run(admin.migrate_all(cluster.catalog_dsn, slot_count=slots))
+        asyncio.run(admin.migrate_all(cluster.catalog_dsn, slot_count=slots, synchronous=sync))
         for i in range(1, shards + 1):
             cluster.create_shard(f"s{i}", replicas)
         asyncio.run(admin.init_slots(cluster.catalog_dsn))
@@ -562,6 +536,24 @@ def add_shard(directory: Path, name: str, replicas: int) -> None:
         raise click.ClickException(f"shard {name} exists")
     cluster.create_shard(name, replicas)
     click.echo(f"shard {name} registered; it owns no slots until a rebalance")
+
+
+@cli.command()
+@dir_option
+@click.argument("node")
+def rejoin(directory: Path, node: str) -> None:
+    """Rebuild a fenced former primary as a replica of its shard (shardctl node rejoin)."""
+    cluster = Cluster(directory)
+    target = cluster.node(node)
+    epoch = asyncio.run(
+        failover.rejoin(
+            cluster.catalog_dsn,
+            node,
+            datadir=str(cluster.datadir(target)),
+            logfile=str(cluster.dir / f"{node}.log"),
+        )
+    )
+    click.echo(f"{node} rejoined as a replica (epoch {epoch})")
 
 
 @cli.command()
