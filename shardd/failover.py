@@ -190,14 +190,18 @@ async def fence_on_node(node: Node, reason: str) -> bool:
     holds for every router, however old its topology.
     """
     try:
-        async with connect(node, connect_seconds=2.0) as conn:
+        async with asyncio.timeout(5), connect(node, connect_seconds=2.0) as conn:
             if await conn.fetchval("SELECT pg_is_in_recovery()"):
                 return True
-            await conn.execute(
-                "UPDATE shardd_node_state SET fenced = true, reason = $1, changed_at = now()"
-                " WHERE NOT fenced",
-                reason,
-            )
+            # Local commit: the node's synchronous standby is gone, and waiting for one
+            # would hang here (the fence matters only on this node).
+            async with conn.transaction():
+                await conn.execute("SET LOCAL synchronous_commit = local")
+                await conn.execute(
+                    "UPDATE shardd_node_state SET fenced = true, reason = $1,"
+                    " changed_at = now() WHERE NOT fenced",
+                    reason,
+                )
             return True
     except Exception as exc:
         log.warning("cannot fence %s on the node: %s", node.name, exc)

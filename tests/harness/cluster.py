@@ -9,8 +9,10 @@ import random
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,9 +58,27 @@ def wait_for(predicate: Callable[[], T], *, timeout: float, what: str, every: fl
 
 
 @dataclass
+class Instance:
+    """A second (third, ...) shardd instance on the same catalog."""
+
+    port: int
+    process: subprocess.Popen[bytes]
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+
+
+@dataclass
 class RunningCluster:
     dir: Path
     port: int
+    env: dict[str, str]
 
     def devcluster(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -99,6 +119,55 @@ class RunningCluster:
         rows = self.sql("catalog", "SELECT slot, shard FROM shardd_slot_map")
         return {row["slot"]: row["shard"] for row in rows}
 
+    def primary_of(self, shard: str) -> str:
+        """The shard's primary as the catalog records it now."""
+        rows = self.sql(
+            "catalog",
+            "SELECT name FROM shardd_nodes WHERE shard = $1 AND role = 'primary' AND NOT fenced",
+            shard,
+        )
+        return str(rows[0]["name"]) if rows else ""
+
+    def replicas_of(self, shard: str) -> list[str]:
+        rows = self.sql(
+            "catalog",
+            "SELECT name FROM shardd_nodes WHERE shard = $1 AND role = 'replica' AND NOT fenced"
+            " ORDER BY name",
+            shard,
+        )
+        return [str(row["name"]) for row in rows]
+
+    def monitor(self) -> str:
+        """The instance id ("host:port:pid") holding the failover monitor lease."""
+        rows = self.sql("catalog", "SELECT holder FROM shardd_leases WHERE name = 'monitor'")
+        return str(rows[0]["holder"]) if rows else ""
+
+    def heal(self) -> None:
+        """Bring every fenced former primary back as a replica (started if needed)."""
+        for row in self.sql("catalog", "SELECT name FROM shardd_nodes WHERE fenced"):
+            self.devcluster("rejoin", row["name"])
+
+    def start_instance(self) -> Instance:
+        """Another shardd instance on this cluster's catalog, on a free port."""
+        port = free_port_block(1)
+        env = {**self.env, "SHARDD_CATALOG_DSN": self.catalog_dsn(), "SHARDD_PORT": str(port)}
+        log = open(self.dir / f"shardd-{port}.log", "ab")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "shardd.server"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        instance = Instance(port, process)
+        wait_for(
+            lambda: _ready(port) or process.poll() is not None, timeout=30, what="shardd ready"
+        )
+        if process.poll() is not None:
+            raise RuntimeError(f"shardd on port {port} exited; see {log.name}")
+        return instance
+
     def api(self, scope: str | None = "admin") -> Api:
         return Api(self.port, token=TOKENS[scope] if scope else None)
 
@@ -121,11 +190,18 @@ class RunningCluster:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def start_cluster() -> RunningCluster:
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+def start_cluster(*, shards: int = 3, sync: bool = False) -> RunningCluster:
     directory = Path(tempfile.mkdtemp(prefix="shardd-test-"))
     os.chmod(directory, 0o755)
-    port = free_port_block(12)
-    cluster = RunningCluster(directory, port)
+    port = free_port_block(2 + 2 * shards)
     env = {
         **os.environ,
         "SHARDD_TOKENS": ";".join(f"{secret}:{scope}" for scope, secret in TOKENS.items()),
@@ -133,8 +209,10 @@ def start_cluster() -> RunningCluster:
         "SHARDD_TOPOLOGY_POLL_INTERVAL": "1.0",
         "SHARDD_ACCESS_LOG": "false",
     }
+    cluster = RunningCluster(directory, port, env)
+    options = ["--port", str(port), "--shards", str(shards), *(["--sync"] if sync else [])]
     result = subprocess.run(
-        [str(DEVCLUSTER), "up", "--dir", str(directory), "--port", str(port)],
+        [str(DEVCLUSTER), "up", "--dir", str(directory), *options],
         capture_output=True,
         text=True,
         env=env,

@@ -1,0 +1,113 @@
+"""Client load for fault tests: writers with unique ids, each reading its own writes back.
+
+Every request's outcome is recorded, so a test can check afterwards that every
+acknowledged write is still there, that nothing refused (503) was written, and which
+writes were reported as ambiguous (504 outcome_unknown).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+from tests.harness.http import Api
+
+
+@dataclass
+class Outcomes:
+    acked: dict[str, dict[str, object]] = field(default_factory=dict)  # key -> document
+    refused: dict[str, int] = field(default_factory=dict)  # key -> status (nothing written)
+    unknown: set[str] = field(default_factory=set)  # outcome_unknown or connection lost
+    failed_reads: list[tuple[str, int]] = field(default_factory=list)
+    ack_times: list[tuple[float, str]] = field(default_factory=list)  # (monotonic, shard)
+    write_seconds: list[tuple[float, float, str]] = field(default_factory=list)  # start, s, shard
+
+    def failures(self) -> int:
+        return len(self.refused) + len(self.unknown) + len(self.failed_reads)
+
+
+class Load:
+    """``writers`` threads PUT unique keys through one or more instances until stopped.
+
+    With ``read_back`` each writer then GETs the key with its session token, which must
+    return what it wrote (read-your-writes across replicas).
+    """
+
+    def __init__(
+        self,
+        apis: list[Api],
+        table: str,
+        *,
+        prefix: str,
+        writers: int = 8,
+        read_back: bool = False,
+    ) -> None:
+        self.apis = apis
+        self.table = table
+        self.prefix = prefix
+        self.read_back = read_back
+        self.outcomes = Outcomes()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._writer, args=(n,), daemon=True) for n in range(writers)
+        ]
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> Outcomes:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+        return self.outcomes
+
+    def acks_on(self, shard: str, *, after: float) -> int:
+        with self._lock:
+            return sum(1 for at, where in self.outcomes.ack_times if where == shard and at > after)
+
+    def _writer(self, number: int) -> None:
+        base = self.apis[number % len(self.apis)]
+        api = Api(base.port, token=base.token)
+        sequence = 0
+        while not self._stop.is_set():
+            key = f"{self.prefix}-{number}-{sequence}"
+            sequence += 1
+            doc = {"writer": number, "n": sequence}
+            started = time.monotonic()
+            try:
+                response = api.request("PUT", f"/v1/tables/{self.table}/items/{key}", body=doc)
+            except OSError:
+                with self._lock:
+                    self.outcomes.unknown.add(key)
+                api = Api(base.port, token=base.token)
+                continue
+            shard = (response.header("Shardd-Served-By") or "/").split("/")[0]
+            with self._lock:
+                if response.status in (200, 201):
+                    self.outcomes.acked[key] = doc
+                    self.outcomes.ack_times.append((time.monotonic(), shard))
+                    self.outcomes.write_seconds.append((started, time.monotonic() - started, shard))
+                elif response.status == 504 and response.body["error"]["code"] in (
+                    "outcome_unknown",
+                    "timeout",
+                ):
+                    self.outcomes.unknown.add(key)
+                else:
+                    self.outcomes.refused[key] = response.status
+            if self.read_back and response.status in (200, 201):
+                token = response.header("Shardd-Session") or ""
+                read = api.request(
+                    "GET",
+                    f"/v1/tables/{self.table}/items/{key}",
+                    headers={"Shardd-Session": token},
+                )
+                if read.status != 200 or read.body["item"] != doc:
+                    with self._lock:
+                        self.outcomes.failed_reads.append((key, read.status))

@@ -1,0 +1,226 @@
+"""Failover, told as the operator's story, on a synchronous cluster of its own.
+
+Primaries are killed for real (``devcluster kill``, SIGKILL) while writers run through
+two shardd instances; afterwards every acknowledged write must still be there.  Each
+test starts by rejoining any fenced former primary, so each finds every shard with a
+primary and a replica.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import asyncpg
+import pytest
+
+from shardd.placement import slot_of
+from tests.harness.cluster import Instance, RunningCluster, start_cluster, wait_for
+from tests.harness.http import Api
+from tests.harness.load import Load, Outcomes
+
+TABLE = "ha"
+
+
+@pytest.fixture(scope="module")
+def ha() -> Iterator[RunningCluster]:
+    running = start_cluster(shards=2, sync=True)
+    try:
+        assert running.api().request("PUT", f"/v1/tables/{TABLE}").status == 201
+        yield running
+    finally:
+        running.down()
+
+
+@pytest.fixture(scope="module")
+def second(ha: RunningCluster) -> Iterator[Instance]:
+    instance = ha.start_instance()
+    try:
+        yield instance
+    finally:
+        instance.stop()
+
+
+@pytest.fixture
+def healed(ha: RunningCluster, second: Instance) -> RunningCluster:
+    ha.heal()
+    for shard in ("s1", "s2"):
+        assert ha.primary_of(shard) and ha.replicas_of(shard), "every shard has a replica"
+    return ha
+
+
+def apis(cluster: RunningCluster, instance: Instance) -> list[Api]:
+    return [cluster.api("write"), Api(instance.port, token=cluster.api("write").token)]
+
+
+def keys_on(cluster: RunningCluster, shard: str, prefix: str, count: int) -> list[str]:
+    slot_map = cluster.slot_map()
+    found = [
+        k
+        for k in (f"{prefix}-{i}" for i in range(count * 10))
+        if slot_map[slot_of(k, 4096)] == shard
+    ]
+    return found[:count]
+
+
+def assert_nothing_lost(cluster: RunningCluster, outcomes: Outcomes) -> None:
+    """Every acked write reads back as written; nothing refused was written."""
+    api = cluster.api("read")
+    assert outcomes.acked, "the load acknowledged no write at all"
+    rows = {}
+    for shard in ("s1", "s2"):
+        primary = cluster.primary_of(shard)
+        for row in cluster.sql(
+            primary, "SELECT pk, doc::text AS doc FROM shardd_items WHERE tbl = $1", TABLE
+        ):
+            rows[row["pk"]] = row["doc"]
+    lost = [key for key in outcomes.acked if key not in rows]
+    assert not lost, f"{len(lost)} acknowledged writes are missing, e.g. {lost[:5]}"
+    written_though_refused = [key for key in outcomes.refused if key in rows]
+    assert not written_though_refused, written_though_refused[:5]
+    for key in list(outcomes.acked)[:: max(1, len(outcomes.acked) // 200)]:
+        response = api.request("GET", f"/v1/tables/{TABLE}/items/{key}?consistency=strong")
+        assert response.status == 200 and response.body["item"] == outcomes.acked[key]
+
+
+def kill_primary_and_wait(cluster: RunningCluster, load: Load, shard: str) -> str:
+    old = cluster.primary_of(shard)
+    killed_at = time.monotonic()
+    cluster.devcluster("kill", old)
+    wait_for(
+        lambda: cluster.primary_of(shard) not in ("", old), timeout=30, what=f"{shard} failover"
+    )
+    wait_for(
+        lambda: load.acks_on(shard, after=killed_at) > 0,
+        timeout=30,
+        what=f"writes to {shard} resuming",
+    )
+    return old
+
+
+def test_killed_primaries_lose_no_acknowledged_write(
+    healed: RunningCluster, second: Instance
+) -> None:
+    with Load(apis(healed, second), TABLE, prefix="kill", writers=8) as load:
+        wait_for(lambda: len(load.outcomes.acked) > 200, timeout=30, what="load running")
+        old_s1 = kill_primary_and_wait(healed, load, "s1")
+        old_s2 = kill_primary_and_wait(healed, load, "s2")
+        time.sleep(0.5)  # a little more load on the new primaries
+    outcomes = load.outcomes
+    assert_nothing_lost(healed, outcomes)
+    history = healed.sql(
+        "catalog", "SELECT shard, old_primary, kind FROM shardd_failovers ORDER BY id DESC LIMIT 2"
+    )
+    assert {(r["shard"], r["old_primary"], r["kind"]) for r in history} == {
+        ("s1", old_s1, "automatic"),
+        ("s2", old_s2, "automatic"),
+    }
+    fenced = {
+        r["name"] for r in healed.sql("catalog", "SELECT name FROM shardd_nodes WHERE fenced")
+    }
+    assert {old_s1, old_s2} <= fenced
+
+
+def test_a_restarted_old_primary_takes_no_write_and_rejoins(
+    healed: RunningCluster, second: Instance
+) -> None:
+    api = healed.api("write")
+    old = healed.primary_of("s1")
+    healed.devcluster("kill", old)
+    wait_for(lambda: healed.primary_of("s1") not in ("", old), timeout=30, what="failover")
+    new = healed.primary_of("s1")
+
+    healed.devcluster("start", old)
+    # The monitor fences the node itself once it answers again.
+    wait_for(
+        lambda: healed.sql(old, "SELECT fenced FROM shardd_node_state")[0]["fenced"],
+        timeout=30,
+        what="old primary fenced on the node",
+    )
+    keys = keys_on(healed, "s1", "after-failover", 20)
+    for n, key in enumerate(keys):
+        target = api if n % 2 else Api(second.port, token=api.token)
+        response = target.request("PUT", f"/v1/tables/{TABLE}/items/{key}", body={"n": n})
+        assert response.status == 201, response.body
+        assert response.header("Shardd-Served-By") == f"s1/{new}"
+    on_old = healed.sql(
+        old, "SELECT count(*) AS n FROM shardd_items WHERE pk = ANY($1::text[])", keys
+    )
+    assert on_old[0]["n"] == 0
+
+    # A router that never heard of the failover is refused by the node itself.
+    with pytest.raises(asyncpg.PostgresError) as refused:
+        healed.sql(
+            old,
+            "CALL shardd_write('put', $1, $2, $3, '', '{}'::jsonb, NULL)",
+            slot_of(keys[0], 4096),
+            TABLE,
+            keys[0],
+        )
+    assert refused.value.sqlstate == "SD002"
+
+    healed.devcluster("rejoin", old)
+    assert old in healed.replicas_of("s1")
+    wait_for(
+        lambda: (
+            healed.sql(
+                old, "SELECT count(*) AS n FROM shardd_items WHERE pk = ANY($1::text[])", keys
+            )[0]["n"]
+            == len(keys)
+        ),
+        timeout=30,
+        what="rejoined node replaying the new primary's writes",
+    )
+    assert healed.sql(old, "SELECT pg_is_in_recovery() AS r")[0]["r"] is True
+
+
+def test_planned_switchover_under_load_fails_no_request(
+    healed: RunningCluster, second: Instance
+) -> None:
+    old = healed.primary_of("s2")
+    with Load(apis(healed, second), TABLE, prefix="switch", writers=6, read_back=True) as load:
+        wait_for(lambda: len(load.outcomes.acked) > 100, timeout=30, what="load running")
+        result = healed.shardctl("failover", "--shard", "s2", "--yes")
+        assert "is the primary" in result.stdout
+        switched_at = time.monotonic()
+        wait_for(lambda: load.acks_on("s2", after=switched_at) > 20, timeout=30, what="more writes")
+    outcomes = load.outcomes
+    assert outcomes.failures() == 0, (
+        outcomes.refused,
+        outcomes.unknown,
+        outcomes.failed_reads[:5],
+    )
+    assert healed.primary_of("s2") not in ("", old)
+    assert_nothing_lost(healed, outcomes)
+    kinds = healed.sql("catalog", "SELECT kind FROM shardd_failovers ORDER BY id DESC LIMIT 1")
+    assert kinds[0]["kind"] == "planned"
+
+
+def test_the_monitor_dies_and_another_instance_fails_over(
+    healed: RunningCluster, second: Instance
+) -> None:
+    monitor = wait_for(healed.monitor, timeout=10, what="a monitor")
+    monitor_port = int(monitor.split(":")[1])
+    survivor = second.port if monitor_port == healed.port else healed.port
+    if monitor_port == healed.port:
+        healed.devcluster("kill", "shardd")
+    else:
+        second.kill()
+    try:
+        wait_for(
+            lambda: int(healed.monitor().split(":")[1]) == survivor,
+            timeout=15,
+            what="the surviving instance taking the monitor lease",
+        )
+        old = healed.primary_of("s1")
+        healed.devcluster("kill", old)
+        wait_for(lambda: healed.primary_of("s1") not in ("", old), timeout=30, what="failover")
+        api = Api(survivor, token=healed.api("write").token)
+        key = keys_on(healed, "s1", "after-monitor", 1)[0]
+        assert api.request("PUT", f"/v1/tables/{TABLE}/items/{key}", body={}).status == 201
+    finally:
+        if monitor_port == healed.port:
+            healed.devcluster("start", "shardd")
+        else:
+            replacement = healed.start_instance()  # the module's instance object lives on
+            second.process, second.port = replacement.process, replacement.port
