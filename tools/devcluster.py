@@ -286,7 +286,7 @@ class Cluster:
         if self.state.get("sync") and replica_dsns:
             # Only now: a synchronous primary without a standby blocks every commit.
             node = admin.node_from_dsn(
-                self.dsn(primary), name=primary["name"], shard=name, role="primary"
+                self.dsn(primary), name=f"{name}-primary", shard=name, role="primary"
             )
             asyncio.run(failover.set_sync_standbys(node, synchronous=True))
         asyncio.run(

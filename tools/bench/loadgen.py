@@ -69,10 +69,18 @@ async def closed_loop(
     return Result(name, len(latencies), errors, seconds, tuple(latencies))
 
 
-def table(results: list[Result]) -> str:
-    lines = ["| target | requests/s | p50 ms | p99 ms | errors |", "|---|---:|---:|---:|---:|"]
-    for r in results:
-        lines.append(
-            f"| {r.name} | {r.throughput:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.errors} |"
-        )
+def markdown(headers: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table; the first column left-aligned, the others right-aligned."""
+    lines = ["| " + " | ".join(headers) + " |", "|---|" + "---:|" * (len(headers) - 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def table(results: list[Result]) -> str:
+    return markdown(
+        ["target", "requests/s", "p50 ms", "p99 ms", "errors"],
+        [
+            [r.name, f"{r.throughput:,.0f}", f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}", str(r.errors)]
+            for r in results
+        ],
+    )

@@ -1,0 +1,292 @@
+"""Failover under a steady write load: unplanned (SIGKILL) and planned, one run.
+
+Starts its own devcluster in synchronous mode (3 shards x primary + replica, default
+failover settings), runs closed-loop writers with unique keys through shardd, and:
+
+* kills a shard primary five times (shards in turn; the old primary rejoins as a replica
+  before the next round) and reports per kill the time from the kill to the first
+  successful write on that shard, the requests that failed, and the acknowledged
+  writes lost (checked at the end against the shards themselves);
+* switches five primaries over with the planned switchover and reports failed requests
+  and the write pause clients saw on that shard.
+
+The baseline is the same load's write latency before any fault, measured in this run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import click
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+from loadgen import markdown  # noqa: E402
+
+from shardd import failover  # noqa: E402
+from shardd.placement import slot_of  # noqa: E402
+
+
+@dataclass
+class Request:
+    key: str
+    shard: str
+    started: float
+    finished: float
+    status: int
+    code: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status in (200, 201)
+
+    @property
+    def seconds(self) -> float:
+        return self.finished - self.started
+
+
+@dataclass
+class Kill:
+    shard: str
+    recovery: float
+    failed: int
+    unknown: int
+    until: float
+
+
+@dataclass
+class Switch:
+    shard: str
+    pause: float
+    failed: int
+    server: float
+
+
+class Writers:
+    def __init__(self, url: str, slot_map: dict[int, str], slots: int, concurrency: int) -> None:
+        self.url = url
+        self.slot_map = slot_map
+        self.slots = slots
+        self.concurrency = concurrency
+        self.log: list[Request] = []
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> Writers:
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        self._tasks = [asyncio.create_task(self._writer(n)) for n in range(self.concurrency)]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+        await self._session.close()
+
+    async def _writer(self, number: int) -> None:
+        sequence = 0
+        while not self._stop.is_set():
+            key = f"w{number}-{sequence}"
+            sequence += 1
+            shard = self.slot_map[slot_of(key, self.slots)]
+            started = time.monotonic()
+            try:
+                async with self._session.put(
+                    f"{self.url}/v1/tables/bench/items/{key}", json={"n": sequence}
+                ) as resp:
+                    body = await resp.json(content_type=None)
+                    status = resp.status
+                    code = body.get("error", {}).get("code", "") if status >= 300 else ""
+            except aiohttp.ClientError as exc:
+                status, code = 0, type(exc).__name__
+            self.log.append(Request(key, shard, started, time.monotonic(), status, code))
+
+    def acked(self) -> list[Request]:
+        return [r for r in self.log if r.ok]
+
+    def first_ack(self, shard: str, after: float) -> float | None:
+        later = [r.finished for r in self.log if r.shard == shard and r.ok and r.finished > after]
+        return min(later) if later else None
+
+    def window(self, start: float, end: float) -> list[Request]:
+        return [r for r in self.log if r.finished >= start and r.started <= end]
+
+
+def devcluster(directory: str, *args: str) -> str:
+    return subprocess.run(
+        [str(ROOT / "tools" / "devcluster"), *args, "--dir", directory],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+
+
+async def sql(dsn: str, query: str, *args: object) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return list(await conn.fetch(query, *args))
+    finally:
+        await conn.close()
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def run(*, port: int, concurrency: int, rounds: int, directory: str) -> None:
+    devcluster(directory, "up", "--port", str(port), "--sync")
+    catalog = f"postgresql://shardd@127.0.0.1:{port + 1}/shardd"
+
+    async def primary(shard: str) -> tuple[str, str]:
+        rows = await sql(
+            catalog,
+            "SELECT name, port FROM shardd_nodes WHERE shard = $1 AND role = 'primary'"
+            " AND NOT fenced",
+            shard,
+        )
+        if not rows:
+            return "", ""
+        return rows[0]["name"], f"postgresql://shardd@127.0.0.1:{rows[0]['port']}/shardd"
+
+    url = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as http:
+        await http.put(f"{url}/v1/tables/bench")
+    slot_rows = await sql(catalog, "SELECT slot, shard FROM shardd_slot_map")
+    slot_map = {row["slot"]: row["shard"] for row in slot_rows}
+    shards = sorted(set(slot_map.values()))
+    unplanned: list[Kill] = []
+    planned: list[Switch] = []
+    async with Writers(url, slot_map, len(slot_map), concurrency) as writers:
+        await asyncio.sleep(5)
+        baseline = [r.finished - r.started for r in writers.acked()]
+        for n in range(rounds):
+            shard = shards[n % len(shards)]
+            old, _ = await primary(shard)
+            killed = time.monotonic()
+            devcluster(directory, "kill", old)
+            while (first := writers.first_ack(shard, killed)) is None:
+                if time.monotonic() - killed > 60:
+                    raise RuntimeError(f"writes to {shard} did not resume within 60 s")
+                await asyncio.sleep(0.05)
+            window = writers.window(killed, first)
+            unplanned.append(
+                Kill(
+                    shard,
+                    recovery=first - killed,
+                    failed=sum(1 for r in window if not r.ok),
+                    unknown=sum(1 for r in window if r.code == "outcome_unknown"),
+                    until=first,
+                )
+            )
+            devcluster(directory, "rejoin", old)
+            await asyncio.sleep(2)
+        for n in range(rounds):
+            shard = shards[n % len(shards)]
+            old, _ = await primary(shard)
+            started = time.monotonic()
+            outcome = await failover.switch_over(catalog, shard)
+            ended = time.monotonic()
+            await asyncio.sleep(1)
+            window = writers.window(started, ended)
+            planned.append(
+                Switch(
+                    shard,
+                    pause=max((r.seconds for r in window if r.shard == shard), default=0.0),
+                    failed=sum(1 for r in window if not r.ok),
+                    server=outcome.seconds,
+                )
+            )
+            devcluster(directory, "rejoin", old)
+            await asyncio.sleep(2)
+    # Lost: acknowledged writes missing from the shards' current primaries.
+    present: set[str] = set()
+    for shard in shards:
+        _, dsn = await primary(shard)
+        rows = await sql(dsn, "SELECT pk FROM shardd_items WHERE tbl = 'bench'")
+        present |= {row["pk"] for row in rows}
+    acked = writers.acked()
+    lost = [r for r in acked if r.key not in present]
+    base50, base99 = percentile(baseline, 0.5), percentile(baseline, 0.99)
+
+    click.echo(
+        f"\nmachine: {os.cpu_count()} cores, {platform.machine()},"
+        f" Python {platform.python_version()}; {concurrency} writers,"
+        f" {len(writers.log):,} requests, {len(acked):,} acknowledged"
+    )
+    click.echo(f"baseline write latency: p50 {base50 * 1000:.1f} ms, p99 {base99 * 1000:.1f} ms\n")
+    rows_out = []
+    previous = 0.0
+    for i, kill in enumerate(unplanned, 1):
+        lost_here = sum(1 for r in lost if previous < r.finished <= kill.until)
+        previous = kill.until
+        cells = (i, kill.shard, f"{kill.recovery:.2f}", kill.failed, kill.unknown, lost_here)
+        rows_out.append([str(cell) for cell in cells])
+    headers = ["kill", "shard", "kill → first write s", "failed", "of which outcome unknown"]
+    click.echo(markdown([*headers, "acked writes lost"], rows_out))
+    recoveries = [kill.recovery for kill in unplanned]
+    click.echo(
+        f"\nunplanned recovery p50 {statistics.median(recoveries):.2f} s,"
+        f" max {max(recoveries):.2f} s\n"
+    )
+    rows_out = [
+        [
+            str(cell)
+            for cell in (
+                i,
+                s.shard,
+                s.failed,
+                f"{s.pause * 1000:.0f}",
+                f"{s.pause / base99:.1f}x",
+                f"{s.server:.3f}",
+            )
+        ]
+        for i, s in enumerate(planned, 1)
+    ]
+    headers = ["switchover", "shard", "failed", "write pause ms", "pause / baseline p99"]
+    click.echo(markdown([*headers, "switchover s"], rows_out))
+    pauses = [s.pause for s in planned]
+    click.echo(
+        f"\nplanned: {sum(s.failed for s in planned)} failed,"
+        f" pause p50 {statistics.median(pauses) * 1000:.0f} ms,"
+        f" p99 {percentile(pauses, 0.99) * 1000:.0f} ms"
+    )
+    failed_total = sum(1 for r in writers.log if not r.ok)
+    click.echo(f"acknowledged writes lost: {len(lost)}; failed requests in all: {failed_total}")
+
+
+@click.command()
+@click.option("--port", default=28080, show_default=True)
+@click.option("--concurrency", default=16, show_default=True)
+@click.option("--rounds", default=5, show_default=True, help="Kills, then switchovers.")
+def main(port: int, concurrency: int, rounds: int) -> None:
+    """Measure unplanned failover and planned switchover under load."""
+    with tempfile.TemporaryDirectory(prefix="shardd-bench-") as tmp:
+        os.chmod(tmp, 0o755)
+        directory = str(Path(tmp) / "cluster")
+        try:
+            asyncio.run(run(port=port, concurrency=concurrency, rounds=rounds, directory=directory))
+        finally:
+            subprocess.run(
+                [str(ROOT / "tools" / "devcluster"), "down", "--dir", directory],
+                capture_output=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
