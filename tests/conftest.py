@@ -12,7 +12,8 @@ from tests.harness.http import Api
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[RunningCluster]:
-    running = start_cluster()
+    # Failover has a cluster of its own (test_failover); here a killed node stays down.
+    running = start_cluster(failover=False)
     try:
         yield running
     finally:

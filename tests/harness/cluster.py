@@ -198,7 +198,8 @@ def _ready(port: int) -> bool:
         return False
 
 
-def start_cluster(*, shards: int = 3, sync: bool = False) -> RunningCluster:
+def start_cluster(*, shards: int = 3, sync: bool = False, failover: bool = True) -> RunningCluster:
+    """A devcluster in a temporary folder; ``failover=False`` leaves dead primaries dead."""
     directory = Path(tempfile.mkdtemp(prefix="shardd-test-"))
     os.chmod(directory, 0o755)
     port = free_port_block(2 + 2 * shards)
@@ -208,6 +209,8 @@ def start_cluster(*, shards: int = 3, sync: bool = False) -> RunningCluster:
         "SHARDD_HEALTH_INTERVAL": "0.2",
         "SHARDD_TOPOLOGY_POLL_INTERVAL": "1.0",
         "SHARDD_ACCESS_LOG": "false",
+        "SHARDD_FAILOVER": str(failover).lower(),
+        "SHARDD_WRITE_BUFFER_TIMEOUT": "1.0",
     }
     cluster = RunningCluster(directory, port, env)
     options = ["--port", str(port), "--shards", str(shards), *(["--sync"] if sync else [])]

@@ -45,6 +45,7 @@ from shardd.placement import slot_of  # noqa: E402
 class Request:
     key: str
     shard: str
+    node: str  # the node that served it (Shardd-Served-By), "" when it failed
     started: float
     finished: float
     status: int
@@ -109,16 +110,22 @@ class Writers:
                 ) as resp:
                     body = await resp.json(content_type=None)
                     status = resp.status
+                    node = resp.headers.get("Shardd-Served-By", "/").split("/")[1]
                     code = body.get("error", {}).get("code", "") if status >= 300 else ""
             except aiohttp.ClientError as exc:
-                status, code = 0, type(exc).__name__
-            self.log.append(Request(key, shard, started, time.monotonic(), status, code))
+                status, code, node = 0, type(exc).__name__, ""
+            self.log.append(Request(key, shard, node, started, time.monotonic(), status, code))
 
     def acked(self) -> list[Request]:
         return [r for r in self.log if r.ok]
 
-    def first_ack(self, shard: str, after: float) -> float | None:
-        later = [r.finished for r in self.log if r.shard == shard and r.ok and r.finished > after]
+    def first_ack(self, shard: str, after: float, *, not_on: str) -> float | None:
+        """When the first write on ``shard`` that another node than ``not_on`` served ended."""
+        later = [
+            r.finished
+            for r in self.log
+            if r.shard == shard and r.ok and r.finished > after and r.node != not_on
+        ]
         return min(later) if later else None
 
     def window(self, start: float, end: float) -> list[Request]:
@@ -126,12 +133,14 @@ class Writers:
 
 
 def devcluster(directory: str, *args: str) -> str:
-    return subprocess.run(
+    done = subprocess.run(
         [str(ROOT / "tools" / "devcluster"), *args, "--dir", directory],
-        check=True,
         capture_output=True,
         text=True,
-    ).stdout
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"devcluster {' '.join(args)} failed:\n{done.stderr}")
+    return done.stdout
 
 
 async def sql(dsn: str, query: str, *args: object) -> list[asyncpg.Record]:
@@ -178,9 +187,9 @@ async def run(*, port: int, concurrency: int, rounds: int, directory: str) -> No
         for n in range(rounds):
             shard = shards[n % len(shards)]
             old, _ = await primary(shard)
-            killed = time.monotonic()
             devcluster(directory, "kill", old)
-            while (first := writers.first_ack(shard, killed)) is None:
+            killed = time.monotonic()  # the SIGKILL is the command's last act
+            while (first := writers.first_ack(shard, killed, not_on=old)) is None:
                 if time.monotonic() - killed > 60:
                     raise RuntimeError(f"writes to {shard} did not resume within 60 s")
                 await asyncio.sleep(0.05)
