@@ -377,6 +377,7 @@ class Cluster:
             consistency=consistency,
             min_lsn=min_lsn,
             max_lag_bytes=self.settings.max_replica_lag_bytes,
+            max_lag_seconds=self.settings.max_replica_lag_seconds,
         )
         failures = 0
         for node in candidates:

@@ -49,6 +49,9 @@ class Settings:
     max_replica_lag_bytes: int = _setting(
         16 * 1024 * 1024, "Replicas further behind their primary serve no eventual reads."
     )
+    max_replica_lag_seconds: float = _setting(
+        10.0, "Replicas whose replay is this many seconds behind serve no eventual reads."
+    )
     topology_poll_interval: float = _setting(
         2.0, "Seconds between catalog polls (LISTEN/NOTIFY usually reports changes sooner)."
     )

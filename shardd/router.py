@@ -6,7 +6,8 @@
   last write; replicas known to have replayed it come first, the primary last.  The
   read itself re-checks the position on the node, so a stale health snapshot can cost a
   retry on the primary but never a read that misses the caller's write.
-* ``eventual`` reads go to healthy replicas within ``max_replica_lag_bytes``, spread
+* ``eventual`` reads go to healthy replicas within ``max_replica_lag_bytes`` and
+  ``max_replica_lag_seconds``, spread
   round-robin, with the primary as the last resort.
 """
 
@@ -76,6 +77,7 @@ def read_candidates(
     consistency: str,
     min_lsn: int | None,
     max_lag_bytes: int,
+    max_lag_seconds: float,
 ) -> tuple[Node, ...]:
     """Nodes to try for a read, best first; the primary is always the last resort."""
     primary = shard.primary
@@ -90,6 +92,8 @@ def read_candidates(
         if consistency == "session" and min_lsn is not None:
             return state.lsn is not None and state.lsn >= min_lsn
         # Unknown lag (the primary is unreachable) still beats no read at all.
+        if state.lag_seconds is not None and state.lag_seconds > max_lag_seconds:
+            return False
         return state.lag_bytes is None or state.lag_bytes <= max_lag_bytes
 
     replicas = [node for node in shard.replicas if usable(node)]

@@ -32,7 +32,12 @@ def candidates(
     snapshot: HealthSnapshot, consistency: str, min_lsn: int | None = None
 ) -> tuple[str, ...]:
     chosen = read_candidates(
-        SHARD, snapshot, consistency=consistency, min_lsn=min_lsn, max_lag_bytes=100
+        SHARD,
+        snapshot,
+        consistency=consistency,
+        min_lsn=min_lsn,
+        max_lag_bytes=100,
+        max_lag_seconds=5.0,
     )
     return tuple(n.name for n in chosen)
 
@@ -51,6 +56,11 @@ def test_eventual_spreads_over_healthy_replicas_then_primary() -> None:
 def test_lagging_or_dead_replicas_drop_out() -> None:
     snapshot = health(r1=up(500, 500), r2=NodeHealth(False, error="refused"))
     assert candidates(snapshot, "eventual") == ("p",)
+
+
+def test_replicas_behind_in_seconds_drop_out_of_eventual_reads() -> None:
+    late = NodeHealth(True, True, 1000, 0, lag_seconds=30.0)
+    assert candidates(health(r1=late, r2=up(1000, 0)), "eventual") == ("r2", "p")
 
 
 def test_a_replica_that_is_really_a_primary_is_not_used_for_reads() -> None:
@@ -72,7 +82,12 @@ def test_session_reads_prefer_replicas_that_replayed_the_token() -> None:
 def test_fenced_nodes_are_never_candidates() -> None:
     shard = Shard("s1", 1, (node("p", "primary", fenced=True), R1))
     chosen = read_candidates(
-        shard, health(r1=up(1000, 0)), consistency="strong", min_lsn=None, max_lag_bytes=100
+        shard,
+        health(r1=up(1000, 0)),
+        consistency="strong",
+        min_lsn=None,
+        max_lag_bytes=100,
+        max_lag_seconds=5.0,
     )
     assert chosen == ()
 
