@@ -8,6 +8,8 @@ epoch, so a lost notification only delays a refresh.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -242,3 +244,39 @@ async def live_instances(conn: asyncpg.Connection, *, lease: float) -> list[dict
         lease,
     )
     return [dict(row) for row in rows]
+
+
+async def wait_for_instances(
+    conn: asyncpg.Connection, *, epoch: int, lease: float, since: float
+) -> list[str]:
+    """Wait until every live instance routes with ``epoch``, at most ``lease`` from ``since``.
+
+    An instance that has not reported by then cannot write any more: it has been unable
+    to confirm its topology for a whole lease.  Returns the instances that never
+    reported (for the log).
+    """
+    while True:
+        behind = await instances_behind(conn, epoch=epoch, lease=lease)
+        if not behind or time.monotonic() - since >= lease:
+            return behind
+        await asyncio.sleep(0.02)
+
+
+async def set_weight(conn: asyncpg.Connection, shard: str, weight: int) -> int:
+    async with conn.transaction():
+        status = await conn.execute(
+            "UPDATE shardd_shards SET weight = $2 WHERE name = $1", shard, weight
+        )
+        if status.endswith(" 0"):
+            raise LookupError(f"no shard {shard}")
+        return await bump_epoch(conn)
+
+
+async def remove_shard(conn: asyncpg.Connection, shard: str) -> int:
+    """Unregister a shard that owns no slot any more (its nodes go with it)."""
+    async with conn.transaction():
+        owned = await conn.fetchval("SELECT count(*) FROM shardd_slot_map WHERE shard = $1", shard)
+        if owned:
+            raise ValueError(f"shard {shard} still owns {owned} slots; move them first")
+        await conn.execute("DELETE FROM shardd_shards WHERE name = $1", shard)
+        return await bump_epoch(conn)

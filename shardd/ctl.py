@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import click
 
-from . import admin, config, failover, pgctl
+from . import admin, config, failover, pgctl, reshard
 
 T = TypeVar("T")
 
@@ -28,6 +28,7 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         ValueError,
         failover.FailoverError,
         pgctl.PgCtlError,
+        reshard.MoveError,
     ) as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -267,6 +268,164 @@ def shard_add(
         )
     )
     click.echo(f"shard {name} registered (epoch {epoch})")
+
+
+def _mover(ctx: Context, as_json: bool) -> tuple[reshard.Mover, Callable[[], None]]:
+    """A mover whose progress is a live bar over slots (or nothing with --json)."""
+    if as_json:
+        return reshard.Mover(ctx.dsn, lease=ctx.settings.topology_lease), lambda: None
+    bar = click.progressbar(length=1, label="planning", show_eta=True, show_pos=True)
+    bar.__enter__()
+    seen: dict[int, str] = {}
+    total = 0
+
+    def progress(move: reshard.Move) -> None:
+        nonlocal total
+        if move.id not in seen:
+            total += len(move.slots)
+            bar.length = total
+        if move.phase in ("done", "aborted") and seen.get(move.id) not in ("done", "aborted"):
+            bar.update(len(move.slots))
+        seen[move.id] = move.phase
+        backlog = "" if move.backlog is None else f" backlog {move.backlog}"
+        bar.label = (
+            f"move {move.id} {move.source}->{move.target} {move.phase}:"
+            f" {move.rows_copied} rows copied, {move.changes_applied} changes{backlog}"
+        )
+        bar.render_progress()
+
+    def close() -> None:
+        bar.__exit__(None, None, None)
+
+    return reshard.Mover(ctx.dsn, lease=ctx.settings.topology_lease, progress=progress), close
+
+
+def _report(moves: list[reshard.Move], as_json: bool) -> None:
+    def render(rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            pause = "" if row["pause_ms"] is None else f" pause {row['pause_ms']:.1f} ms"
+            click.echo(
+                f"move {row['id']:<4} {row['source']}->{row['target']} {row['slots']} slots"
+                f" {row['phase']:<11} rows {row['rows_copied']} changes"
+                f" {row['changes_applied']}{pause}{' ' + row['error'] if row['error'] else ''}"
+            )
+
+    emit([m.as_json() for m in moves], as_json, render)
+
+
+def _run_moves(ctx: Context, as_json: bool, action: Callable[[reshard.Mover], Any]) -> Any:
+    mover, close = _mover(ctx, as_json)
+    try:
+        return run(action(mover))
+    finally:
+        close()
+
+
+@main.command()
+@click.option("--dry-run", is_flag=True, help="Show the plan with estimates; move nothing.")
+@click.option(
+    "--by",
+    type=click.Choice(["slots"]),
+    default="slots",
+    show_default=True,
+    help="Balance slot counts by shard weight.",
+)
+@click.option("--max-parallel", default=2, show_default=True, help="Moves running at once.")
+@click.option(
+    "--group-slots", default=32, show_default=True, help="Slots per move (frozen together)."
+)
+@click.option("--resume", is_flag=True, help="Continue the unfinished run.")
+@click.option("--abort", "abort_", is_flag=True, help="Roll back every unfinished move.")
+@yes_option
+@json_option
+@pass_ctx
+def rebalance(
+    ctx: Context,
+    dry_run: bool,
+    by: str,
+    max_parallel: int,
+    group_slots: int,
+    resume: bool,
+    abort_: bool,
+    yes: bool,
+    as_json: bool,
+) -> None:
+    """Move slots online until the map matches the weighted ring (see README)."""
+    if resume and abort_:
+        raise click.UsageError("--resume and --abort exclude each other")
+    if abort_:
+        confirm(yes, "Roll back every unfinished move?")
+        _report(_run_moves(ctx, as_json, reshard.abort), as_json)
+        return
+    if resume:
+        confirm(yes, "Resume the unfinished rebalance?")
+        moves = _run_moves(
+            ctx, as_json, lambda mover: reshard.resume(mover, max_parallel=max_parallel)
+        )
+        _report(moves, as_json)
+        return
+    planned = run(reshard.plan_for(ctx.dsn, group_slots=group_slots))
+    estimates = run(reshard.estimate(ctx.dsn, planned))
+    if dry_run or not yes:
+
+        def render(rows: list[dict[str, Any]]) -> None:
+            if not rows:
+                click.echo("the slot map is balanced; nothing to move")
+            for row in rows:
+                click.echo(
+                    f"{row['source']}->{row['target']}: {row['slots']} slots,"
+                    f" ~{row['rows']} rows, ~{row['bytes']} bytes"
+                )
+            total = sum(r["slots"] for r in rows)
+            click.echo(f"{len(rows)} moves, {total} slots")
+
+        emit(estimates, as_json, render)
+        if dry_run or not planned:
+            return
+    confirm(yes, "Run these moves now?")
+    moves = _run_moves(
+        ctx,
+        as_json,
+        lambda mover: reshard.rebalance(mover, group_slots=group_slots, max_parallel=max_parallel),
+    )
+    _report(moves, as_json)
+
+
+@main.command()
+@json_option
+@pass_ctx
+def moves(ctx: Context, as_json: bool) -> None:
+    """Slot moves, newest last, with their phases."""
+
+    async def load() -> list[reshard.Move]:
+        async with admin.connect(ctx.dsn) as conn:
+            return await reshard.list_moves(conn)
+
+    _report(run(load()), as_json)
+
+
+@shard.command("remove")
+@click.argument("name")
+@click.option("--max-parallel", default=2, show_default=True)
+@click.option("--group-slots", default=32, show_default=True)
+@yes_option
+@json_option
+@pass_ctx
+def shard_remove(
+    ctx: Context, name: str, max_parallel: int, group_slots: int, yes: bool, as_json: bool
+) -> None:
+    """Move every slot off shard NAME, then unregister it (its nodes keep running)."""
+    confirm(yes, f"Move every slot off {name} and unregister it?")
+    moved = _run_moves(
+        ctx,
+        as_json,
+        lambda mover: reshard.remove_shard(
+            mover, name, group_slots=group_slots, max_parallel=max_parallel
+        ),
+    )
+    _report(moved, as_json)
+    if not as_json:
+        click.echo(f"shard {name} removed")
 
 
 if __name__ == "__main__":

@@ -302,22 +302,6 @@ async def shard_lock(catalog_dsn: str, shard: str) -> AsyncIterator[asyncpg.Conn
             await conn.close(timeout=1)
 
 
-async def wait_for_instances(
-    conn: asyncpg.Connection, *, epoch: int, lease: float, since: float
-) -> list[str]:
-    """Wait until every live instance routes with ``epoch``, at most ``lease`` from ``since``.
-
-    An instance that has not reported by then cannot write any more: it has been unable
-    to confirm its topology for a whole lease.  Returns the instances that never
-    reported (for the log).
-    """
-    while True:
-        behind = await catalog.instances_behind(conn, epoch=epoch, lease=lease)
-        if not behind or time.monotonic() - since >= lease:
-            return behind
-        await asyncio.sleep(0.02)
-
-
 @dataclass(frozen=True)
 class Outcome:
     shard: str
@@ -434,7 +418,7 @@ async def fail_over(
         if not old.fenced:
             epoch = await catalog.fence_node(conn, old.name)
             await fence_on_node(old, "failed over")
-            behind = await wait_for_instances(conn, epoch=epoch, lease=lease, since=started)
+            behind = await catalog.wait_for_instances(conn, epoch=epoch, lease=lease, since=started)
             if behind:
                 log.warning("instances %s did not confirm epoch %s in time", behind, epoch)
         candidate = choose_candidate(await positions(shard.replicas))

@@ -1,0 +1,127 @@
+"""The per-shard change log: reading it without ever skipping an entry, and trimming it.
+
+Every item change appends a row to ``shardd_changes`` in the same transaction (a
+trigger, see ``migrations/shard/0003_changelog.sql``), with the writing transaction's id.
+A consumer's position is a snapshot (``pg_snapshot`` as text).  :func:`next_batch` takes
+a new snapshot and returns the entries of the transactions visible in it but not in the
+old one, so an entry whose transaction commits late (after later sequence numbers were
+read) is picked up by the batch in which it becomes visible.  The lower bound
+``txid >= xmin(old)`` lets the txid index serve the query: everything below the old
+snapshot's xmin was already visible in it.
+
+Delivery is at least once (a consumer that dies before saving its position reads the
+batch again); :func:`apply` is idempotent, so that is safe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncpg
+
+_BATCH = """
+SELECT seq, op, tbl, pk, sk, slot, version, doc::text AS doc, at
+FROM shardd_changes
+WHERE txid >= pg_snapshot_xmin($1::pg_snapshot)
+  AND pg_visible_in_snapshot(txid, $2::pg_snapshot)
+  AND NOT pg_visible_in_snapshot(txid, $1::pg_snapshot)
+  AND ($3::int[] IS NULL OR slot = ANY($3::int[]))
+ORDER BY seq
+"""
+
+
+@dataclass(frozen=True)
+class Change:
+    seq: int
+    op: str  # 'put' | 'delete'
+    tbl: str
+    pk: str
+    sk: str
+    slot: int
+    version: int
+    doc: str | None  # JSON text
+
+
+async def position(conn: asyncpg.Connection) -> str:
+    """The current position: every entry committed before now is behind it."""
+    return str(await conn.fetchval("SELECT pg_current_snapshot()::text"))
+
+
+async def next_batch(
+    conn: asyncpg.Connection, after: str, *, slots: Sequence[int] | None = None
+) -> tuple[list[Change], str]:
+    """Entries that became visible since ``after`` (in commit-consistent order), and the
+    new position."""
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        new = await position(conn)
+        rows = await conn.fetch(_BATCH, after, new, list(slots) if slots is not None else None)
+    changes = [
+        Change(r["seq"], r["op"], r["tbl"], r["pk"], r["sk"], r["slot"], r["version"], r["doc"])
+        for r in rows
+    ]
+    return changes, new
+
+
+async def apply(conn: asyncpg.Connection, changes: Sequence[Change]) -> int:
+    """Make the rows on ``conn`` what the changes say; idempotent.
+
+    Only each key's last change counts (for one key, sequence order is commit order:
+    the row lock serializes its writers).  Applied rows are not changes of this shard,
+    so the trigger is told to skip them.  Returns the number of keys written.
+    """
+    last: dict[tuple[str, str, str], Change] = {}
+    for change in changes:
+        last[(change.tbl, change.pk, change.sk)] = change
+    puts = [c for c in last.values() if c.op == "put"]
+    deletes = [c for c in last.values() if c.op == "delete"]
+    async with conn.transaction():
+        await conn.execute("SET LOCAL shardd.copying = on")
+        if puts:
+            await conn.execute(
+                "INSERT INTO shardd_items AS i (tbl, pk, sk, slot, version, doc)"
+                " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int[],"
+                " $5::bigint[], $6::jsonb[])"
+                " ON CONFLICT (tbl, pk, sk) DO UPDATE SET slot = excluded.slot,"
+                " version = excluded.version, doc = excluded.doc, updated_at = now()",
+                [c.tbl for c in puts],
+                [c.pk for c in puts],
+                [c.sk for c in puts],
+                [c.slot for c in puts],
+                [c.version for c in puts],
+                [c.doc for c in puts],
+            )
+        if deletes:
+            await conn.execute(
+                "DELETE FROM shardd_items i USING unnest($1::text[], $2::text[], $3::text[])"
+                " AS d(tbl, pk, sk) WHERE i.tbl = d.tbl AND i.pk = d.pk AND i.sk = d.sk",
+                [c.tbl for c in deletes],
+                [c.pk for c in deletes],
+                [c.sk for c in deletes],
+            )
+    return len(last)
+
+
+async def register(conn: asyncpg.Connection, name: str, at: str) -> None:
+    """Record a consumer's position: trimming keeps every entry it has not passed."""
+    await conn.execute(
+        "INSERT INTO shardd_consumers (name, position) VALUES ($1, $2::pg_snapshot)"
+        " ON CONFLICT (name) DO UPDATE SET position = excluded.position, updated_at = now()",
+        name,
+        at,
+    )
+
+
+async def unregister(conn: asyncpg.Connection, name: str) -> None:
+    await conn.execute("DELETE FROM shardd_consumers WHERE name = $1", name)
+
+
+async def trim(conn: asyncpg.Connection, *, keep_seconds: float) -> int:
+    """Delete entries older than ``keep_seconds`` that every consumer has passed."""
+    status = await conn.execute(
+        "DELETE FROM shardd_changes WHERE at < now() - make_interval(secs => $1)"
+        " AND txid < coalesce((SELECT min(pg_snapshot_xmin(position))"
+        " FROM shardd_consumers), pg_snapshot_xmin(pg_current_snapshot()))",
+        keep_seconds,
+    )
+    return int(status.split()[-1])
