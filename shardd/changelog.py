@@ -23,9 +23,9 @@ import asyncpg
 _BATCH = """
 SELECT seq, op, tbl, pk, sk, slot, version, doc::text AS doc, at
 FROM shardd_changes
-WHERE txid >= pg_snapshot_xmin($1::pg_snapshot)
-  AND pg_visible_in_snapshot(txid, $2::pg_snapshot)
-  AND NOT pg_visible_in_snapshot(txid, $1::pg_snapshot)
+WHERE txid >= pg_snapshot_xmin($1::text::pg_snapshot)
+  AND pg_visible_in_snapshot(txid, $2::text::pg_snapshot)
+  AND NOT pg_visible_in_snapshot(txid, $1::text::pg_snapshot)
   AND ($3::int[] IS NULL OR slot = ANY($3::int[]))
 ORDER BY seq
 """
@@ -105,7 +105,7 @@ async def apply(conn: asyncpg.Connection, changes: Sequence[Change]) -> int:
 async def register(conn: asyncpg.Connection, name: str, at: str) -> None:
     """Record a consumer's position: trimming keeps every entry it has not passed."""
     await conn.execute(
-        "INSERT INTO shardd_consumers (name, position) VALUES ($1, $2::pg_snapshot)"
+        "INSERT INTO shardd_consumers (name, position) VALUES ($1, $2::text::pg_snapshot)"
         " ON CONFLICT (name) DO UPDATE SET position = excluded.position, updated_at = now()",
         name,
         at,

@@ -276,6 +276,7 @@ class Cluster:
         self, topology: Topology, attempt: int, deadline: float, shard: str
     ) -> None:
         """Refresh the map; back off a little while the catalog has nothing newer yet."""
+        changed = self._new_topology
         fresh = await self.refresh(force=True, seen_epoch=topology.epoch)
         if fresh.epoch == topology.epoch:
             pause = min(0.1, 0.005 * 2**attempt)
@@ -283,7 +284,10 @@ class Cluster:
                 raise errors.ShardUnavailable(
                     shard, "the slot is changing owner; retry", retry_after=1
                 )
-            await asyncio.sleep(pause)
+            # Woken early by the new topology (LISTEN) when the change is published.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pause):
+                    await changed.wait()
 
     def route(self, pk: str) -> tuple[Topology, int, Shard]:
         topology = self.require_topology()
