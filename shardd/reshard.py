@@ -504,8 +504,12 @@ async def runner_lock(catalog_dsn: str) -> AsyncIterator[asyncpg.Connection]:
     """Hold the one-rebalance-at-a-time lock (a session lock: released if we die)."""
     conn = await asyncpg.connect(catalog_dsn, timeout=5.0)
     try:
-        if not await conn.fetchval("SELECT pg_try_advisory_lock($1, 0)", LOCK_CLASS):
-            raise MoveError("another rebalance is running")
+        # A runner killed a moment ago holds it until the catalog notices: allow a little.
+        deadline = time.monotonic() + 5
+        while not await conn.fetchval("SELECT pg_try_advisory_lock($1, 0)", LOCK_CLASS):
+            if time.monotonic() > deadline:
+                raise MoveError("another rebalance is running")
+            await asyncio.sleep(0.1)
         yield conn
     finally:
         with contextlib.suppress(Exception):

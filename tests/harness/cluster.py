@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -227,3 +228,43 @@ def start_cluster(*, shards: int = 3, sync: bool = False, failover: bool = True)
         cluster.down()
         raise RuntimeError(f"devcluster up failed:\n{result.stdout}\n{result.stderr}\n{tail}")
     return cluster
+
+
+class Holding:
+    """An open transaction on a node that ran ``statement`` and holds its locks until
+    ``release()``: how a test makes a step of the system wait at a known point."""
+
+    def __init__(self, dsn: str, statement: str, *args: Any) -> None:
+        self._ready = threading.Event()
+        self._release = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=lambda: asyncio.run(self._hold(dsn, statement, args)), daemon=True
+        )
+        self._thread.start()
+        if not self._ready.wait(timeout=30) or self._error is not None:
+            raise RuntimeError(f"could not hold {statement!r}: {self._error}")
+
+    async def _hold(self, dsn: str, statement: str, args: tuple[Any, ...]) -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            async with conn.transaction():
+                await conn.execute(statement, *args)
+                self._ready.set()
+                await asyncio.to_thread(self._release.wait)
+                raise _Rollback
+        except _Rollback:
+            pass
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+        finally:
+            await conn.close()
+
+    def release(self) -> None:
+        self._release.set()
+        self._thread.join(timeout=30)
+
+
+class _Rollback(Exception):
+    pass

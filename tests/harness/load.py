@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from tests.harness.cluster import RunningCluster
 from tests.harness.http import Api
 
 
@@ -111,3 +112,33 @@ class Load:
                 if read.status != 200 or read.body["item"] != doc:
                     with self._lock:
                         self.outcomes.failed_reads.append((key, read.status))
+
+
+def rows_by_shard(cluster: RunningCluster, table: str) -> dict[str, dict[str, tuple[int, str]]]:
+    """shard -> pk -> (slot, doc as text), read from every shard's current primary."""
+    shards = [r["name"] for r in cluster.sql("catalog", "SELECT name FROM shardd_shards")]
+    result = {}
+    for shard in shards:
+        rows = cluster.sql(
+            cluster.primary_of(shard),
+            "SELECT pk, slot, doc::text AS doc FROM shardd_items WHERE tbl = $1",
+            table,
+        )
+        result[shard] = {row["pk"]: (row["slot"], row["doc"]) for row in rows}
+    return result
+
+
+def assert_nothing_lost(cluster: RunningCluster, outcomes: Outcomes, table: str) -> None:
+    """Every acked write reads back as written; nothing refused (503) was written."""
+    assert outcomes.acked, "the load acknowledged no write at all"
+    rows: dict[str, tuple[int, str]] = {}
+    for shard_rows in rows_by_shard(cluster, table).values():
+        rows.update(shard_rows)
+    lost = [key for key in outcomes.acked if key not in rows]
+    assert not lost, f"{len(lost)} acknowledged writes are missing, e.g. {lost[:5]}"
+    written_though_refused = [key for key in outcomes.refused if key in rows]
+    assert not written_though_refused, written_though_refused[:5]
+    api = cluster.api("read")
+    for key in list(outcomes.acked)[:: max(1, len(outcomes.acked) // 200)]:
+        response = api.request("GET", f"/v1/tables/{table}/items/{key}?consistency=strong")
+        assert response.status == 200 and response.body["item"] == outcomes.acked[key]

@@ -17,7 +17,7 @@ import pytest
 from shardd.placement import slot_of
 from tests.harness.cluster import Instance, RunningCluster, start_cluster, wait_for
 from tests.harness.http import Api
-from tests.harness.load import Load, Outcomes
+from tests.harness.load import Load, assert_nothing_lost
 
 TABLE = "ha"
 
@@ -63,26 +63,6 @@ def keys_on(cluster: RunningCluster, shard: str, prefix: str, count: int) -> lis
     return found[:count]
 
 
-def assert_nothing_lost(cluster: RunningCluster, outcomes: Outcomes) -> None:
-    """Every acked write reads back as written; nothing refused was written."""
-    api = cluster.api("read")
-    assert outcomes.acked, "the load acknowledged no write at all"
-    rows = {}
-    for shard in ("s1", "s2"):
-        primary = cluster.primary_of(shard)
-        for row in cluster.sql(
-            primary, "SELECT pk, doc::text AS doc FROM shardd_items WHERE tbl = $1", TABLE
-        ):
-            rows[row["pk"]] = row["doc"]
-    lost = [key for key in outcomes.acked if key not in rows]
-    assert not lost, f"{len(lost)} acknowledged writes are missing, e.g. {lost[:5]}"
-    written_though_refused = [key for key in outcomes.refused if key in rows]
-    assert not written_though_refused, written_though_refused[:5]
-    for key in list(outcomes.acked)[:: max(1, len(outcomes.acked) // 200)]:
-        response = api.request("GET", f"/v1/tables/{TABLE}/items/{key}?consistency=strong")
-        assert response.status == 200 and response.body["item"] == outcomes.acked[key]
-
-
 def kill_primary_and_wait(cluster: RunningCluster, load: Load, shard: str) -> str:
     old = cluster.primary_of(shard)
     killed_at = time.monotonic()
@@ -107,7 +87,7 @@ def test_killed_primaries_lose_no_acknowledged_write(
         old_s2 = kill_primary_and_wait(healed, load, "s2")
         time.sleep(0.5)  # a little more load on the new primaries
     outcomes = load.outcomes
-    assert_nothing_lost(healed, outcomes)
+    assert_nothing_lost(healed, outcomes, TABLE)
     history = healed.sql(
         "catalog", "SELECT shard, old_primary, kind FROM shardd_failovers ORDER BY id DESC LIMIT 2"
     )
@@ -191,7 +171,7 @@ def test_planned_switchover_under_load_fails_no_request(
         outcomes.failed_reads[:5],
     )
     assert healed.primary_of("s2") not in ("", old)
-    assert_nothing_lost(healed, outcomes)
+    assert_nothing_lost(healed, outcomes, TABLE)
     kinds = healed.sql("catalog", "SELECT kind FROM shardd_failovers ORDER BY id DESC LIMIT 1")
     assert kinds[0]["kind"] == "planned"
 

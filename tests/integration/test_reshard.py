@@ -1,0 +1,330 @@
+"""Online resharding, on a cluster of its own with two shardd instances.
+
+The tests run in file order and share the cluster: grow to four shards and shrink back
+under load, then kill rebalances at known points (a transaction held open on a node
+makes the move wait exactly there), then single moves: a long transaction across a
+move, empty slots, one huge partition, a thousand slots at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+
+import asyncpg
+import pytest
+
+from shardd import reshard
+from shardd.placement import slot_of
+from tests.harness.cluster import ROOT, Holding, Instance, RunningCluster, start_cluster, wait_for
+from tests.harness.http import Api
+from tests.harness.load import Load, assert_nothing_lost, rows_by_shard
+
+TABLE = "rs"
+SLOTS = 4096
+
+
+@pytest.fixture(scope="module")
+def rs() -> Iterator[RunningCluster]:
+    running = start_cluster(shards=3, failover=False)
+    try:
+        api = running.api()
+        assert api.request("PUT", f"/v1/tables/{TABLE}").status == 201
+        for start in range(0, 2000, 100):
+            puts = [{"pk": f"pre-{i}", "item": {"i": i}} for i in range(start, start + 100)]
+            written = api.request("POST", f"/v1/tables/{TABLE}/batch/write", body={"puts": puts})
+            assert written.status == 200 and written.body["ok"], written.body
+        yield running
+    finally:
+        running.down()
+
+
+@pytest.fixture(scope="module")
+def second(rs: RunningCluster) -> Iterator[Instance]:
+    instance = rs.start_instance()
+    try:
+        yield instance
+    finally:
+        instance.stop()
+
+
+def apis(cluster: RunningCluster, instance: Instance) -> list[Api]:
+    token = cluster.api("write").token
+    return [cluster.api("write"), Api(instance.port, token=token)]
+
+
+def slot_counts(cluster: RunningCluster) -> dict[str, int]:
+    rows = cluster.sql("catalog", "SELECT shard, count(*) AS n FROM shardd_slot_map GROUP BY 1")
+    return {row["shard"]: row["n"] for row in rows}
+
+
+def assert_clean(cluster: RunningCluster) -> None:
+    """Every row only on its owning shard, no slot frozen or importing, no open move."""
+    slot_map = cluster.slot_map()
+    for shard, rows in rows_by_shard(cluster, TABLE).items():
+        misplaced = [pk for pk, (slot, _) in rows.items() if slot_map[slot] != shard]
+        assert not misplaced, f"{shard} holds rows of slots it does not own: {misplaced[:5]}"
+        states = cluster.sql(
+            cluster.primary_of(shard),
+            "SELECT slot, state FROM shardd_slots WHERE state IN ('frozen', 'importing')",
+        )
+        assert not states, f"{shard} has slots left {[tuple(r) for r in states[:5]]}"
+        owned = cluster.sql(
+            cluster.primary_of(shard), "SELECT slot FROM shardd_slots WHERE state = 'owned'"
+        )
+        assert {r["slot"] for r in owned} == {s for s, o in slot_map.items() if o == shard}
+    open_moves = cluster.sql(
+        "catalog", "SELECT id, phase FROM shardd_moves WHERE phase NOT IN ('done', 'aborted')"
+    )
+    assert not open_moves
+
+
+def all_rows(cluster: RunningCluster) -> dict[str, str]:
+    merged: dict[str, str] = {}
+    for rows in rows_by_shard(cluster, TABLE).values():
+        for pk, (_, doc) in rows.items():
+            assert pk not in merged, f"{pk} is on two shards"
+            merged[pk] = doc
+    return merged
+
+
+def set_weight(cluster: RunningCluster, shard: str, weight: int) -> None:
+    cluster.sql("catalog", "UPDATE shardd_shards SET weight = $2 WHERE name = $1", shard, weight)
+
+
+def test_adding_a_shard_under_load_fails_no_request(rs: RunningCluster, second: Instance) -> None:
+    with Load(apis(rs, second), TABLE, prefix="grow", writers=6, read_back=True) as load:
+        wait_for(lambda: len(load.outcomes.acked) > 100, timeout=30, what="load running")
+        rs.devcluster("add-shard", "s4")
+        dry = rs.shardctl("rebalance", "--dry-run", "--json")
+        assert '"target": "s4"' in dry.stdout
+        rs.shardctl("rebalance", "--yes", "--json")
+        acked = len(load.outcomes.acked)
+        wait_for(lambda: len(load.outcomes.acked) > acked + 50, timeout=30, what="more load")
+    outcomes = load.outcomes
+    assert outcomes.failures() == 0, (outcomes.refused, outcomes.unknown, outcomes.failed_reads)
+    assert_nothing_lost(rs, outcomes, TABLE)
+    assert slot_counts(rs) == {"s1": 1024, "s2": 1024, "s3": 1024, "s4": 1024}
+    assert_clean(rs)
+    moves = rs.sql("catalog", "SELECT phase, error FROM shardd_moves")
+    assert moves and all(m["phase"] == "done" and m["error"] is None for m in moves)
+
+
+def test_a_router_with_the_old_map_is_refused_by_the_old_owner(rs: RunningCluster) -> None:
+    moved = rs.sql("s1-primary", "SELECT slot FROM shardd_slots WHERE state = 'moved' LIMIT 1")
+    slot = moved[0]["slot"]
+    with pytest.raises(asyncpg.PostgresError) as refused:
+        rs.sql(
+            "s1-primary",
+            "CALL shardd_write('put', $1, $2, 'stale-router', '', '{}'::jsonb, NULL)",
+            slot,
+            TABLE,
+        )
+    assert refused.value.sqlstate == "SD001"
+    answer = rs.sql(
+        "s1-primary", "SELECT state FROM shardd_get($1, $2, 'x', '', NULL)", slot, TABLE
+    )
+    assert answer[0]["state"] == "moved"  # so reads are refused there too
+
+
+def test_removing_a_shard_under_load_fails_no_request(rs: RunningCluster, second: Instance) -> None:
+    with Load(apis(rs, second), TABLE, prefix="shrink", writers=6, read_back=True) as load:
+        wait_for(lambda: len(load.outcomes.acked) > 100, timeout=30, what="load running")
+        result = rs.shardctl("shard", "remove", "s4", "--yes")
+        assert "removed" in result.stdout
+        acked = len(load.outcomes.acked)
+        wait_for(lambda: len(load.outcomes.acked) > acked + 50, timeout=30, what="more load")
+    outcomes = load.outcomes
+    assert outcomes.failures() == 0, (outcomes.refused, outcomes.unknown, outcomes.failed_reads)
+    assert_nothing_lost(rs, outcomes, TABLE)
+    assert sorted(slot_counts(rs).values()) == [1365, 1365, 1366]
+    assert "s4" not in {r["name"] for r in rs.sql("catalog", "SELECT name FROM shardd_shards")}
+    assert_clean(rs)
+
+
+def start_rebalance(cluster: RunningCluster) -> subprocess.Popen[str]:
+    env = {**os.environ, "SHARDD_CATALOG_DSN": cluster.catalog_dsn()}
+    return subprocess.Popen(
+        [str(ROOT / ".venv" / "bin" / "shardctl"), "rebalance", "--yes", "--max-parallel", "1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def first_move(cluster: RunningCluster) -> reshard.PlannedMove:
+    return asyncio.run(reshard.plan_for(cluster.catalog_dsn(), group_slots=32))[0]
+
+
+def kill_rebalance_at(cluster: RunningCluster, phase: str, holding: Holding) -> None:
+    """Run a rebalance until its first move waits in ``phase``; SIGKILL it there."""
+    process = start_rebalance(cluster)
+    try:
+        wait_for(
+            lambda: cluster.sql("catalog", "SELECT 1 FROM shardd_moves WHERE phase = $1", phase),
+            timeout=30,
+            what=f"a move waiting in phase {phase}",
+        )
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        holding.release()
+
+
+def hold_target_copy(cluster: RunningCluster, move: reshard.PlannedMove) -> Holding:
+    """The target's table locked against writes: the move waits mid-copy."""
+    return Holding(
+        cluster.node_dsn(cluster.primary_of(move.target)),
+        "LOCK TABLE shardd_items IN SHARE MODE",
+    )
+
+
+def hold_catalog_flip(cluster: RunningCluster, move: reshard.PlannedMove) -> Holding:
+    """The slots' catalog rows locked: the move waits mid-cutover, after freezing the
+    source, verifying and handing the slots to the target, before the catalog flip."""
+    return Holding(
+        cluster.node_dsn("catalog"),
+        "SELECT 1 FROM shardd_slot_map WHERE slot = ANY($1::int[]) FOR UPDATE",
+        list(move.slots),
+    )
+
+
+@pytest.mark.parametrize(
+    ("weight", "hold", "phase", "finish"),
+    [
+        (2, hold_target_copy, "copying", "--resume"),
+        (1, hold_catalog_flip, "frozen", "--abort"),
+        (1, hold_catalog_flip, "frozen", "--resume"),
+        (2, hold_target_copy, "copying", "--abort"),
+    ],
+    ids=["mid-copy-resume", "mid-cutover-abort", "mid-cutover-resume", "mid-copy-abort"],
+)
+def test_a_killed_rebalance_resumes_or_aborts_cleanly(
+    rs: RunningCluster, weight: int, hold: object, phase: str, finish: str
+) -> None:
+    set_weight(rs, "s1", weight)
+    before_rows = all_rows(rs)
+    before_map = rs.slot_map()
+    move = first_move(rs)
+    kill_rebalance_at(rs, phase, hold(rs, move))  # type: ignore[operator]
+    rs.shardctl("rebalance", finish, "--yes", "--json")
+    assert all_rows(rs) == before_rows
+    assert_clean(rs)
+    if finish == "--abort":
+        assert rs.slot_map() == before_map
+    else:
+        assert asyncio.run(reshard.plan_for(rs.catalog_dsn(), group_slots=32)) == []
+
+
+def keys_in_slot(slot: int, count: int, prefix: str) -> list[str]:
+    found = []
+    i = 0
+    while len(found) < count:
+        key = f"{prefix}-{i}"
+        if slot_of(key, SLOTS) == slot:
+            found.append(key)
+        i += 1
+    return found
+
+
+def move_now(cluster: RunningCluster, source: str, target: str, slots: list[int]) -> reshard.Move:
+    async def go() -> reshard.Move:
+        async with reshard._connect(cluster.catalog_dsn()) as cat:
+            [move] = await reshard.create_run(
+                cat, [reshard.PlannedMove(source, target, tuple(slots))], reason="test"
+            )
+        [done] = await reshard.run_moves(
+            reshard.Mover(cluster.catalog_dsn(), lease=2.0), [move], max_parallel=1
+        )
+        return done
+
+    return asyncio.run(go())
+
+
+def test_a_long_transaction_across_a_move_is_applied_on_the_target(rs: RunningCluster) -> None:
+    set_weight(rs, "s1", 1)
+    slot_map = rs.slot_map()
+    slot = next(s for s, owner in slot_map.items() if owner == "s2")
+    late, *burst = keys_in_slot(slot, 21, "horizon")
+    api = rs.api("write")
+    source_dsn = rs.node_dsn(rs.primary_of("s2"))
+
+    async def scenario() -> reshard.Move:
+        src = await asyncpg.connect(source_dsn)
+        long_txn = src.transaction()
+        await long_txn.start()
+        await src.execute(
+            "SELECT shardd_put($1, $2, $3, '', '{\"late\": true}'::jsonb, NULL)", slot, TABLE, late
+        )
+        for n, key in enumerate(burst):  # later changes, committed first
+            response = await asyncio.to_thread(
+                api.request, "PUT", f"/v1/tables/{TABLE}/items/{key}", body={"n": n}
+            )
+            assert response.status == 201
+        async with reshard._connect(rs.catalog_dsn()) as cat:
+            [move] = await reshard.create_run(
+                cat, [reshard.PlannedMove("s2", "s3", (slot,))], reason="horizon"
+            )
+        mover = reshard.Mover(rs.catalog_dsn(), lease=2.0)
+        running = asyncio.create_task(mover.run(move))
+        # The freeze waits for the open transaction's slot lock: the copy and catch-up
+        # have both run without seeing it.
+        while not await src.fetchval(
+            "SELECT count(*) > 0 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        ):
+            assert not running.done(), running
+            await asyncio.sleep(0.02)
+        await long_txn.commit()
+        await src.close()
+        return await running
+
+    done = asyncio.run(scenario())
+    assert done.phase == "done"
+    on_target = rs.sql(
+        rs.primary_of("s3"),
+        "SELECT pk, doc::text AS doc FROM shardd_items WHERE tbl = $1 AND slot = $2",
+        TABLE,
+        slot,
+    )
+    docs = {row["pk"]: row["doc"] for row in on_target}
+    assert docs[late] == '{"late": true}'
+    assert set(burst) <= set(docs)
+    assert_clean(rs)
+
+
+def test_moves_of_empty_slots_one_huge_partition_and_a_thousand_slots(rs: RunningCluster) -> None:
+    api = rs.api("write")
+    slot_map = rs.slot_map()
+    used = {slot for rows in rows_by_shard(rs, TABLE).values() for slot, _ in rows.values()}
+    empty = [s for s, owner in slot_map.items() if owner == "s3" and s not in used][:5]
+    assert move_now(rs, "s3", "s1", empty).phase == "done"
+    assert all(rs.slot_map()[s] == "s1" for s in empty)
+
+    huge = "huge-partition"
+    for start in range(0, 3000, 100):
+        puts = [{"pk": huge, "sk": f"{i:05d}", "item": {"i": i}} for i in range(start, start + 100)]
+        assert (
+            api.request("POST", f"/v1/tables/{TABLE}/batch/write", body={"puts": puts}).status
+            == 200
+        )
+    slot = slot_of(huge, SLOTS)
+    owner = rs.slot_map()[slot]
+    dest = "s2" if owner != "s2" else "s3"
+    assert move_now(rs, owner, dest, [slot]).rows_copied >= 3000
+    page = api.request("GET", f"/v1/tables/{TABLE}/partitions/{huge}?limit=1000&consistency=strong")
+    assert page.status == 200 and len(page.body["items"]) == 1000
+    assert (page.header("Shardd-Served-By") or "").startswith(f"{dest}/")
+
+    before = all_rows(rs)
+    thousand = [s for s, owner in rs.slot_map().items() if owner == "s1"][:1000]
+    done = move_now(rs, "s1", "s2", thousand)
+    assert done.phase == "done" and len(done.slots) == 1000
+    assert all_rows(rs) == before
+    assert_clean(rs)
+    rs.shardctl("rebalance", "--yes", "--json")
+    assert sorted(slot_counts(rs).values()) == [1365, 1365, 1366]
+    assert_clean(rs)
