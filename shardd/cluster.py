@@ -275,9 +275,14 @@ class Cluster:
     async def after_stale(
         self, topology: Topology, attempt: int, deadline: float, shard: str
     ) -> None:
-        """Refresh the map; back off a little while the catalog has nothing newer yet."""
+        """Refresh the map; back off a little while the catalog has nothing newer yet.
+
+        The refresh compares epochs first: while a cutover is in progress the catalog has
+        nothing newer, and reloading the whole map on every refused retry would only
+        slow the moment it does.
+        """
         changed = self._new_topology
-        fresh = await self.refresh(force=True, seen_epoch=topology.epoch)
+        fresh = await self.refresh(seen_epoch=topology.epoch)
         if fresh.epoch == topology.epoch:
             pause = min(0.1, 0.005 * 2**attempt)
             if time.monotonic() + pause >= deadline:

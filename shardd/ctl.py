@@ -332,7 +332,7 @@ def _run_moves(ctx: Context, as_json: bool, action: Callable[[reshard.Mover], An
 )
 @click.option("--max-parallel", default=2, show_default=True, help="Moves running at once.")
 @click.option(
-    "--group-slots", default=32, show_default=True, help="Slots per move (frozen together)."
+    "--group-slots", default=16, show_default=True, help="Slots per move (frozen together)."
 )
 @click.option("--resume", is_flag=True, help="Continue the unfinished run.")
 @click.option("--abort", "abort_", is_flag=True, help="Roll back every unfinished move.")
@@ -407,7 +407,7 @@ def moves(ctx: Context, as_json: bool) -> None:
 @shard.command("remove")
 @click.argument("name")
 @click.option("--max-parallel", default=2, show_default=True)
-@click.option("--group-slots", default=32, show_default=True)
+@click.option("--group-slots", default=16, show_default=True)
 @yes_option
 @json_option
 @pass_ctx

@@ -75,7 +75,7 @@ def plan(
     weights: dict[str, int],
     *,
     pinned: dict[int, str] | None = None,
-    group_slots: int = 32,
+    group_slots: int = 16,
 ) -> list[PlannedMove]:
     """The moves that take ``current`` to the balanced map for ``weights``.
 
@@ -267,7 +267,7 @@ class Mover:
             assert source.primary is not None and target.primary is not None
             async with _connect(source.primary.dsn()) as src, _connect(target.primary.dsn()) as dst:
                 if move.phase in ("planned", "copying"):
-                    move = await self._copy(cat, src, dst, move)
+                    [move] = await self._copy(cat, src, dst, [move])
                 if move.phase == "catching_up":
                     move = await self._catch_up(cat, src, dst, move)
                     move = await self._freeze(cat, src, move)
@@ -277,17 +277,39 @@ class Mover:
                     move = await self._clean_up(cat, src, move)
         return move
 
+    async def copy(self, moves: Sequence[Move]) -> list[Move]:
+        """Copy several moves of one (source, target) pair in one pass over the source.
+
+        Rows of a slot are scattered over the source's heap, so each pass reads much of
+        it; copying a batch of groups together and cutting each over on its own keeps
+        both the copy fast and every cutover small.
+        """
+        source, target = moves[0].source, moves[0].target
+        assert all(m.source == source and m.target == target for m in moves)
+        async with _connect(self.catalog_dsn) as cat:
+            _, src_shard = await self._shard(cat, source)
+            _, dst_shard = await self._shard(cat, target)
+            assert src_shard.primary is not None and dst_shard.primary is not None
+            async with (
+                _connect(src_shard.primary.dsn()) as src,
+                _connect(dst_shard.primary.dsn()) as dst,
+            ):
+                return await self._copy(cat, src, dst, list(moves))
+
     async def _copy(
         self,
         cat: asyncpg.Connection,
         src: asyncpg.Connection,
         dst: asyncpg.Connection,
-        move: Move,
-    ) -> Move:
+        moves: list[Move],
+    ) -> list[Move]:
         """Target importing and empty for the slots, then one consistent copy."""
-        move = await _record(cat, move, phase="copying", rows_copied=0, bytes_copied=0)
-        self.progress(move)
-        slots = list(move.slots)
+        moves = [
+            await _record(cat, m, phase="copying", rows_copied=0, bytes_copied=0) for m in moves
+        ]
+        for move in moves:
+            self.progress(move)
+        slots = [slot for move in moves for slot in move.slots]
         async with dst.transaction():
             await dst.execute("SET LOCAL shardd.copying = on")
             await dst.execute(
@@ -296,7 +318,7 @@ class Mover:
                 slots,
             )
             await dst.execute("DELETE FROM shardd_items WHERE slot = ANY($1::int[])", slots)
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=64)
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=256)
         copied_bytes = 0
 
         async def produce() -> str:
@@ -330,25 +352,48 @@ class Mover:
                 producer.cancel()
                 with contextlib.suppress(BaseException):
                     await producer
-        await changelog.register(src, f"move-{move.id}", snapshot)
-        move = await _record(
-            cat,
-            move,
-            phase="catching_up",
-            position=snapshot,
-            rows_copied=int(status.split()[-1]),
-            bytes_copied=copied_bytes,
-        )
-        self.progress(move)
-        return move
+        total_rows = max(1, int(status.split()[-1]))
+        per_slot = {
+            row["slot"]: row["n"]
+            for row in await dst.fetch(
+                "SELECT slot, count(*) AS n FROM shardd_items WHERE slot = ANY($1::int[])"
+                " GROUP BY slot",
+                slots,
+            )
+        }
+        copied = []
+        for move in moves:
+            await changelog.register(src, f"move-{move.id}", snapshot)
+            rows = sum(per_slot.get(slot, 0) for slot in move.slots)
+            move = await _record(
+                cat,
+                move,
+                phase="catching_up",
+                position=snapshot,
+                rows_copied=rows,
+                bytes_copied=copied_bytes * rows // total_rows,
+            )
+            self.progress(move)
+            copied.append(move)
+        return copied
 
     async def _apply_batch(
-        self, cat: asyncpg.Connection, src: asyncpg.Connection, dst: asyncpg.Connection, move: Move
+        self,
+        cat: asyncpg.Connection,
+        src: asyncpg.Connection,
+        dst: asyncpg.Connection,
+        move: Move,
+        *,
+        keep_log: bool = True,
     ) -> tuple[Move, int]:
+        """Apply the changes since the move's position; ``keep_log`` also advances the
+        move's consumer position on the source (skipped in the cutover, to keep it short:
+        the position only protects entries from trimming)."""
         assert move.position is not None
         changes, position = await changelog.next_batch(src, move.position, slots=move.slots)
         applied = await changelog.apply(dst, changes) if changes else 0
-        await changelog.register(src, f"move-{move.id}", position)
+        if keep_log:
+            await changelog.register(src, f"move-{move.id}", position)
         move = await _record(
             cat,
             move,
@@ -393,7 +438,7 @@ class Mover:
     ) -> Move:
         """Drain, verify, hand the slots over: target owned, source moved, catalog flip."""
         started = time.perf_counter()
-        move, _ = await self._apply_batch(cat, src, dst, move)
+        move, _ = await self._apply_batch(cat, src, dst, move, keep_log=False)
         slots = list(move.slots)
         source_sums, target_sums = await asyncio.gather(
             _checksums(src, slots), _checksums(dst, slots)
@@ -489,7 +534,7 @@ async def _checksums(conn: asyncpg.Connection, slots: list[int]) -> dict[int, tu
     """slot -> (rows, order-independent checksum of every row's key, version and doc)."""
     rows = await conn.fetch(
         "SELECT slot, count(*) AS n, sum(hashtextextended(tbl || chr(31) || pk || chr(31) || sk"
-        " || chr(31) || version::text || chr(31) || doc::text, 0)::numeric) AS h"
+        " || chr(31) || version::text, 0)::numeric + jsonb_hash_extended(doc, 0)) AS h"
         " FROM shardd_items WHERE slot = ANY($1::int[]) GROUP BY slot",
         slots,
     )
@@ -516,28 +561,50 @@ async def runner_lock(catalog_dsn: str) -> AsyncIterator[asyncpg.Connection]:
             await conn.close(timeout=2)
 
 
-async def run_moves(mover: Mover, moves: Sequence[Move], *, max_parallel: int) -> list[Move]:
-    """Run moves, at most ``max_parallel`` at once; stops at the first failure."""
+async def run_moves(
+    mover: Mover, moves: Sequence[Move], *, max_parallel: int, copy_slots: int = 256
+) -> list[Move]:
+    """Run moves, at most ``max_parallel`` batches at once; stops at the first failure.
+
+    Moves still to be copied are copied together per (source, target) pair, up to
+    ``copy_slots`` slots per pass over the source; each is then caught up and cut over
+    alone.
+    """
     gate = asyncio.Semaphore(max_parallel)
     failed: list[BaseException] = []
+    batches: list[list[Move]] = []
+    for move in moves:
+        last = batches[-1] if batches else None
+        if (
+            last is not None
+            and move.phase in ("planned", "copying")
+            and last[0].phase in ("planned", "copying")
+            and (last[0].source, last[0].target) == (move.source, move.target)
+            and sum(len(m.slots) for m in last) + len(move.slots) <= copy_slots
+        ):
+            last.append(move)
+        else:
+            batches.append([move])
 
-    async def one(move: Move) -> Move:
+    async def one(batch: list[Move]) -> list[Move]:
         async with gate:
             if failed:
-                return move
+                return batch
             try:
-                return await mover.run(move)
+                if batch[0].phase in ("planned", "copying"):
+                    batch = await mover.copy(batch)
+                return [await mover.run(move) for move in batch]
             except BaseException as exc:
                 failed.append(exc)
                 raise
 
-    results = await asyncio.gather(*(one(m) for m in moves), return_exceptions=True)
+    results = await asyncio.gather(*(one(b) for b in batches), return_exceptions=True)
     async with _connect(mover.catalog_dsn) as cat:
         await finish_runs(cat)
     for result in results:
         if isinstance(result, BaseException):
             raise result
-    return [r for r in results if isinstance(r, Move)]
+    return [move for result in results if isinstance(result, list) for move in result]
 
 
 async def estimate(catalog_dsn: str, moves: Sequence[PlannedMove]) -> list[dict[str, object]]:

@@ -157,7 +157,7 @@ def start_rebalance(cluster: RunningCluster) -> subprocess.Popen[str]:
 
 
 def first_move(cluster: RunningCluster) -> reshard.PlannedMove:
-    return asyncio.run(reshard.plan_for(cluster.catalog_dsn(), group_slots=32))[0]
+    return asyncio.run(reshard.plan_for(cluster.catalog_dsn(), group_slots=16))[0]
 
 
 def kill_rebalance_at(cluster: RunningCluster, phase: str, holding: Holding) -> None:
@@ -217,7 +217,7 @@ def test_a_killed_rebalance_resumes_or_aborts_cleanly(
     if finish == "--abort":
         assert rs.slot_map() == before_map
     else:
-        assert asyncio.run(reshard.plan_for(rs.catalog_dsn(), group_slots=32)) == []
+        assert asyncio.run(reshard.plan_for(rs.catalog_dsn(), group_slots=16)) == []
 
 
 def keys_in_slot(slot: int, count: int, prefix: str) -> list[str]:
