@@ -119,6 +119,14 @@ async def pinned_slots(conn: asyncpg.Connection) -> dict[int, str]:
     return {row["slot"]: row["shard"] for row in rows}
 
 
+async def pin_slots(conn: asyncpg.Connection, pins: dict[int, str]) -> None:
+    await conn.executemany(
+        "INSERT INTO shardd_slot_overrides (slot, shard) VALUES ($1, $2)"
+        " ON CONFLICT (slot) DO UPDATE SET shard = excluded.shard",
+        list(pins.items()),
+    )
+
+
 async def put_table(conn: asyncpg.Connection, *, name: str, description: str) -> bool:
     """Create or update a table declaration; True when it was created."""
     async with conn.transaction():

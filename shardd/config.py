@@ -68,6 +68,11 @@ class Settings:
         "seconds stops writing; a failover waits at most this long for instances to see "
         "the old primary fenced. Same value on every instance.",
     )
+    changelog_retention: float = _setting(
+        3600.0,
+        "Seconds change-log entries are kept (longer while a registered consumer, such as "
+        "a slot move, has not read them). The failover monitor trims once a minute.",
+    )
     write_buffer_timeout: float = _setting(
         5.0,
         "Seconds a write waits for a shard without a reachable primary to get one "

@@ -325,10 +325,11 @@ def _run_moves(ctx: Context, as_json: bool, action: Callable[[reshard.Mover], An
 @click.option("--dry-run", is_flag=True, help="Show the plan with estimates; move nothing.")
 @click.option(
     "--by",
-    type=click.Choice(["slots"]),
+    type=click.Choice(["slots", "load"]),
     default="slots",
     show_default=True,
-    help="Balance slot counts by shard weight.",
+    help="slots: slot counts by shard weight; load: move single hot slots off the "
+    "busiest shards (writes per slot from the change logs, last 10 minutes).",
 )
 @click.option("--max-parallel", default=2, show_default=True, help="Moves running at once.")
 @click.option(
@@ -364,7 +365,7 @@ def rebalance(
         )
         _report(moves, as_json)
         return
-    planned = run(reshard.plan_for(ctx.dsn, group_slots=group_slots))
+    planned = run(reshard.plan_for(ctx.dsn, group_slots=group_slots, by=by))
     estimates = run(reshard.estimate(ctx.dsn, planned))
     if dry_run or not yes:
 

@@ -8,6 +8,9 @@ for a killed process, TCP keepalive for a lost host).  Any error while holding o
 checking the lock means "not the monitor" (fail closed): the connection is dropped and
 no failover work runs until the lock is won again.
 
+The monitor also trims every shard's change log once a minute (leader-only work, like
+failover).
+
 Each round the monitor reads this instance's health snapshot (every instance checks
 every node), calls :func:`~shardd.failover.decide` per shard, and runs
 :func:`~shardd.failover.fail_over` where it says so.  It also fences, on the node, any
@@ -19,17 +22,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
 import asyncpg
 
-from . import failover, metrics
+from . import changelog, failover, metrics
 from .config import Settings
 from .nodes import HealthMonitor
 from .topology import Topology
 
 log = logging.getLogger(__name__)
+TRIM_EVERY = 60.0  # seconds between change-log trims
 
 
 class Monitor:
@@ -47,6 +52,7 @@ class Monitor:
         self._conn: asyncpg.Connection | None = None
         self.leading = False
         self._refenced: set[str] = set()
+        self._trimmed_at = 0.0
 
     async def run(self) -> None:
         while True:
@@ -110,6 +116,9 @@ class Monitor:
             return
         snapshot = self.health.snapshot
         await self._refence(topology)
+        if time.monotonic() - self._trimmed_at > TRIM_EVERY:
+            self._trimmed_at = time.monotonic()
+            await self._trim(topology)
         for shard in topology.shards.values():
             view = failover.shard_view(shard, snapshot)
             decision = failover.decide(view, failures_needed=self.settings.failover_after_checks)
@@ -136,6 +145,20 @@ class Monitor:
                 )
             except failover.FailoverError as exc:
                 log.error("shard %s: failover not possible: %s", shard.name, exc)
+
+    async def _trim(self, topology: Topology) -> None:
+        for shard in topology.shards.values():
+            if shard.primary is None:
+                continue
+            try:
+                async with asyncio.timeout(30), failover.connect(shard.primary) as conn:
+                    removed = await changelog.trim(
+                        conn, keep_seconds=self.settings.changelog_retention
+                    )
+                if removed:
+                    log.info("trimmed %s change-log entries on %s", removed, shard.name)
+            except Exception as exc:
+                log.warning("cannot trim the change log of %s: %s", shard.name, exc)
 
     async def _refence(self, topology: Topology) -> None:
         """Fence on the node every fenced former primary that answers again."""

@@ -96,6 +96,49 @@ def plan(
     return planned
 
 
+def plan_by_load(
+    current: Sequence[str | None],
+    slot_load: dict[int, float],
+    shards: Sequence[str],
+    *,
+    tolerance: float = 0.1,
+    max_moves: int = 256,
+) -> list[PlannedMove]:
+    """Single-slot moves from the busiest shards to the idlest until every shard is
+    within ``tolerance`` of the mean load (or no move helps any more).
+
+    Each step moves, from the busiest shard to the idlest, the heaviest slot that does
+    not make the idlest busier than the busiest was: the gap always shrinks, so the
+    loop ends.  A slot hotter than a whole shard's fair share stays where it is.
+    """
+    load = dict.fromkeys(shards, 0.0)
+    owner = {slot: shard for slot, shard in enumerate(current) if shard is not None}
+    for slot, value in slot_load.items():
+        if slot in owner and owner[slot] in load:
+            load[owner[slot]] += value
+    mean = sum(load.values()) / max(1, len(load))
+    planned: list[PlannedMove] = []
+    while len(planned) < max_moves and mean > 0:
+        busiest = max(load, key=lambda s: (load[s], s))
+        idlest = min(load, key=lambda s: (load[s], s))
+        if load[busiest] <= mean * (1 + tolerance):
+            break
+        gap = load[busiest] - load[idlest]
+        movable = [
+            (value, slot)
+            for slot, value in slot_load.items()
+            if owner.get(slot) == busiest and 0 < value < gap
+        ]
+        if not movable:
+            break
+        value, slot = max(movable)
+        owner[slot] = idlest
+        load[busiest] -= value
+        load[idlest] += value
+        planned.append(PlannedMove(busiest, idlest, (slot,)))
+    return planned
+
+
 # -- move records ------------------------------------------------------------------------
 
 
@@ -634,13 +677,40 @@ async def estimate(catalog_dsn: str, moves: Sequence[PlannedMove]) -> list[dict[
     return result
 
 
+async def slot_write_load(topo: Topology, *, seconds: float) -> dict[int, float]:
+    """Writes per second per slot over the last ``seconds``, from every shard's change log."""
+    load: dict[int, float] = {}
+    for shard in topo.shards.values():
+        if shard.primary is None:
+            continue
+        async with _connect(shard.primary.dsn()) as conn:
+            rows = await conn.fetch(
+                "SELECT slot, count(*) AS n FROM shardd_changes"
+                " WHERE at > now() - make_interval(secs => $1) GROUP BY slot",
+                seconds,
+            )
+        for row in rows:
+            load[row["slot"]] = load.get(row["slot"], 0.0) + row["n"] / seconds
+    return load
+
+
 async def plan_for(
-    catalog_dsn: str, *, group_slots: int, weights: dict[str, int] | None = None
+    catalog_dsn: str,
+    *,
+    group_slots: int,
+    by: str = "slots",
+    load_window: float = 600.0,
 ) -> list[PlannedMove]:
+    """The plan ``shardctl rebalance`` runs: by slot counts (weighted ring), or by load
+    (the writes each slot took in the last ``load_window`` seconds)."""
     async with _connect(catalog_dsn) as cat:
         topo = await catalog.load_topology(cat)
         pinned = await catalog.pinned_slots(cat)
-    weights = weights or {name: shard.weight for name, shard in topo.shards.items()}
+    if by == "load":
+        load = await slot_write_load(topo, seconds=load_window)
+        active = [name for name, shard in topo.shards.items() if shard.weight > 0]
+        return plan_by_load(topo.slot_map, load, active)
+    weights = {name: shard.weight for name, shard in topo.shards.items()}
     return plan(topo.slot_map, weights, pinned=pinned, group_slots=group_slots)
 
 
@@ -650,17 +720,24 @@ async def rebalance(
     group_slots: int,
     max_parallel: int,
     reason: str = "rebalance",
-    weights: dict[str, int] | None = None,
+    by: str = "slots",
 ) -> list[Move]:
-    """Plan, record and run a rebalance (refused while another run is unfinished)."""
+    """Plan, record and run a rebalance (refused while another run is unfinished).
+
+    A load-based plan pins each slot it moves (``shardd_slot_overrides``), so a later
+    slot-count rebalance keeps the hot slots where load balancing put them.
+    """
     async with runner_lock(mover.catalog_dsn) as cat:
         if await list_moves(cat, open_only=True):
             raise MoveError("a rebalance is unfinished: resume it (--resume) or abort it (--abort)")
-        planned = await plan_for(mover.catalog_dsn, group_slots=group_slots, weights=weights)
+        planned = await plan_for(mover.catalog_dsn, group_slots=group_slots, by=by)
         if not planned:
             return []
-        moves = await create_run(cat, planned, reason=reason)
-        return await run_moves(mover, moves, max_parallel=max_parallel)
+        moves = await create_run(cat, planned, reason=reason if by == "slots" else "by load")
+        done = await run_moves(mover, moves, max_parallel=max_parallel)
+        if by == "load":
+            await catalog.pin_slots(cat, {s: m.target for m in done for s in m.slots})
+        return done
 
 
 async def resume(mover: Mover, *, max_parallel: int) -> list[Move]:

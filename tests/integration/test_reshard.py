@@ -328,3 +328,31 @@ def test_moves_of_empty_slots_one_huge_partition_and_a_thousand_slots(rs: Runnin
     rs.shardctl("rebalance", "--yes", "--json")
     assert sorted(slot_counts(rs).values()) == [1365, 1365, 1366]
     assert_clean(rs)
+
+
+def test_rebalance_by_load_moves_hot_slots_off_the_busiest_shard(rs: RunningCluster) -> None:
+    api = rs.api("write")
+    slot_map = rs.slot_map()
+    hot_slots = [s for s, owner in slot_map.items() if owner == "s1"][:3]
+    hot_keys = [key for slot in hot_slots for key in keys_in_slot(slot, 2, f"hot{slot}")]
+    batch = [{"pk": key, "item": {"n": n}} for n, key in enumerate(hot_keys)]
+    for _ in range(400):  # thousands of writes to three slots of s1
+        assert (
+            api.request("POST", f"/v1/tables/{TABLE}/batch/write", body={"puts": batch}).status
+            == 200
+        )
+    plan = rs.shardctl("rebalance", "--by", "load", "--dry-run", "--json")
+    assert '"source": "s1"' in plan.stdout
+    rs.shardctl("rebalance", "--by", "load", "--yes", "--json")
+    after = rs.slot_map()
+    moved = [s for s in hot_slots if after[s] != "s1"]
+    assert moved, "no hot slot left s1"
+    pins = {
+        r["slot"]: r["shard"]
+        for r in rs.sql("catalog", "SELECT slot, shard FROM shardd_slot_overrides")
+    }
+    assert all(pins[s] == after[s] for s in moved)
+    assert_clean(rs)
+    for key in hot_keys:
+        response = api.request("GET", f"/v1/tables/{TABLE}/items/{key}?consistency=strong")
+        assert response.status == 200
