@@ -387,7 +387,9 @@ def rebalance(
     moves = _run_moves(
         ctx,
         as_json,
-        lambda mover: reshard.rebalance(mover, group_slots=group_slots, max_parallel=max_parallel),
+        lambda mover: reshard.rebalance(
+            mover, group_slots=group_slots, max_parallel=max_parallel, by=by
+        ),
     )
     _report(moves, as_json)
 

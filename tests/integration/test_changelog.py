@@ -90,7 +90,9 @@ def test_deletes_are_logged_and_apply_is_idempotent(
             await asyncio.to_thread(api.request, "PUT", item_path(table, key), body={"v": 3})
             changes, _ = await changelog.next_batch(conn, start, slots=[slot_of(key, 4096)])
             mine = [c for c in changes if c.tbl == table]
-            await conn.execute("CREATE TEMP TABLE shardd_items (LIKE public.shardd_items)")
+            await conn.execute(
+                "CREATE TEMP TABLE shardd_items (LIKE public.shardd_items INCLUDING DEFAULTS)"
+            )
             await conn.execute("CREATE UNIQUE INDEX ON pg_temp.shardd_items (tbl, pk, sk)")
             for _ in range(2):  # at least once delivery: applying twice changes nothing
                 await changelog.apply(conn, mine)

@@ -343,10 +343,10 @@ def test_rebalance_by_load_moves_hot_slots_off_the_busiest_shard(rs: RunningClus
         )
     plan = rs.shardctl("rebalance", "--by", "load", "--dry-run", "--json")
     assert '"source": "s1"' in plan.stdout
-    rs.shardctl("rebalance", "--by", "load", "--yes", "--json")
+    ran = rs.shardctl("rebalance", "--by", "load", "--yes", "--json")
     after = rs.slot_map()
     moved = [s for s in hot_slots if after[s] != "s1"]
-    assert moved, "no hot slot left s1"
+    assert moved, (hot_slots, ran.stdout)
     pins = {
         r["slot"]: r["shard"]
         for r in rs.sql("catalog", "SELECT slot, shard FROM shardd_slot_overrides")
