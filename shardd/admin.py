@@ -36,12 +36,14 @@ def node_from_dsn(dsn: str, *, name: str, shard: str, role: str) -> Node:
 
 
 @contextlib.asynccontextmanager
-async def connect(dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(dsn, timeout=5.0)
+async def connect(dsn: str, *, connect_seconds: float = 5.0) -> AsyncIterator[asyncpg.Connection]:
+    """One connection for an operator action; closing a broken one is not an error."""
+    conn = await asyncpg.connect(dsn, timeout=connect_seconds)
     try:
         yield conn
     finally:
-        await conn.close()
+        with contextlib.suppress(Exception):
+            await conn.close(timeout=2)
 
 
 async def topology(catalog_dsn: str) -> Topology:

@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from . import catalog, metrics, pgctl
+from . import admin, catalog, metrics, pgctl
 from .nodes import HealthSnapshot
 from .topology import Node, Shard
 
@@ -142,14 +142,10 @@ def lost_bytes(old_position: int | None, new_position: int | None) -> int | None
 # -- talking to nodes -------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def connect(node: Node, *, connect_seconds: float = 3.0) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(node.dsn(), timeout=connect_seconds)
-    try:
-        yield conn
-    finally:
-        with contextlib.suppress(Exception):
-            await conn.close(timeout=1)
+def connect(
+    node: Node, *, connect_seconds: float = 3.0
+) -> contextlib.AbstractAsyncContextManager[asyncpg.Connection]:
+    return admin.connect(node.dsn(), connect_seconds=connect_seconds)
 
 
 async def _position(node: Node) -> Candidate | None:
@@ -293,13 +289,9 @@ async def set_sync_standbys(primary: Node, *, synchronous: bool) -> None:
 @contextlib.asynccontextmanager
 async def shard_lock(catalog_dsn: str, shard: str) -> AsyncIterator[asyncpg.Connection]:
     """A catalog connection holding the shard's failover lock (released on close)."""
-    conn = await asyncpg.connect(catalog_dsn, timeout=5.0)
-    try:
+    async with admin.connect(catalog_dsn) as conn:
         await conn.execute("SELECT pg_advisory_lock($1, hashtext($2))", LOCK_CLASS, shard)
         yield conn
-    finally:
-        with contextlib.suppress(Exception):
-            await conn.close(timeout=1)
 
 
 @dataclass(frozen=True)
@@ -526,12 +518,8 @@ async def rejoin(
     files), started as a standby, and recorded as a replica once it streams.  Until that
     record the node stays fenced, so a failure midway leaves nothing routed to it.
     """
-    conn = await asyncpg.connect(catalog_dsn, timeout=5.0)
-    try:
-        nodes = (await catalog.load_topology(conn)).nodes()
-        node = next((n for n in nodes if n.name == node_name), None)
-    finally:
-        await conn.close()
+    nodes = (await admin.topology(catalog_dsn)).nodes()
+    node = next((n for n in nodes if n.name == node_name), None)
     if node is None:
         raise FailoverError(f"no node {node_name}")
     async with shard_lock(catalog_dsn, node.shard) as conn:

@@ -46,7 +46,7 @@ from dataclasses import dataclass, replace
 
 import asyncpg
 
-from . import catalog, changelog, placement
+from . import admin, catalog, changelog, placement
 from .topology import Shard, Topology
 
 log = logging.getLogger(__name__)
@@ -262,16 +262,6 @@ async def finish_runs(conn: asyncpg.Connection) -> None:
 # -- the mover ---------------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def _connect(dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(dsn, timeout=5.0)
-    try:
-        yield conn
-    finally:
-        with contextlib.suppress(Exception):
-            await conn.close(timeout=2)
-
-
 Progress = Callable[[Move], None]
 
 
@@ -304,11 +294,14 @@ class Mover:
 
     async def run(self, move: Move) -> Move:
         """Carry one move from its recorded phase to ``done``."""
-        async with _connect(self.catalog_dsn) as cat:
+        async with admin.connect(self.catalog_dsn) as cat:
             _, source = await self._shard(cat, move.source)
             _, target = await self._shard(cat, move.target)
             assert source.primary is not None and target.primary is not None
-            async with _connect(source.primary.dsn()) as src, _connect(target.primary.dsn()) as dst:
+            async with (
+                admin.connect(source.primary.dsn()) as src,
+                admin.connect(target.primary.dsn()) as dst,
+            ):
                 if move.phase in ("planned", "copying"):
                     [move] = await self._copy(cat, src, dst, [move])
                 if move.phase == "catching_up":
@@ -329,13 +322,13 @@ class Mover:
         """
         source, target = moves[0].source, moves[0].target
         assert all(m.source == source and m.target == target for m in moves)
-        async with _connect(self.catalog_dsn) as cat:
+        async with admin.connect(self.catalog_dsn) as cat:
             _, src_shard = await self._shard(cat, source)
             _, dst_shard = await self._shard(cat, target)
             assert src_shard.primary is not None and dst_shard.primary is not None
             async with (
-                _connect(src_shard.primary.dsn()) as src,
-                _connect(dst_shard.primary.dsn()) as dst,
+                admin.connect(src_shard.primary.dsn()) as src,
+                admin.connect(dst_shard.primary.dsn()) as dst,
             ):
                 return await self._copy(cat, src, dst, list(moves))
 
@@ -565,11 +558,14 @@ class Mover:
         """Give the slots back to the source (before ``flipped``), else finish the move."""
         if move.phase == "flipped":
             return await self.run(move)
-        async with _connect(self.catalog_dsn) as cat:
+        async with admin.connect(self.catalog_dsn) as cat:
             _, source = await self._shard(cat, move.source)
             _, target = await self._shard(cat, move.target)
             assert source.primary is not None and target.primary is not None
-            async with _connect(source.primary.dsn()) as src, _connect(target.primary.dsn()) as dst:
+            async with (
+                admin.connect(source.primary.dsn()) as src,
+                admin.connect(target.primary.dsn()) as dst,
+            ):
                 return await self._undo(cat, src, dst, move)
 
 
@@ -590,8 +586,7 @@ async def _checksums(conn: asyncpg.Connection, slots: list[int]) -> dict[int, tu
 @contextlib.asynccontextmanager
 async def runner_lock(catalog_dsn: str) -> AsyncIterator[asyncpg.Connection]:
     """Hold the one-rebalance-at-a-time lock (a session lock: released if we die)."""
-    conn = await asyncpg.connect(catalog_dsn, timeout=5.0)
-    try:
+    async with admin.connect(catalog_dsn) as conn:
         # A runner killed a moment ago holds it until the catalog notices: allow a little.
         deadline = time.monotonic() + 5
         while not await conn.fetchval("SELECT pg_try_advisory_lock($1, 0)", LOCK_CLASS):
@@ -599,9 +594,6 @@ async def runner_lock(catalog_dsn: str) -> AsyncIterator[asyncpg.Connection]:
                 raise MoveError("another rebalance is running")
             await asyncio.sleep(0.1)
         yield conn
-    finally:
-        with contextlib.suppress(Exception):
-            await conn.close(timeout=2)
 
 
 async def run_moves(
@@ -642,7 +634,7 @@ async def run_moves(
                 raise
 
     results = await asyncio.gather(*(one(b) for b in batches), return_exceptions=True)
-    async with _connect(mover.catalog_dsn) as cat:
+    async with admin.connect(mover.catalog_dsn) as cat:
         await finish_runs(cat)
     for result in results:
         if isinstance(result, BaseException):
@@ -652,14 +644,14 @@ async def run_moves(
 
 async def estimate(catalog_dsn: str, moves: Sequence[PlannedMove]) -> list[dict[str, object]]:
     """Rows and bytes each planned move would copy (counted on the source primaries)."""
-    async with _connect(catalog_dsn) as cat:
+    async with admin.connect(catalog_dsn) as cat:
         topo = await catalog.load_topology(cat)
     result = []
     for move in moves:
         primary = topo.shards[move.source].primary
         if primary is None:
             raise MoveError(f"shard {move.source} has no primary")
-        async with _connect(primary.dsn()) as conn:
+        async with admin.connect(primary.dsn()) as conn:
             row = await conn.fetchrow(
                 "SELECT count(*) AS n, coalesce(sum(pg_column_size(i.*)), 0) AS b"
                 " FROM shardd_items i WHERE slot = ANY($1::int[])",
@@ -683,7 +675,7 @@ async def slot_write_load(topo: Topology, *, seconds: float) -> dict[int, float]
     for shard in topo.shards.values():
         if shard.primary is None:
             continue
-        async with _connect(shard.primary.dsn()) as conn:
+        async with admin.connect(shard.primary.dsn()) as conn:
             rows = await conn.fetch(
                 "SELECT slot, count(*) AS n FROM shardd_changes"
                 " WHERE at > now() - make_interval(secs => $1) GROUP BY slot",
@@ -703,7 +695,7 @@ async def plan_for(
 ) -> list[PlannedMove]:
     """The plan ``shardctl rebalance`` runs: by slot counts (weighted ring), or by load
     (the writes each slot took in the last ``load_window`` seconds)."""
-    async with _connect(catalog_dsn) as cat:
+    async with admin.connect(catalog_dsn) as cat:
         topo = await catalog.load_topology(cat)
         pinned = await catalog.pinned_slots(cat)
     if by == "load":
@@ -759,11 +751,11 @@ async def remove_shard(
     mover: Mover, name: str, *, group_slots: int, max_parallel: int
 ) -> list[Move]:
     """Move every slot off shard ``name`` (weight 0, then a rebalance), then unregister it."""
-    async with _connect(mover.catalog_dsn) as cat:
+    async with admin.connect(mover.catalog_dsn) as cat:
         await catalog.set_weight(cat, name, 0)
     moves = await rebalance(
         mover, group_slots=group_slots, max_parallel=max_parallel, reason=f"remove {name}"
     )
-    async with _connect(mover.catalog_dsn) as cat:
+    async with admin.connect(mover.catalog_dsn) as cat:
         await catalog.remove_shard(cat, name)
     return moves

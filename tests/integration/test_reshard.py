@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import asyncpg
 import pytest
 
-from shardd import reshard
+from shardd import admin, reshard
 from shardd.placement import slot_of
 from tests.harness.cluster import ROOT, Holding, Instance, RunningCluster, start_cluster, wait_for
 from tests.harness.http import Api
@@ -233,7 +233,7 @@ def keys_in_slot(slot: int, count: int, prefix: str) -> list[str]:
 
 def move_now(cluster: RunningCluster, source: str, target: str, slots: list[int]) -> reshard.Move:
     async def go() -> reshard.Move:
-        async with reshard._connect(cluster.catalog_dsn()) as cat:
+        async with admin.connect(cluster.catalog_dsn()) as cat:
             [move] = await reshard.create_run(
                 cat, [reshard.PlannedMove(source, target, tuple(slots))], reason="test"
             )
@@ -265,7 +265,7 @@ def test_a_long_transaction_across_a_move_is_applied_on_the_target(rs: RunningCl
                 api.request, "PUT", f"/v1/tables/{TABLE}/items/{key}", body={"n": n}
             )
             assert response.status == 201
-        async with reshard._connect(rs.catalog_dsn()) as cat:
+        async with admin.connect(rs.catalog_dsn()) as cat:
             [move] = await reshard.create_run(
                 cat, [reshard.PlannedMove("s2", "s3", (slot,))], reason="horizon"
             )
@@ -334,9 +334,18 @@ def test_rebalance_by_load_moves_hot_slots_off_the_busiest_shard(rs: RunningClus
     api = rs.api("write")
     slot_map = rs.slot_map()
     hot_slots = [s for s, owner in slot_map.items() if owner == "s1"][:3]
-    hot_keys = [key for slot in hot_slots for key in keys_in_slot(slot, 2, f"hot{slot}")]
+    hot_keys = [key for slot in hot_slots for key in keys_in_slot(slot, 33, f"hot{slot}")]
+    # Earlier tests wrote too: make s1 the busiest by a clear margin, whatever they did.
+    window = 600.0
+    load = asyncio.run(
+        reshard.slot_write_load(asyncio.run(admin.topology(rs.catalog_dsn())), seconds=window)
+    )
+    per_shard = {shard: 0.0 for shard in set(slot_map.values())}
+    for slot, rate in load.items():
+        per_shard[slot_map[slot]] += rate * window
+    needed = max(per_shard.values()) - per_shard["s1"] + 3000
     batch = [{"pk": key, "item": {"n": n}} for n, key in enumerate(hot_keys)]
-    for _ in range(400):  # thousands of writes to three slots of s1
+    for _ in range(int(needed) // len(batch) + 1):
         assert (
             api.request("POST", f"/v1/tables/{TABLE}/batch/write", body={"puts": batch}).status
             == 200

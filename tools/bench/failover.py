@@ -19,9 +19,7 @@ import asyncio
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +33,7 @@ ROOT = HERE.parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from loadgen import markdown  # noqa: E402
+from loadgen import devcluster, markdown, percentile, scratch_cluster  # noqa: E402
 
 from shardd import failover  # noqa: E402
 from shardd.placement import slot_of  # noqa: E402
@@ -132,30 +130,12 @@ class Writers:
         return [r for r in self.log if r.finished >= start and r.started <= end]
 
 
-def devcluster(directory: str, *args: str) -> str:
-    done = subprocess.run(
-        [str(ROOT / "tools" / "devcluster"), *args, "--dir", directory],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"devcluster {' '.join(args)} failed:\n{done.stderr}")
-    return done.stdout
-
-
 async def sql(dsn: str, query: str, *args: object) -> list[asyncpg.Record]:
     conn = await asyncpg.connect(dsn)
     try:
         return list(await conn.fetch(query, *args))
     finally:
         await conn.close()
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def run(*, port: int, concurrency: int, rounds: int, directory: str) -> None:
@@ -285,16 +265,8 @@ async def run(*, port: int, concurrency: int, rounds: int, directory: str) -> No
 @click.option("--rounds", default=5, show_default=True, help="Kills, then switchovers.")
 def main(port: int, concurrency: int, rounds: int) -> None:
     """Measure unplanned failover and planned switchover under load."""
-    with tempfile.TemporaryDirectory(prefix="shardd-bench-") as tmp:
-        os.chmod(tmp, 0o755)
-        directory = str(Path(tmp) / "cluster")
-        try:
-            asyncio.run(run(port=port, concurrency=concurrency, rounds=rounds, directory=directory))
-        finally:
-            subprocess.run(
-                [str(ROOT / "tools" / "devcluster"), "down", "--dir", directory],
-                capture_output=True,
-            )
+    with scratch_cluster() as directory:
+        asyncio.run(run(port=port, concurrency=concurrency, rounds=rounds, directory=directory))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,47 @@
-"""Closed-loop load: C workers, each sending its next request when the last one answered."""
+"""What the benchmarks share: closed-loop load (C workers, each sending its next request
+when the last one answered), percentiles, Markdown tables, and a throw-away devcluster."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import random
 import statistics
+import subprocess
+import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+
+DEVCLUSTER = Path(__file__).resolve().parent.parent / "devcluster"
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+
+def devcluster(directory: str, *args: str) -> str:
+    done = subprocess.run(
+        [str(DEVCLUSTER), *args, "--dir", directory], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"devcluster {' '.join(args)} failed:\n{done.stderr}")
+    return done.stdout
+
+
+@contextlib.contextmanager
+def scratch_cluster() -> Iterator[str]:
+    """A folder for a devcluster that is stopped and deleted afterwards, whatever happens."""
+    with tempfile.TemporaryDirectory(prefix="shardd-bench-") as tmp:
+        os.chmod(tmp, 0o755)
+        directory = str(Path(tmp) / "cluster")
+        try:
+            yield directory
+        finally:
+            subprocess.run([str(DEVCLUSTER), "down", "--dir", directory], capture_output=True)
 
 
 @dataclass(frozen=True)
@@ -23,8 +57,7 @@ class Result:
         return self.requests / self.seconds
 
     def percentile(self, q: float) -> float:
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+        return percentile(self.latencies, q)
 
     @property
     def p50_ms(self) -> float:

@@ -20,9 +20,7 @@ import asyncio
 import os
 import platform
 import random
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,22 +33,12 @@ ROOT = HERE.parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from loadgen import markdown  # noqa: E402
+from loadgen import devcluster, markdown, percentile, scratch_cluster  # noqa: E402
 
 from shardd import admin, reshard  # noqa: E402
 from shardd.placement import slot_of  # noqa: E402
 
 SLOTS = 4096
-
-
-def devcluster(directory: str, *args: str) -> None:
-    done = subprocess.run(
-        [str(ROOT / "tools" / "devcluster"), *args, "--dir", directory],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"devcluster {' '.join(args)} failed:\n{done.stderr}")
 
 
 @dataclass
@@ -159,11 +147,6 @@ async def copy_pipe(source_dsn: str, target_dsn: str, slots: list[int]) -> tuple
         seconds = time.perf_counter() - started
         await dst.execute("DROP TABLE bench_copy")
     return int(status.split()[-1]), size, seconds
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
 async def run(*, port: int, rows: int, writers: int, readers: int, directory: str) -> None:
@@ -295,18 +278,10 @@ async def run(*, port: int, rows: int, writers: int, readers: int, directory: st
 @click.option("--readers", default=8, show_default=True)
 def main(port: int, rows: int, writers: int, readers: int) -> None:
     """Measure an online rebalance onto a new shard under client load."""
-    with tempfile.TemporaryDirectory(prefix="shardd-bench-") as tmp:
-        os.chmod(tmp, 0o755)
-        directory = str(Path(tmp) / "cluster")
-        try:
-            asyncio.run(
-                run(port=port, rows=rows, writers=writers, readers=readers, directory=directory)
-            )
-        finally:
-            subprocess.run(
-                [str(ROOT / "tools" / "devcluster"), "down", "--dir", directory],
-                capture_output=True,
-            )
+    with scratch_cluster() as directory:
+        asyncio.run(
+            run(port=port, rows=rows, writers=writers, readers=readers, directory=directory)
+        )
 
 
 if __name__ == "__main__":
