@@ -199,11 +199,13 @@ def _ready(port: int) -> bool:
         return False
 
 
-def start_cluster(*, shards: int = 3, sync: bool = False, failover: bool = True) -> RunningCluster:
+def start_cluster(
+    *, shards: int = 3, replicas: int = 1, sync: bool = False, failover: bool = True
+) -> RunningCluster:
     """A devcluster in a temporary folder; ``failover=False`` leaves dead primaries dead."""
     directory = Path(tempfile.mkdtemp(prefix="shardd-test-"))
     os.chmod(directory, 0o755)
-    port = free_port_block(2 + 2 * shards)
+    port = free_port_block(2 + (1 + replicas) * shards)
     env = {
         **os.environ,
         "SHARDD_TOKENS": ";".join(f"{secret}:{scope}" for scope, secret in TOKENS.items()),
@@ -214,7 +216,8 @@ def start_cluster(*, shards: int = 3, sync: bool = False, failover: bool = True)
         "SHARDD_WRITE_BUFFER_TIMEOUT": "1.0",
     }
     cluster = RunningCluster(directory, port, env)
-    options = ["--port", str(port), "--shards", str(shards), *(["--sync"] if sync else [])]
+    options = ["--port", str(port), "--shards", str(shards), "--replicas", str(replicas)]
+    options += ["--sync"] if sync else []
     result = subprocess.run(
         [str(DEVCLUSTER), "up", "--dir", str(directory), *options],
         capture_output=True,

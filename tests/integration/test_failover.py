@@ -1,9 +1,10 @@
 """Failover, told as the operator's story, on a synchronous cluster of its own.
 
 Primaries are killed for real (``devcluster kill``, SIGKILL) while writers run through
-two shardd instances; afterwards every acknowledged write must still be there.  Each
-test starts by rejoining any fenced former primary, so each finds every shard with a
-primary and a replica.
+two shardd instances; afterwards every acknowledged write must still be there.  Every
+shard has two replicas, so a failover also repoints the replica not promoted.  Each test starts
+by rejoining any fenced former primary, so each finds every shard with a primary and its
+replicas.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ TABLE = "ha"
 
 @pytest.fixture(scope="module")
 def ha() -> Iterator[RunningCluster]:
-    running = start_cluster(shards=2, sync=True)
+    running = start_cluster(shards=2, replicas=2, sync=True)
     try:
         assert running.api().request("PUT", f"/v1/tables/{TABLE}").status == 201
         yield running
