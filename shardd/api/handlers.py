@@ -355,6 +355,14 @@ async def query_partition(request: web.Request) -> web.Response:
 
 
 async def scan(request: web.Request) -> web.Response:
+    """One page of a table in global (pk, sk) order, merged from every shard.
+
+    The cursor is the last key returned, not a position on a shard: every page asks every
+    shard for the items after it, so slots that move between shards during a long scan
+    are neither skipped nor repeated.  A slot answers on one shard at a time (a move
+    marks the target owned before the source stops answering), and a key seen on two
+    shards in one page is returned once.
+    """
     cluster, settings = _ctx(request)
     table = await _table(request)
     limit = _limit(request, settings)
@@ -363,35 +371,30 @@ async def scan(request: web.Request) -> web.Response:
     consistency = _consistency(request, token)
     topo = cluster.require_topology()
     deadline = cluster.deadline()
-    items: list[store.Item] = []
-    position: tuple[str, str] | None = None
-    last_shard = None
-    touched: list[Served] = []
-    for name in sorted(topo.shards):
-        if cursor is not None and name < cursor["s"]:
-            continue
-        after = (cursor["pk"], cursor["sk"]) if cursor is not None and name == cursor["s"] else None
-        page, served = await cluster.read_shard(
-            topo.shards[name],
-            _scan_page(table, after, limit - len(items)),
-            consistency=consistency,
-            token=token,
-            deadline=deadline,
+    after = (cursor["pk"], cursor["sk"]) if cursor is not None else None
+    pages = await asyncio.gather(
+        *(
+            cluster.read_shard(
+                topo.shards[name],
+                _scan_page(table, after, limit + 1),
+                consistency=consistency,
+                token=token,
+                deadline=deadline,
+            )
+            for name in sorted(topo.shards)
         )
-        items.extend(page)
-        touched.append(served)
-        if len(items) >= limit:
-            last_shard = name
-            position = (items[-1].pk, items[-1].sk)
-            break
-    next_cursor = None
-    if last_shard is not None and position is not None:
-        next_cursor = validate.encode_cursor(
-            {"s": last_shard, "pk": position[0], "sk": position[1]}
-        )
+    )
+    merged: dict[tuple[str, str], store.Item] = {}
+    for page, _ in pages:
+        for item in page:
+            merged.setdefault((item.pk, item.sk), item)
+    ordered = [merged[key] for key in sorted(merged)]
+    items = ordered[:limit]
+    more = len(ordered) > limit
+    next_cursor = validate.encode_cursor({"pk": items[-1].pk, "sk": items[-1].sk}) if more else None
     return respond(
         {"items": [_item_json(table, item) for item in items], "cursor": next_cursor},
-        headers=_served_by(touched),
+        headers=_served_by([served for _, served in pages]),
     )
 
 

@@ -149,10 +149,9 @@ def decode_cursor(raw: str | None) -> dict[str, Any] | None:
         raise BadRequest("cursor is not one this service issued", code="invalid_cursor") from None
     if not (
         isinstance(data, dict)
-        and isinstance(data.get("s"), str)
         and isinstance(data.get("pk"), str)
         and isinstance(data.get("sk"), str)
-        and "\x00" not in data["pk"] + data["sk"] + data["s"]
+        and "\x00" not in data["pk"] + data["sk"]
     ):
         raise BadRequest("cursor is not one this service issued", code="invalid_cursor")
     return data

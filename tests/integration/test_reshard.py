@@ -12,6 +12,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import threading
 from collections.abc import Iterator
 
 import asyncpg
@@ -95,16 +96,48 @@ def set_weight(cluster: RunningCluster, shard: str, weight: int) -> None:
     cluster.sql("catalog", "UPDATE shardd_shards SET weight = $2 WHERE name = $1", shard, weight)
 
 
+def full_scan(api: Api) -> list[str]:
+    keys: list[str] = []
+    cursor = ""
+    while True:
+        page = api.request("GET", f"/v1/tables/{TABLE}/scan?limit=500&cursor={cursor}")
+        assert page.status == 200, page.body
+        keys += [item["pk"] for item in page.body["items"]]
+        if page.body["cursor"] is None:
+            return keys
+        cursor = page.body["cursor"]
+
+
 def test_adding_a_shard_under_load_fails_no_request(rs: RunningCluster, second: Instance) -> None:
+    preloaded = {f"pre-{i}" for i in range(2000)}
+    scans: list[list[str]] = []
+    stop = threading.Event()
+
+    def scanner() -> None:
+        api = rs.api("read")
+        while not stop.is_set():
+            scans.append(full_scan(api))
+
     with Load(apis(rs, second), TABLE, prefix="grow", writers=6, read_back=True) as load:
         wait_for(lambda: len(load.outcomes.acked) > 100, timeout=30, what="load running")
         rs.devcluster("add-shard", "s4")
         dry = rs.shardctl("rebalance", "--dry-run", "--json")
         assert '"target": "s4"' in dry.stdout
-        rs.shardctl("rebalance", "--yes", "--json")
+        scanning = threading.Thread(target=scanner)
+        scanning.start()
+        try:
+            rs.shardctl("rebalance", "--yes", "--json")
+        finally:
+            stop.set()
+            scanning.join(timeout=60)
         acked = len(load.outcomes.acked)
         wait_for(lambda: len(load.outcomes.acked) > acked + 50, timeout=30, what="more load")
     outcomes = load.outcomes
+    # Scans running across the moves saw every pre-loaded item exactly once.
+    assert scans
+    for keys in scans:
+        assert len(keys) == len(set(keys))
+        assert preloaded <= set(keys)
     assert outcomes.failures() == 0, (outcomes.refused, outcomes.unknown, outcomes.failed_reads)
     assert_nothing_lost(rs, outcomes, TABLE)
     assert slot_counts(rs) == {"s1": 1024, "s2": 1024, "s3": 1024, "s4": 1024}
