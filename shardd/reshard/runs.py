@@ -1,0 +1,197 @@
+"""Rebalance runs: plan from the live catalog, record, run moves in parallel, resume,
+abort, remove a shard; one runner at a time (an advisory lock on the catalog)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Sequence
+
+import asyncpg
+
+from .. import admin, catalog
+from ..topology import Topology
+from .jobs import Move, create_run, finish_runs, list_moves
+from .mover import Mover
+from .plan import MoveError, PlannedMove, plan, plan_by_load
+
+LOCK_CLASS = 1936221287  # catalog advisory lock: one rebalance runner at a time
+
+
+@contextlib.asynccontextmanager
+async def runner_lock(catalog_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """Hold the one-rebalance-at-a-time lock (a session lock: released if we die)."""
+    async with admin.connect(catalog_dsn) as conn:
+        # A runner killed a moment ago holds it until the catalog notices: allow a little.
+        deadline = time.monotonic() + 5
+        while not await conn.fetchval("SELECT pg_try_advisory_lock($1, 0)", LOCK_CLASS):
+            if time.monotonic() > deadline:
+                raise MoveError("another rebalance is running")
+            await asyncio.sleep(0.1)
+        yield conn
+
+
+async def run_moves(
+    mover: Mover, moves: Sequence[Move], *, max_parallel: int, copy_slots: int = 256
+) -> list[Move]:
+    """Run moves, at most ``max_parallel`` batches at once; stops at the first failure.
+
+    Moves still to be copied are copied together per (source, target) pair, up to
+    ``copy_slots`` slots per pass over the source; each is then caught up and cut over
+    alone.
+    """
+    gate = asyncio.Semaphore(max_parallel)
+    failed: list[BaseException] = []
+    batches: list[list[Move]] = []
+    for move in moves:
+        last = batches[-1] if batches else None
+        if (
+            last is not None
+            and move.phase in ("planned", "copying")
+            and last[0].phase in ("planned", "copying")
+            and (last[0].source, last[0].target) == (move.source, move.target)
+            and sum(len(m.slots) for m in last) + len(move.slots) <= copy_slots
+        ):
+            last.append(move)
+        else:
+            batches.append([move])
+
+    async def one(batch: list[Move]) -> list[Move]:
+        async with gate:
+            if failed:
+                return batch
+            try:
+                if batch[0].phase in ("planned", "copying"):
+                    batch = await mover.copy(batch)
+                return [await mover.run(move) for move in batch]
+            except BaseException as exc:
+                failed.append(exc)
+                raise
+
+    results = await asyncio.gather(*(one(b) for b in batches), return_exceptions=True)
+    async with admin.connect(mover.catalog_dsn) as cat:
+        await finish_runs(cat)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return [move for result in results if isinstance(result, list) for move in result]
+
+
+async def estimate(catalog_dsn: str, moves: Sequence[PlannedMove]) -> list[dict[str, object]]:
+    """Rows and bytes each planned move would copy (counted on the source primaries)."""
+    async with admin.connect(catalog_dsn) as cat:
+        topo = await catalog.load_topology(cat)
+    result = []
+    for move in moves:
+        primary = topo.shards[move.source].primary
+        if primary is None:
+            raise MoveError(f"shard {move.source} has no primary")
+        async with admin.connect(primary.dsn()) as conn:
+            row = await conn.fetchrow(
+                "SELECT count(*) AS n, coalesce(sum(pg_column_size(i.*)), 0) AS b"
+                " FROM shardd_items i WHERE slot = ANY($1::int[])",
+                list(move.slots),
+            )
+        result.append(
+            {
+                "source": move.source,
+                "target": move.target,
+                "slots": len(move.slots),
+                "rows": row["n"],
+                "bytes": int(row["b"]),
+            }
+        )
+    return result
+
+
+async def slot_write_load(topo: Topology, *, seconds: float) -> dict[int, float]:
+    """Writes per second per slot over the last ``seconds``, from every shard's change log."""
+    load: dict[int, float] = {}
+    for shard in topo.shards.values():
+        if shard.primary is None:
+            continue
+        async with admin.connect(shard.primary.dsn()) as conn:
+            rows = await conn.fetch(
+                "SELECT slot, count(*) AS n FROM shardd_changes"
+                " WHERE at > now() - make_interval(secs => $1) GROUP BY slot",
+                seconds,
+            )
+        for row in rows:
+            load[row["slot"]] = load.get(row["slot"], 0.0) + row["n"] / seconds
+    return load
+
+
+async def plan_for(
+    catalog_dsn: str,
+    *,
+    group_slots: int,
+    by: str = "slots",
+    load_window: float = 600.0,
+) -> list[PlannedMove]:
+    """The plan ``shardctl rebalance`` runs: by slot counts (weighted ring), or by load
+    (the writes each slot took in the last ``load_window`` seconds)."""
+    async with admin.connect(catalog_dsn) as cat:
+        topo = await catalog.load_topology(cat)
+        pinned = await catalog.pinned_slots(cat)
+    if by == "load":
+        load = await slot_write_load(topo, seconds=load_window)
+        active = [name for name, shard in topo.shards.items() if shard.weight > 0]
+        return plan_by_load(topo.slot_map, load, active)
+    weights = {name: shard.weight for name, shard in topo.shards.items()}
+    return plan(topo.slot_map, weights, pinned=pinned, group_slots=group_slots)
+
+
+async def rebalance(
+    mover: Mover,
+    *,
+    group_slots: int,
+    max_parallel: int,
+    reason: str = "rebalance",
+    by: str = "slots",
+) -> list[Move]:
+    """Plan, record and run a rebalance (refused while another run is unfinished).
+
+    A load-based plan pins each slot it moves (``shardd_slot_overrides``), so a later
+    slot-count rebalance keeps the hot slots where load balancing put them.
+    """
+    async with runner_lock(mover.catalog_dsn) as cat:
+        if await list_moves(cat, open_only=True):
+            raise MoveError("a rebalance is unfinished: resume it (--resume) or abort it (--abort)")
+        planned = await plan_for(mover.catalog_dsn, group_slots=group_slots, by=by)
+        if not planned:
+            return []
+        moves = await create_run(cat, planned, reason=reason if by == "slots" else "by load")
+        done = await run_moves(mover, moves, max_parallel=max_parallel)
+        if by == "load":
+            await catalog.pin_slots(cat, {s: m.target for m in done for s in m.slots})
+        return done
+
+
+async def resume(mover: Mover, *, max_parallel: int) -> list[Move]:
+    async with runner_lock(mover.catalog_dsn) as cat:
+        moves = await list_moves(cat, open_only=True)
+        return await run_moves(mover, moves, max_parallel=max_parallel)
+
+
+async def abort(mover: Mover) -> list[Move]:
+    """Roll back every unfinished move (moves already flipped are completed instead)."""
+    async with runner_lock(mover.catalog_dsn) as cat:
+        moves = await list_moves(cat, open_only=True)
+        done = [await mover.abort(move) for move in moves]
+        await finish_runs(cat)
+        return done
+
+
+async def remove_shard(
+    mover: Mover, name: str, *, group_slots: int, max_parallel: int
+) -> list[Move]:
+    """Move every slot off shard ``name`` (weight 0, then a rebalance), then unregister it."""
+    async with admin.connect(mover.catalog_dsn) as cat:
+        await catalog.set_weight(cat, name, 0)
+    moves = await rebalance(
+        mover, group_slots=group_slots, max_parallel=max_parallel, reason=f"remove {name}"
+    )
+    async with admin.connect(mover.catalog_dsn) as cat:
+        await catalog.remove_shard(cat, name)
+    return moves
