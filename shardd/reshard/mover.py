@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import asyncpg
 
 from .. import admin, catalog, changelog
-from ..topology import Shard, Topology
 from .jobs import Move, record_step
 from .plan import MoveError
 
@@ -45,32 +44,37 @@ class Mover:
         self.catch_up_backlog = catch_up_backlog
         self.progress = progress or (lambda move: None)
 
-    async def _shard(self, conn: asyncpg.Connection, name: str) -> tuple[Topology, Shard]:
-        topo = await catalog.load_topology(conn)
-        shard = topo.shards.get(name)
-        if shard is None or shard.primary is None:
-            raise MoveError(f"shard {name} has no primary")
-        return topo, shard
+    @contextlib.asynccontextmanager
+    async def _sides(
+        self, source: str, target: str
+    ) -> AsyncIterator[tuple[asyncpg.Connection, asyncpg.Connection, asyncpg.Connection]]:
+        """Connections to the catalog and to the source's and target's primaries."""
+        async with admin.connect(self.catalog_dsn) as cat:
+            topo = await catalog.load_topology(cat)
+            primaries = []
+            for name in (source, target):
+                shard = topo.shards.get(name)
+                if shard is None or shard.primary is None:
+                    raise MoveError(f"shard {name} has no primary")
+                primaries.append(shard.primary)
+            async with (
+                admin.connect(primaries[0].dsn()) as src,
+                admin.connect(primaries[1].dsn()) as dst,
+            ):
+                yield cat, src, dst
 
     async def run(self, move: Move) -> Move:
         """Carry one move from its recorded phase to ``done``."""
-        async with admin.connect(self.catalog_dsn) as cat:
-            _, source = await self._shard(cat, move.source)
-            _, target = await self._shard(cat, move.target)
-            assert source.primary is not None and target.primary is not None
-            async with (
-                admin.connect(source.primary.dsn()) as src,
-                admin.connect(target.primary.dsn()) as dst,
-            ):
-                if move.phase in ("planned", "copying"):
-                    [move] = await self._copy(cat, src, dst, [move])
-                if move.phase == "catching_up":
-                    move = await self._catch_up(cat, src, dst, move)
-                    move = await self._freeze(cat, src, move)
-                if move.phase == "frozen":
-                    move = await self._cut_over(cat, src, dst, move)
-                if move.phase == "flipped":
-                    move = await self._clean_up(cat, src, move)
+        async with self._sides(move.source, move.target) as (cat, src, dst):
+            if move.phase in ("planned", "copying"):
+                [move] = await self._copy(cat, src, dst, [move])
+            if move.phase == "catching_up":
+                move = await self._catch_up(cat, src, dst, move)
+                move = await self._freeze(cat, src, move)
+            if move.phase == "frozen":
+                move = await self._cut_over(cat, src, dst, move)
+            if move.phase == "flipped":
+                move = await self._clean_up(cat, src, move)
         return move
 
     async def copy(self, moves: Sequence[Move]) -> list[Move]:
@@ -82,15 +86,8 @@ class Mover:
         """
         source, target = moves[0].source, moves[0].target
         assert all(m.source == source and m.target == target for m in moves)
-        async with admin.connect(self.catalog_dsn) as cat:
-            _, src_shard = await self._shard(cat, source)
-            _, dst_shard = await self._shard(cat, target)
-            assert src_shard.primary is not None and dst_shard.primary is not None
-            async with (
-                admin.connect(src_shard.primary.dsn()) as src,
-                admin.connect(dst_shard.primary.dsn()) as dst,
-            ):
-                return await self._copy(cat, src, dst, list(moves))
+        async with self._sides(source, target) as (cat, src, dst):
+            return await self._copy(cat, src, dst, list(moves))
 
     async def _copy(
         self,
@@ -318,15 +315,8 @@ class Mover:
         """Give the slots back to the source (before ``flipped``), else finish the move."""
         if move.phase == "flipped":
             return await self.run(move)
-        async with admin.connect(self.catalog_dsn) as cat:
-            _, source = await self._shard(cat, move.source)
-            _, target = await self._shard(cat, move.target)
-            assert source.primary is not None and target.primary is not None
-            async with (
-                admin.connect(source.primary.dsn()) as src,
-                admin.connect(target.primary.dsn()) as dst,
-            ):
-                return await self._undo(cat, src, dst, move)
+        async with self._sides(move.source, move.target) as (cat, src, dst):
+            return await self._undo(cat, src, dst, move)
 
 
 async def _checksums(conn: asyncpg.Connection, slots: list[int]) -> dict[int, tuple[int, int]]:
