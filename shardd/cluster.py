@@ -332,37 +332,39 @@ class Cluster:
     ) -> tuple[T, Served]:
         """Run a write on the primary owning ``pk``'s slot, following the map as it moves."""
         attempt = 0
+        while True:
+            topology, slot, shard = self.route(pk)
+            try:
+                return await self.write_shard(topology, shard, _bind(work, slot), deadline=deadline)
+            except errors.StaleMap:
+                await self.after_stale(topology, attempt, deadline, shard.name)
+                attempt += 1
+
+    async def write_shard(
+        self, topology: Topology, shard: Shard, work: Work[T], *, deadline: float
+    ) -> tuple[T, Served]:
+        """Run a write on one shard's primary, waiting for one if there is none.
+
+        A shard refusing the slots raises StaleMap: the caller re-routes (single writes)
+        or regroups (batches).
+        """
         buffer_until: float | None = None
         while True:
             await self.confirm_topology()
-            topology, slot, shard = self.route(pk)
             primary = shard.primary
             try:
                 if primary is None:
                     raise errors.ShardUnavailable(shard.name, "it has no primary")
-                result = await self._run(
-                    shard.name, primary, _bind(work, slot), writing=True, deadline=deadline
-                )
+                result = await self._run(shard.name, primary, work, writing=True, deadline=deadline)
                 return result, Served(shard.name, primary.name)
-            except errors.StaleMap:
-                await self.after_stale(topology, attempt, deadline, shard.name)
-                attempt += 1
             except errors.ShardUnavailable as exc:  # nothing was written: wait for a primary
                 if buffer_until is None:
                     buffer_until = min(
                         deadline - 0.05, time.monotonic() + self.settings.write_buffer_timeout
                     )
                 await self.await_primary(topology, exc, buffer_until)
-
-    async def write_shard(
-        self, topology: Topology, shard: Shard, work: Work[T], *, deadline: float
-    ) -> tuple[T, Served]:
-        """Run a multi-key write on one shard's primary (no retry: callers regroup)."""
-        primary = shard.primary
-        if primary is None:
-            raise errors.ShardUnavailable(shard.name, "it has no primary")
-        result = await self._run(shard.name, primary, work, writing=True, deadline=deadline)
-        return result, Served(shard.name, primary.name)
+                topology = self.require_topology()
+                shard = topology.shards.get(shard.name, shard)
 
     async def read_shard(
         self,

@@ -200,7 +200,12 @@ def _ready(port: int) -> bool:
 
 
 def start_cluster(
-    *, shards: int = 3, replicas: int = 1, sync: bool = False, failover: bool = True
+    *,
+    shards: int = 3,
+    replicas: int = 1,
+    sync: bool = False,
+    failover: bool = True,
+    write_buffer: float = 1.0,
 ) -> RunningCluster:
     """A devcluster in a temporary folder; ``failover=False`` leaves dead primaries dead."""
     directory = Path(tempfile.mkdtemp(prefix="shardd-test-"))
@@ -213,7 +218,7 @@ def start_cluster(
         "SHARDD_TOPOLOGY_POLL_INTERVAL": "1.0",
         "SHARDD_ACCESS_LOG": "false",
         "SHARDD_FAILOVER": str(failover).lower(),
-        "SHARDD_WRITE_BUFFER_TIMEOUT": "1.0",
+        "SHARDD_WRITE_BUFFER_TIMEOUT": str(write_buffer),
     }
     cluster = RunningCluster(directory, port, env)
     options = ["--port", str(port), "--shards", str(shards), "--replicas", str(replicas)]

@@ -25,7 +25,7 @@ TABLE = "ha"
 
 @pytest.fixture(scope="module")
 def ha() -> Iterator[RunningCluster]:
-    running = start_cluster(shards=2, replicas=2, sync=True)
+    running = start_cluster(shards=2, replicas=2, sync=True, write_buffer=5.0)
     try:
         assert running.api().request("PUT", f"/v1/tables/{TABLE}").status == 201
         yield running
@@ -100,6 +100,23 @@ def test_killed_primaries_lose_no_acknowledged_write(
         r["name"] for r in healed.sql("catalog", "SELECT name FROM shardd_nodes WHERE fenced")
     }
     assert {old_s1, old_s2} <= fenced
+
+
+def test_a_batch_sent_while_its_shard_has_no_primary_waits_for_the_new_one(
+    healed: RunningCluster,
+) -> None:
+    keys = keys_on(healed, "s1", "batch-s1", 5) + keys_on(healed, "s2", "batch-s2", 5)
+    old = healed.primary_of("s2")
+    healed.devcluster("kill", old)
+    response = healed.api("write").request(
+        "POST",
+        f"/v1/tables/{TABLE}/batch/write",
+        body={"puts": [{"pk": key, "item": {"k": key}} for key in keys]},
+    )
+    assert response.status == 200 and response.body["ok"], response.body
+    new = healed.primary_of("s2")
+    assert new not in ("", old)
+    assert f"s2/{new}" in (response.header("Shardd-Served-By") or "")
 
 
 def test_a_restarted_old_primary_takes_no_write_and_rejoins(
