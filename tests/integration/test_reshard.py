@@ -368,21 +368,23 @@ def test_rebalance_by_load_moves_hot_slots_off_the_busiest_shard(rs: RunningClus
     slot_map = rs.slot_map()
     hot_slots = [s for s, owner in slot_map.items() if owner == "s1"][:3]
     hot_keys = [key for slot in hot_slots for key in keys_in_slot(slot, 33, f"hot{slot}")]
-    # Earlier tests wrote too: make s1 the busiest by a clear margin, whatever they did.
+    # Earlier tests wrote too: make s1 the busiest shard by a clear margin, and the three
+    # slots the hottest anywhere, whatever they did.
     window = 600.0
-    load = asyncio.run(
-        reshard.slot_write_load(asyncio.run(admin.topology(rs.catalog_dsn())), seconds=window)
-    )
-    per_shard = {shard: 0.0 for shard in set(slot_map.values())}
+    topology = asyncio.run(admin.topology(rs.catalog_dsn()))
+    load = asyncio.run(reshard.slot_write_load(topology, seconds=window))
+    per_shard = dict.fromkeys(set(slot_map.values()), 0.0)
     for slot, rate in load.items():
         per_shard[slot_map[slot]] += rate * window
-    needed = max(per_shard.values()) - per_shard["s1"] + 3000
+    behind = max(per_shard.values()) - per_shard["s1"]
+    # Hotter than any slot, s1 ahead of every shard, and each hot slot worth moving.
+    per_slot = max(
+        max(load.values(), default=0.0) * window + 500, (behind + 3000) / 3, behind + 500
+    )
     batch = [{"pk": key, "item": {"n": n}} for n, key in enumerate(hot_keys)]
-    for _ in range(int(needed) // len(batch) + 1):
-        assert (
-            api.request("POST", f"/v1/tables/{TABLE}/batch/write", body={"puts": batch}).status
-            == 200
-        )
+    for _ in range(int(per_slot) // 33 + 1):  # each batch writes 33 keys of each hot slot
+        response = api.request("POST", f"/v1/tables/{TABLE}/batch/write", body={"puts": batch})
+        assert response.status == 200
     plan = rs.shardctl("rebalance", "--by", "load", "--dry-run", "--json")
     assert '"source": "s1"' in plan.stdout
     ran = rs.shardctl("rebalance", "--by", "load", "--yes", "--json")
