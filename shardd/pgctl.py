@@ -63,11 +63,22 @@ def owner(path: str | Path) -> str:
     return pwd.getpwuid(os.stat(path).st_uid).pw_name
 
 
-def is_running(datadir: str | Path, *, user: str) -> bool:
-    status = subprocess.run(
-        as_user([program("pg_ctl"), "-D", str(datadir), "status"], user), capture_output=True
-    )
-    return status.returncode == 0
+def alive(pid: int) -> bool:
+    """True when the process runs (a zombie awaiting its parent does not count)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def postmaster_pid(datadir: str | Path) -> int | None:
+    """The running postmaster of ``datadir``, or None (a SIGKILLed one leaves its pidfile)."""
+    try:
+        pid = int((Path(datadir) / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return None
+    return pid if alive(pid) else None
 
 
 def start(datadir: str | Path, *, logfile: str | Path, user: str) -> None:
@@ -78,7 +89,7 @@ def start(datadir: str | Path, *, logfile: str | Path, user: str) -> None:
 
 
 def stop(datadir: str | Path, *, user: str) -> None:
-    if is_running(datadir, user=user):
+    if postmaster_pid(datadir) is not None:
         run(
             [program("pg_ctl"), "-D", str(datadir), "-m", "fast", "-w", "-t", "60", "stop"],
             user=user,

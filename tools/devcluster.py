@@ -93,15 +93,6 @@ def port_free(port: int) -> bool:
     return True
 
 
-def alive(pid: int) -> bool:
-    """True when the process runs (a zombie awaiting its parent does not count)."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def title(node: dict[str, Any]) -> str:
     """The node's cluster_name, unique on this machine (its port is part of it)."""
     return f"{node['name']}-{node['port']}"
@@ -117,7 +108,9 @@ def backends_of(cluster_name: str) -> list[int]:
             title = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if title.startswith(f"postgres: {cluster_name}: ".encode()) and alive(int(entry.name)):
+        if title.startswith(f"postgres: {cluster_name}: ".encode()) and pgctl.alive(
+            int(entry.name)
+        ):
             found.append(int(entry.name))
     return found
 
@@ -165,12 +158,7 @@ class Cluster:
     # -- Postgres nodes
 
     def pid(self, node: dict[str, Any]) -> int | None:
-        pidfile = self.datadir(node) / "postmaster.pid"
-        try:
-            pid = int(pidfile.read_text().split("\n", 1)[0])
-        except (OSError, ValueError):
-            return None
-        return pid if alive(pid) else None
+        return pgctl.postmaster_pid(self.datadir(node))
 
     def start_node(self, node: dict[str, Any]) -> None:
         if self.pid(node) is not None:
@@ -302,7 +290,7 @@ class Cluster:
 
     def shardd_pid(self) -> int | None:
         pid = self.state.get("shardd_pid")
-        return int(pid) if pid and alive(int(pid)) else None
+        return int(pid) if pid and pgctl.alive(int(pid)) else None
 
     def shardd_env(self) -> dict[str, str]:
         """shardd's environment: the SHARDD_* settings given to `up`, then the cluster's."""

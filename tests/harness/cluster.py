@@ -82,13 +82,15 @@ class RunningCluster:
     env: dict[str, str]
 
     def devcluster(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
+        done = subprocess.run(
             [str(DEVCLUSTER), *args, "--dir", str(self.dir)],
             capture_output=True,
             text=True,
-            check=check,
             timeout=300,
         )
+        if check and done.returncode != 0:
+            raise AssertionError(f"devcluster {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+        return done
 
     def status(self) -> dict[str, Any]:
         data: dict[str, Any] = json.loads(self.devcluster("status", "--json").stdout)
