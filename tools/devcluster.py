@@ -446,8 +446,13 @@ def down(directory: Path, purge: bool) -> None:
 @dir_option
 @click.option("--json", "as_json", is_flag=True)
 def status(directory: Path, as_json: bool) -> None:
-    """Every node: shard, role, port, data dir, pid, up/down."""
+    """Every node: shard, role, port, data dir, pid, up/down.
+
+    Roles come from the catalog when it answers (failovers change them), else they are
+    the roles the nodes were created with.
+    """
     cluster = Cluster(directory)
+    roles = _live_roles(cluster)
     rows = []
     for node in cluster.nodes:
         pid = cluster.pid(node)
@@ -455,7 +460,7 @@ def status(directory: Path, as_json: bool) -> None:
             {
                 "name": node["name"],
                 "shard": node["shard"],
-                "role": node["role"],
+                "role": roles.get(node["name"], node["role"]),
                 "port": node["port"],
                 "datadir": str(cluster.datadir(node)),
                 "pid": pid,
@@ -483,6 +488,18 @@ def status(directory: Path, as_json: bool) -> None:
             f"{row['port']!s:<6} {'up' if row['up'] else 'down':<5} "
             f"pid={row['pid'] or '-'} {row['datadir'] or ''}"
         )
+
+
+def _live_roles(cluster: Cluster) -> dict[str, str]:
+    """node -> role in the catalog ("fenced" for a replaced primary); {} when unreachable."""
+    catalog = next((n for n in cluster.nodes if n["name"] == "catalog"), None)
+    if catalog is None or cluster.pid(catalog) is None:
+        return {}
+    try:
+        topology = asyncio.run(admin.topology(cluster.catalog_dsn))
+    except Exception:
+        return {}
+    return {n.name: "fenced" if n.fenced else n.role for n in topology.nodes()}
 
 
 @cli.command()
