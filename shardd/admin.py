@@ -123,7 +123,12 @@ async def init_slots(catalog_dsn: str) -> dict[str, int]:
 
 async def status(catalog_dsn: str) -> dict[str, Any]:
     """Shards, slots, items and node health, as ``shardctl status --json`` prints it."""
-    topo = await topology(catalog_dsn)
+    async with connect(catalog_dsn) as conn:
+        topo = await catalog.load_topology(conn)
+        synchronous = await catalog.is_synchronous(conn)
+        monitor = await conn.fetchval("SELECT holder FROM shardd_leases WHERE name = 'monitor'")
+        instances = await catalog.live_instances(conn, lease=60.0)
+        history = await catalog.failovers(conn, limit=10)
     pools = NodePools(pool_size=1, connect_timeout=2.0)
     try:
         nodes = topo.nodes()
@@ -152,11 +157,6 @@ async def status(catalog_dsn: str) -> dict[str, Any]:
                 "nodes": shard_nodes,
             }
         )
-    async with connect(catalog_dsn) as conn:
-        synchronous = await catalog.is_synchronous(conn)
-        monitor = await conn.fetchval("SELECT holder FROM shardd_leases WHERE name = 'monitor'")
-        instances = await catalog.live_instances(conn, lease=60.0)
-        history = await catalog.failovers(conn, limit=10)
     return {
         "epoch": topo.epoch,
         "slot_count": topo.slot_count,

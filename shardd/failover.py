@@ -69,6 +69,10 @@ class ShardView:
     primary_position: int | None  # its last known WAL position
     candidates: tuple[Candidate, ...]  # healthy replicas
 
+    def needs_primary(self, failures_needed: int) -> bool:
+        """No primary on record, or it failed ``failures_needed`` checks in a row."""
+        return self.primary is None or self.primary_failures >= failures_needed
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -122,7 +126,7 @@ def choose_candidate(candidates: Iterable[Candidate]) -> Candidate | None:
 
 def decide(view: ShardView, *, failures_needed: int) -> Decision:
     """Promote when the primary failed ``failures_needed`` checks in a row, or is gone."""
-    if view.primary is not None and view.primary_failures < failures_needed:
+    if not view.needs_primary(failures_needed):
         return Decision(
             view.shard, None, f"primary healthy ({view.primary_failures} failed checks)"
         )

@@ -123,9 +123,7 @@ class Monitor:
             view = failover.shard_view(shard, snapshot)
             decision = failover.decide(view, failures_needed=self.settings.failover_after_checks)
             if decision.promote is None:
-                if view.primary is None or view.primary_failures >= (
-                    self.settings.failover_after_checks
-                ):
+                if view.needs_primary(self.settings.failover_after_checks):
                     log.error("shard %s needs a new primary: %s", shard.name, decision.reason)
                 continue
             log.warning(
