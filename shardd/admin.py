@@ -126,6 +126,7 @@ async def status(catalog_dsn: str) -> dict[str, Any]:
     async with connect(catalog_dsn) as conn:
         topo = await catalog.load_topology(conn)
         synchronous = await catalog.is_synchronous(conn)
+        synchronous_mode = await catalog.synchronous_mode(conn)
         monitor = await conn.fetchval("SELECT holder FROM shardd_leases WHERE name = 'monitor'")
         instances = await catalog.live_instances(conn, lease=60.0)
         history = await catalog.failovers(conn, limit=10)
@@ -152,6 +153,9 @@ async def status(catalog_dsn: str) -> dict[str, Any]:
             {
                 "name": shard.name,
                 "weight": shard.weight,
+                "term": shard.term,
+                "write_block": shard.write_block,
+                "degraded": shard.degraded,
                 "slots": slots.get(shard.name, 0),
                 "items": items,
                 "nodes": shard_nodes,
@@ -161,6 +165,7 @@ async def status(catalog_dsn: str) -> dict[str, Any]:
         "epoch": topo.epoch,
         "slot_count": topo.slot_count,
         "synchronous": synchronous,
+        "synchronous_mode": synchronous_mode,
         "monitor": monitor,
         "instances": instances,
         "shards": shards,

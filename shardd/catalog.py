@@ -15,6 +15,7 @@ from datetime import datetime
 
 import asyncpg
 
+from . import errors
 from .topology import Node, Shard, TableInfo, Topology
 
 CHANNEL = "shardd_topology"
@@ -25,20 +26,29 @@ async def load_topology(conn: asyncpg.Connection) -> Topology:
         cluster = await conn.fetchrow("SELECT epoch, slot_count FROM shardd_cluster")
         if cluster is None:
             raise LookupError("the catalog has no cluster; run `shardctl init`")
-        shard_rows = await conn.fetch("SELECT name, weight FROM shardd_shards ORDER BY name")
+        shard_rows = await conn.fetch(
+            "SELECT name, weight, term, write_block, degraded FROM shardd_shards ORDER BY name"
+        )
         node_rows = await conn.fetch(
             "SELECT name, shard, role, host, port, dbname, username, password, fenced"
             " FROM shardd_nodes ORDER BY shard, role, name"
         )
         slot_rows = await conn.fetch("SELECT slot, shard FROM shardd_slot_map")
         table_rows = await conn.fetch(
-            "SELECT name, description, created_at, updated_at FROM shardd_tables"
+            "SELECT name, description, state, created_at, updated_at FROM shardd_tables"
         )
     nodes: dict[str, list[Node]] = {}
     for row in node_rows:
         nodes.setdefault(row["shard"], []).append(Node(**dict(row)))
     shards = {
-        row["name"]: Shard(row["name"], row["weight"], tuple(nodes.get(row["name"], ())))
+        row["name"]: Shard(
+            row["name"],
+            row["weight"],
+            tuple(nodes.get(row["name"], ())),
+            term=row["term"],
+            write_block=row["write_block"],
+            degraded=row["degraded"],
+        )
         for row in shard_rows
     }
     slot_map: list[str | None] = [None] * cluster["slot_count"]
@@ -50,6 +60,7 @@ async def load_topology(conn: asyncpg.Connection) -> Topology:
             row["description"],
             row["created_at"].isoformat(),
             row["updated_at"].isoformat(),
+            row["state"],
         )
         for row in table_rows
     }
@@ -127,25 +138,67 @@ async def pin_slots(conn: asyncpg.Connection, pins: dict[int, str]) -> None:
     )
 
 
+TABLE_ACTIVE = "active"
+TABLE_DELETING = "deleting"
+
+
 async def put_table(conn: asyncpg.Connection, *, name: str, description: str) -> bool:
-    """Create or update a table declaration; True when it was created."""
+    """Create or update a table declaration; True when it was created.
+
+    Refused (409) while the table is being deleted.  Creating forgets that the name was
+    dropped: the caller has lifted the old table's fences on the shards first.
+    """
     async with conn.transaction():
-        created: bool = await conn.fetchval(
+        row = await conn.fetchrow(
             "INSERT INTO shardd_tables AS t (name, description) VALUES ($1, $2)"
             " ON CONFLICT (name) DO UPDATE SET description = excluded.description,"
-            " updated_at = now() RETURNING (xmax = 0)",
+            " updated_at = now() WHERE t.state = $3 RETURNING (xmax = 0) AS created",
             name,
             description,
+            TABLE_ACTIVE,
         )
+        if row is None:
+            raise errors.TableDeleting(f"table {name} is being deleted")
+        await conn.execute("DELETE FROM shardd_dropped_tables WHERE name = $1", name)
         await bump_epoch(conn)
-    return created
+    return bool(row["created"])
+
+
+async def table_was_dropped(conn: asyncpg.Connection, name: str) -> bool:
+    """Was a table of this name deleted (its fences may still stand on the shards)?"""
+    return bool(
+        await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM shardd_dropped_tables WHERE name = $1)", name
+        )
+    )
+
+
+async def mark_table_deleting(conn: asyncpg.Connection, name: str) -> None:
+    """First step of a deletion: instances refuse the table once they see the epoch."""
+    async with conn.transaction():
+        status = await conn.execute(
+            "UPDATE shardd_tables SET state = $2, updated_at = now()"
+            " WHERE name = $1 AND state <> $2",
+            name,
+            TABLE_DELETING,
+        )
+        if not status.endswith(" 0"):
+            await bump_epoch(conn)
 
 
 async def drop_table(conn: asyncpg.Connection, name: str) -> bool:
+    """Last step of a deletion (its items are gone): drop the row, remember the name."""
     async with conn.transaction():
-        status = await conn.execute("DELETE FROM shardd_tables WHERE name = $1", name)
+        status = await conn.execute(
+            "DELETE FROM shardd_tables WHERE name = $1 AND state = $2", name, TABLE_DELETING
+        )
         if status.endswith(" 0"):
             return False
+        await conn.execute(
+            "INSERT INTO shardd_dropped_tables (name) VALUES ($1)"
+            " ON CONFLICT (name) DO UPDATE SET dropped_at = now()",
+            name,
+        )
         await bump_epoch(conn)
     return True
 
@@ -177,8 +230,11 @@ async def record_promotion(
     kind: str,
     lost_bytes: int | None,
     detected_at: datetime,
+    lost_exact: bool = True,
+    promoted_lsn: str | None = None,
 ) -> int:
-    """The promoted replica becomes the shard's primary; the old one stays fenced."""
+    """The promoted replica becomes the shard's primary; the old one stays fenced; the
+    shard's term grows by one (moves compare it, see shardd/reshard/mover.py)."""
     async with conn.transaction():
         await conn.execute("UPDATE shardd_nodes SET fenced = true WHERE name = $1", old_primary)
         await conn.execute(
@@ -186,16 +242,76 @@ async def record_promotion(
             new_primary,
         )
         await conn.execute(
+            "UPDATE shardd_shards SET term = term + 1, write_block = NULL WHERE name = $1", shard
+        )
+        await conn.execute(
             "INSERT INTO shardd_failovers (shard, kind, old_primary, new_primary, lost_bytes,"
-            " detected_at) VALUES ($1, $2, $3, $4, $5, $6)",
+            " lost_exact, promoted_lsn, detected_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             shard,
             kind,
             old_primary,
             new_primary,
             lost_bytes,
+            lost_exact,
+            promoted_lsn,
             detected_at,
         )
         return await bump_epoch(conn)
+
+
+async def record_exact_loss(conn: asyncpg.Connection, *, old_primary: str, end_lsn: int) -> None:
+    """The old primary answered again: its end of WAL makes the last promotion's loss
+    exact (WAL it had beyond the promoted node's position at promotion)."""
+    await conn.execute(
+        "UPDATE shardd_failovers SET lost_bytes = greatest(0, $2::pg_lsn - promoted_lsn)::bigint,"
+        " lost_exact = true WHERE id = (SELECT max(id) FROM shardd_failovers"
+        " WHERE old_primary = $1) AND NOT lost_exact AND promoted_lsn IS NOT NULL",
+        old_primary,
+        lsn_text(end_lsn),
+    )
+
+
+def lsn_text(position: int) -> str:
+    return f"{position >> 32:X}/{position & 0xFFFFFFFF:X}"
+
+
+async def set_write_block(conn: asyncpg.Connection, shard: str, reason: str | None) -> bool:
+    """Record why writes to ``shard`` are refused at once (None: they are not); True
+    when that changed (and instances were told, with a new epoch)."""
+    async with conn.transaction():
+        status = await conn.execute(
+            "UPDATE shardd_shards SET write_block = $2 WHERE name = $1"
+            " AND write_block IS DISTINCT FROM $2",
+            shard,
+            reason,
+        )
+        if status.endswith(" 0"):
+            return False
+        await bump_epoch(conn)
+    return True
+
+
+async def set_degraded(conn: asyncpg.Connection, shard: str, degraded: bool) -> bool:
+    """Record that ``shard`` runs asynchronously (degrade mode); True when it changed."""
+    async with conn.transaction():
+        status = await conn.execute(
+            "UPDATE shardd_shards SET degraded = $2 WHERE name = $1 AND degraded <> $2",
+            shard,
+            degraded,
+        )
+        if status.endswith(" 0"):
+            return False
+        await bump_epoch(conn)
+    return True
+
+
+async def synchronous_mode(conn: asyncpg.Connection) -> str:
+    """'degrade' or 'strict' (meaningful when the cluster is synchronous)."""
+    return str(await conn.fetchval("SELECT synchronous_mode FROM shardd_cluster"))
+
+
+async def set_synchronous_mode(conn: asyncpg.Connection, mode: str) -> None:
+    await conn.execute("UPDATE shardd_cluster SET synchronous_mode = $1", mode)
 
 
 async def record_rejoin(conn: asyncpg.Connection, name: str) -> int:
@@ -208,7 +324,8 @@ async def record_rejoin(conn: asyncpg.Connection, name: str) -> int:
 
 async def failovers(conn: asyncpg.Connection, *, limit: int = 20) -> list[dict[str, object]]:
     rows = await conn.fetch(
-        "SELECT shard, kind, old_primary, new_primary, lost_bytes, detected_at, promoted_at"
+        "SELECT shard, kind, old_primary, new_primary, lost_bytes, lost_exact, detected_at,"
+        " promoted_at"
         " FROM shardd_failovers ORDER BY id DESC LIMIT $1",
         limit,
     )

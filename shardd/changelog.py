@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from . import fencing
+
 _BATCH = """
 SELECT seq, op, tbl, pk, sk, slot, version, doc::text AS doc, at
 FROM shardd_changes
@@ -76,6 +78,8 @@ async def apply(conn: asyncpg.Connection, changes: Sequence[Change]) -> int:
     puts = [c for c in last.values() if c.op == "put"]
     deletes = [c for c in last.values() if c.op == "delete"]
     async with conn.transaction():
+        # Only ever on the shard's current primary (the caller may be out of date).
+        await fencing.assert_primary(conn)
         await conn.execute("SET LOCAL shardd.copying = on")
         if puts:
             await conn.execute(
@@ -112,8 +116,36 @@ async def register(conn: asyncpg.Connection, name: str, at: str) -> None:
     )
 
 
+class ConsumerExpired(Exception):
+    """A consumer stopped advancing for longer than the expiry and was dropped: the log
+    may have been trimmed past its position, so it cannot go on from there."""
+
+
+async def advance(conn: asyncpg.Connection, name: str, at: str) -> None:
+    """Move a registered consumer's position on; raises ConsumerExpired if it is gone."""
+    status = await conn.execute(
+        "UPDATE shardd_consumers SET position = $2::text::pg_snapshot, updated_at = now()"
+        " WHERE name = $1",
+        name,
+        at,
+    )
+    if status.endswith(" 0"):
+        raise ConsumerExpired(f"change-log consumer {name} expired")
+
+
 async def unregister(conn: asyncpg.Connection, name: str) -> None:
     await conn.execute("DELETE FROM shardd_consumers WHERE name = $1", name)
+
+
+async def expire_consumers(conn: asyncpg.Connection, *, idle_seconds: float) -> list[str]:
+    """Drop consumers that have not advanced for ``idle_seconds``: a consumer left behind
+    (a failed move nobody resumes) must not keep the log from being trimmed forever."""
+    rows = await conn.fetch(
+        "DELETE FROM shardd_consumers WHERE updated_at < now() - make_interval(secs => $1)"
+        " RETURNING name",
+        idle_seconds,
+    )
+    return [row["name"] for row in rows]
 
 
 async def trim(conn: asyncpg.Connection, *, keep_seconds: float) -> int:

@@ -16,7 +16,15 @@ Safety notes:
   refused) wrote nothing: it waits for a new primary up to ``write_buffer_timeout``.
 * An instance writes only with a topology confirmed by the catalog within
   ``topology_lease`` seconds, and reports the epoch it uses to the catalog; a failover
-  relies on both to know when no instance can still write to a fenced primary.
+  relies on both to know when no instance can still write to a fenced primary.  No write
+  commits after the lease ends: see :meth:`Cluster.confirm_topology`.
+* Every wait is bounded: catalog connects and queries by ``catalog_timeout``, topology
+  refreshes on the request path by the request's deadline, shard statements, lock waits
+  and idle transactions by server-side settings, and a query interrupted by the
+  deadline is cancelled on the server, not left running.
+* Without the catalog, reads go on from the cached topology; writes fail fast with 503
+  ``catalog_unavailable`` once the lease is used up, and resume by themselves when the
+  catalog answers the background poll again.
 """
 
 from __future__ import annotations
@@ -36,12 +44,15 @@ import asyncpg
 from . import catalog, errors, metrics, router
 from .config import Settings
 from .monitor import Monitor
-from .nodes import HealthMonitor, NodePools
+from .nodes import HealthMonitor, NodePools, session_settings
 from .placement import slot_of
 from .topology import Node, Shard, Topology
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# Seconds a connection whose query the deadline interrupted may wait for the shard to
+# confirm the cancel before it is dropped.
+CANCEL_WAIT = 1.0
 Work = Callable[[asyncpg.Connection], Awaitable[T]]
 
 
@@ -69,31 +80,54 @@ class NodeLost(Exception):
     """A read's node failed before answering; another node may serve it."""
 
 
+class LeaseLapsed(Exception):
+    """Too little of the lease was left once a write had its connection; nothing was sent."""
+
+
 class Cluster:
     def __init__(self, settings: Settings) -> None:
+        if settings.statement_timeout >= settings.topology_lease:
+            raise ValueError("statement_timeout must be shorter than topology_lease")
         self.settings = settings
         self.topology: Topology | None = None
         self.catalog_ok = False
+        sessions = session_settings(
+            statement_timeout=settings.statement_timeout,
+            lock_timeout=settings.lock_timeout,
+            idle_in_transaction_timeout=settings.idle_in_transaction_session_timeout,
+        )
+        connect_timeout = min(2.0, settings.request_timeout)
         self.pools = NodePools(
-            pool_size=settings.pool_size, connect_timeout=min(2.0, settings.request_timeout)
+            pool_size=settings.pool_size, connect_timeout=connect_timeout, server_settings=sessions
+        )
+        # One connection per node for health checks, apart from the request pools.
+        self._health_pools = NodePools(
+            pool_size=1, connect_timeout=connect_timeout, server_settings=sessions
         )
         self.health = HealthMonitor(
-            self.pools, lambda: self.topology, interval=settings.health_interval
+            self._health_pools, lambda: self.topology, interval=settings.health_interval
         )
         self.instance = f"{socket.gethostname()}:{settings.port}:{os.getpid()}"
         self.monitor = Monitor(settings, self.instance, self.health, lambda: self.topology)
         self.confirmed_at = float("-inf")  # when the catalog last confirmed our topology
+        self._refreshed_at = float("-inf")  # when the last successful refresh finished
+        self._refresh_failed_at = float("-inf")  # when the last failed refresh gave up
         self._catalog: asyncpg.Pool | None = None
         self._listener: asyncpg.Connection | None = None
         self._refresh_lock = asyncio.Lock()
         self._new_topology = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
         self._catalog = await asyncpg.create_pool(
-            self.settings.catalog_dsn, min_size=0, max_size=4, timeout=2.0
+            self.settings.catalog_dsn,
+            min_size=0,
+            max_size=4,
+            timeout=self.settings.catalog_timeout,
+            command_timeout=self.settings.catalog_timeout,
         )
         with contextlib.suppress(Exception):
             await self.refresh(force=True)
@@ -104,9 +138,9 @@ class Cluster:
         ]
 
     async def close(self) -> None:
-        for task in self._tasks:
+        for task in (*self._tasks, *self._background):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
         await self.monitor.close()
         with contextlib.suppress(Exception):
             async with asyncio.timeout(1):
@@ -118,25 +152,27 @@ class Cluster:
         if self._catalog is not None:
             await self._catalog.close()
         await self.pools.close()
+        await self._health_pools.close()
 
     @contextlib.asynccontextmanager
     async def catalog_connection(self) -> AsyncIterator[asyncpg.Connection]:
-        """A catalog connection; an unreachable catalog is a 503, never a 500."""
+        """A catalog connection; an unreachable catalog is a 503, never a 500.
+
+        Connecting and every query on it are bounded by ``catalog_timeout`` (the pool's
+        command timeout), so a catalog that hangs rather than dies fails like a dead one.
+        """
         if self._catalog is None:
             raise errors.NotReady("shardd is starting")
         try:
-            async with asyncio.timeout(self.settings.request_timeout):
-                conn = await self._catalog.acquire()
+            conn = await self._catalog.acquire(timeout=self.settings.catalog_timeout)
         except (TimeoutError, *errors.CONNECT_ERRORS, *errors.LOST_CONNECTION_ERRORS) as exc:
             self.catalog_ok = False
-            raise errors.ApiError(
-                f"the catalog is unreachable: {exc}",
-                status=503,
-                code="catalog_unavailable",
-                headers={"Retry-After": "1"},
-            ) from exc
+            raise errors.CatalogUnavailable(f"the catalog is unreachable: {exc}") from exc
         try:
             yield conn
+        except (TimeoutError, *errors.LOST_CONNECTION_ERRORS) as exc:
+            self.catalog_ok = False
+            raise errors.CatalogUnavailable(f"the catalog did not answer: {exc}") from exc
         finally:
             await self._catalog.release(conn)
 
@@ -147,36 +183,78 @@ class Cluster:
 
     # -- topology ----------------------------------------------------------------
 
-    async def refresh(self, *, force: bool = False, seen_epoch: int | None = None) -> Topology:
+    async def refresh(
+        self,
+        *,
+        force: bool = False,
+        seen_epoch: int | None = None,
+        deadline: float | None = None,
+    ) -> Topology:
         """Reload the topology when the catalog has a newer epoch (or when forced).
 
-        Concurrent callers that saw the same stale epoch share one reload.
+        Waits (for a refresh already running, then for the catalog) until ``deadline`` at
+        most; without one, each catalog step is still bounded by ``catalog_timeout``.
+        Raises :class:`~shardd.errors.CatalogUnavailable` when the catalog does not
+        answer in time.  Callers queued behind one refresh share its outcome rather than
+        asking the catalog again one after another: a caller that gets the lock after a
+        refresh ended since it called returns that topology, or fails at once if that
+        refresh failed.
         """
-        async with self._refresh_lock:
-            current = self.topology
-            if current is not None and seen_epoch is not None and current.epoch > seen_epoch:
-                return current
-            asked = time.monotonic()
+        called = time.monotonic()
+        try:
+            async with asyncio.timeout(None if deadline is None else max(0.0, deadline - called)):
+                async with self._refresh_lock:
+                    current = self.topology
+                    if current is not None and seen_epoch is not None:
+                        if current.epoch > seen_epoch:
+                            return current
+                    if current is not None and not force:
+                        if self._refreshed_at >= called:
+                            return current
+                        if self._refresh_failed_at >= called:
+                            raise errors.CatalogUnavailable("the catalog did not answer just now")
+                    return await self._reload(force=force)
+        except TimeoutError as exc:
+            raise errors.CatalogUnavailable(
+                "the catalog did not confirm the topology before the request's deadline"
+            ) from exc
+
+    async def _reload(self, *, force: bool) -> Topology:
+        """One refresh against the catalog (under ``_refresh_lock``)."""
+        current = self.topology
+        asked = time.monotonic()  # the lease counts from before the catalog was asked
+        try:
             async with self.catalog_connection() as conn:
-                if not force and current is not None:
-                    if await catalog.current_epoch(conn) == current.epoch:
-                        self.catalog_ok = True
-                        self.confirmed_at = asked
-                        return current
-                loaded = await catalog.load_topology(conn)
-                if current is None or loaded.epoch != current.epoch:
-                    await self._report(conn, loaded.epoch)
-            self.catalog_ok = True
-            self.confirmed_at = asked
-            if current is None or loaded.epoch != current.epoch:
-                log.info("topology epoch %s loaded", loaded.epoch)
-                self._new_topology.set()
-                self._new_topology = asyncio.Event()
-            self.topology = loaded
-            metrics.TOPOLOGY_EPOCH.set(loaded.epoch)
-            if current is None:
-                await self.health.check_all()
+                if (
+                    not force
+                    and current is not None
+                    and await catalog.current_epoch(conn) == current.epoch
+                ):
+                    loaded = current
+                else:
+                    loaded = await catalog.load_topology(conn)
+                    if current is None or loaded.epoch != current.epoch:
+                        await self._report(conn, loaded.epoch)
+        except Exception as exc:  # fail closed: whatever went wrong, nothing is confirmed
+            self.catalog_ok = False
+            self._refresh_failed_at = time.monotonic()
+            if isinstance(exc, errors.CatalogUnavailable):
+                raise
+            raise errors.CatalogUnavailable(f"cannot read the topology: {exc}") from exc
+        self.catalog_ok = True
+        self.confirmed_at = asked
+        self._refreshed_at = time.monotonic()
+        if loaded is current:
             return loaded
+        if current is None or loaded.epoch != current.epoch:
+            log.info("topology epoch %s loaded", loaded.epoch)
+            self._new_topology.set()
+            self._new_topology = asyncio.Event()
+        self.topology = loaded
+        metrics.TOPOLOGY_EPOCH.set(loaded.epoch)
+        if current is None:
+            await self.health.check_all()
+        return loaded
 
     async def _report(self, conn: asyncpg.Connection, epoch: int) -> None:
         """Tell the catalog which epoch this instance routes with (failovers wait for it)."""
@@ -190,20 +268,30 @@ class Cluster:
     async def _ensure_listener(self) -> None:
         if self._listener is not None and not self._listener.is_closed():
             return
-        conn = await asyncpg.connect(self.settings.catalog_dsn, timeout=2.0)
+        conn = await asyncpg.connect(
+            self.settings.catalog_dsn,
+            timeout=self.settings.catalog_timeout,
+            command_timeout=self.settings.catalog_timeout,
+        )
 
         def notified(*_: object) -> None:
-            asyncio.get_running_loop().create_task(self._refresh_quietly())
+            task = asyncio.get_running_loop().create_task(self._refresh_quietly())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
-        await conn.add_listener(catalog.CHANNEL, notified)
+        try:
+            async with asyncio.timeout(self.settings.catalog_timeout):
+                await conn.add_listener(catalog.CHANNEL, notified)
+        except BaseException:
+            conn.terminate()
+            raise
         self._listener = conn
 
     async def _refresh_quietly(self) -> None:
         try:
             await self.refresh()
-        except Exception as exc:
-            self.catalog_ok = False
-            log.warning("catalog refresh failed: %s", exc)
+        except errors.ApiError as exc:
+            log.warning("catalog refresh failed: %s", exc.message)
 
     async def _poll_catalog(self) -> None:
         while True:
@@ -232,11 +320,14 @@ class Cluster:
             raise errors.Timeout("the request deadline passed")
         started = time.perf_counter()
         pool = conn = None
+        cancelled = False
         # One timer for the whole call; ``conn`` tells whether the work was already sent.
         try:
             async with asyncio.timeout(remaining):
                 pool = await self.pools.pool(node)
                 conn = await pool.acquire()
+                if writing and not self.may_send_write():
+                    raise LeaseLapsed  # the pool was slow; the caller confirms again
                 return await work(conn)
         except (TimeoutError, *errors.CONNECT_ERRORS, *errors.LOST_CONNECTION_ERRORS) as exc:
             if conn is None:
@@ -247,8 +338,13 @@ class Cluster:
                     shard, f"cannot connect to {node.name} ({type(exc).__name__}: {exc})"
                 ) from exc
             metrics.QUERY_ERRORS.labels(shard, node.name, "lost").inc()
-            with contextlib.suppress(Exception):  # the pool may have dropped it already
-                conn.terminate()
+            if isinstance(exc, TimeoutError):
+                # The deadline interrupted the query and asyncpg sent the server a cancel
+                # request; dropping the connection now would leave the query running.
+                cancelled = True
+            else:
+                with contextlib.suppress(Exception):  # the pool may have dropped it already
+                    conn.terminate()
             if writing:
                 raise errors.OutcomeUnknown(
                     f"the connection to {node.name} failed before the commit was confirmed;"
@@ -269,8 +365,27 @@ class Cluster:
                 metrics.QUERY_SECONDS.labels(shard, node.name).observe(
                     time.perf_counter() - started
                 )
-                with contextlib.suppress(Exception):
-                    await pool.release(conn)
+                if cancelled:
+                    self._release_after_cancel(pool, conn)
+                else:
+                    with contextlib.suppress(Exception):
+                        await pool.release(conn)
+
+    def _release_after_cancel(self, pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
+        """Return a connection whose query was cancelled, without holding up the response.
+
+        asyncpg's release waits for the server to confirm the cancel (at most
+        ``CANCEL_WAIT``; then it drops the connection, and the server notices the closed
+        socket within ``client_connection_check_interval``).
+        """
+
+        async def release() -> None:
+            with contextlib.suppress(Exception):
+                await pool.release(conn, timeout=CANCEL_WAIT)
+
+        task = asyncio.get_running_loop().create_task(release())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def after_stale(
         self, topology: Topology, attempt: int, deadline: float, shard: str
@@ -282,7 +397,7 @@ class Cluster:
         slow the moment it does.
         """
         changed = self._new_topology
-        fresh = await self.refresh(seen_epoch=topology.epoch)
+        fresh = await self.refresh(seen_epoch=topology.epoch, deadline=deadline)
         if fresh.epoch == topology.epoch:
             pause = min(0.1, 0.005 * 2**attempt)
             if time.monotonic() + pause >= deadline:
@@ -302,10 +417,55 @@ class Cluster:
             raise errors.ShardUnavailable("none", f"slot {slot} has no owner")
         return topology, slot, shard
 
-    async def confirm_topology(self) -> None:
-        """Refuse to write with a topology the catalog has not confirmed within the lease."""
-        if time.monotonic() - self.confirmed_at > self.settings.topology_lease:
-            await self.refresh()
+    def lease_left(self) -> float:
+        """Seconds until this instance's topology lease ends (negative once it has)."""
+        return self.confirmed_at + self.settings.topology_lease - time.monotonic()
+
+    def may_send_write(self) -> bool:
+        """Whether a write sent now is sure to end before the lease does."""
+        return self.lease_left() > self.settings.statement_timeout
+
+    def readiness(self) -> dict[str, object]:
+        """What this instance can serve now: reads need a topology; writes also need the
+        lease (or a catalog that answers, to renew it)."""
+        reads = self.topology is not None
+        writes = reads and (self.may_send_write() or self.catalog_ok)
+        return {
+            "ready": reads,
+            "reads": reads,
+            "writes": writes,
+            "reason": None if writes else "catalog_unavailable",
+            "catalog": self.catalog_ok,
+            "epoch": self.topology.epoch if self.topology is not None else None,
+        }
+
+    async def confirm_topology(self, deadline: float) -> None:
+        """Let a write go out only under a topology lease that outlasts it.
+
+        Safety: a write is sent only while more than ``statement_timeout`` of the lease
+        is left (checked again once it has its connection, see :meth:`_run`), and every
+        shard session runs with that server-side ``statement_timeout``: the writing
+        statement ends, committed or cancelled by the shard itself, before the lease does,
+        even if this process stalls or loses the shard and the catalog meanwhile.  The
+        lease counts from before the confirming query was sent (``_reload``).  A failover
+        that waited out the lease therefore knows no write of this instance can still
+        commit on the fenced primary.
+
+        With the catalog known to be unreachable and the lease used up, the write fails at
+        once with 503 ``catalog_unavailable`` rather than at its deadline; the catalog
+        poll renews the lease as soon as the catalog answers again.  Otherwise the
+        topology is confirmed now, within the request's deadline and ``catalog_timeout``.
+        """
+        if self.may_send_write():
+            return
+        if not self.catalog_ok:
+            raise errors.CatalogUnavailable(
+                "the catalog is unreachable and this instance's topology lease has expired;"
+                " writes resume when the catalog answers"
+            )
+        await self.refresh(deadline=min(deadline, time.monotonic() + self.settings.catalog_timeout))
+        if not self.may_send_write():
+            raise errors.CatalogUnavailable("the catalog did not confirm the topology in time")
 
     async def await_primary(
         self, topology: Topology, failure: errors.ShardUnavailable, until: float
@@ -350,13 +510,17 @@ class Cluster:
         """
         buffer_until: float | None = None
         while True:
-            await self.confirm_topology()
+            await self.confirm_topology(deadline)
             primary = shard.primary
+            if shard.write_block is not None:
+                raise errors.WritesRefused(shard.name, shard.write_block)
             try:
                 if primary is None:
                     raise errors.ShardUnavailable(shard.name, "it has no primary")
                 result = await self._run(shard.name, primary, work, writing=True, deadline=deadline)
                 return result, Served(shard.name, primary.name)
+            except LeaseLapsed:
+                continue
             except errors.ShardUnavailable as exc:  # nothing was written: wait for a primary
                 if buffer_until is None:
                     buffer_until = min(

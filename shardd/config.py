@@ -56,8 +56,33 @@ class Settings:
         2.0, "Seconds between catalog polls (LISTEN/NOTIFY usually reports changes sooner)."
     )
     request_timeout: float = _setting(5.0, "Deadline in seconds for one API request.")
+    catalog_timeout: float = _setting(
+        2.0,
+        "Seconds one catalog connect or query may take; a catalog that does not answer in "
+        "time counts as unavailable.",
+    )
+    statement_timeout: float = _setting(
+        2.0,
+        "Server-side limit in seconds on one statement of shardd's shard sessions. Must be "
+        "shorter than topology_lease: a write is sent only while at least this much of the "
+        "lease is left, so none commits after the lease ends.",
+    )
+    lock_timeout: float = _setting(
+        1.0, "Server-side limit in seconds on one lock wait in shardd's shard sessions."
+    )
+    idle_in_transaction_session_timeout: float = _setting(
+        10.0,
+        "Seconds a shard session of shardd may sit idle inside a transaction before the "
+        "server ends it (and rolls the transaction back).",
+    )
     failover: bool = _setting(
         True, "Promote a replica automatically when a shard's primary is down (monitor)."
+    )
+    max_lag_on_failover: int = _setting(
+        1024 * 1024,
+        "Automatic failover promotes only a replica that was streaming and is at most this "
+        "many bytes of WAL behind the failed primary; otherwise the shard refuses writes "
+        "(503 no_failover_candidate) until `shardctl failover --force`.",
     )
     failover_after_checks: int = _setting(
         3, "Consecutive failed health checks after which a primary is declared down."
@@ -71,14 +96,29 @@ class Settings:
     changelog_retention: float = _setting(
         3600.0,
         "Seconds change-log entries are kept (longer while a registered consumer, such as "
-        "a slot move, has not read them). The failover monitor trims once a minute.",
+        "a slot move, has not read them). The monitor trims once a minute, whether or not "
+        "failover is enabled.",
+    )
+    consumer_expiry: float = _setting(
+        86400.0,
+        "Seconds after which a change-log consumer that stopped advancing (a failed move "
+        "nobody resumed) is dropped, so it no longer holds back trimming; a move whose "
+        "consumer expired aborts.",
     )
     write_buffer_timeout: float = _setting(
         5.0,
         "Seconds a write waits for a shard without a reachable primary to get one "
         "(within the request deadline) before failing with 503.",
     )
-    max_body_bytes: int = _setting(1024 * 1024, "Largest accepted request body (413 above).")
+    max_body_bytes: int = _setting(
+        1024 * 1024,
+        "Largest accepted request body (413 above); no PATCH grows an item past it either.",
+    )
+    max_response_bytes: int = _setting(
+        4 * 1024 * 1024,
+        "Most bytes of items in one scan, partition-query or batch-get response; the rest "
+        "comes with a cursor (batch get: as unprocessed keys). One item is always returned.",
+    )
     max_key_bytes: int = _setting(1024, "Largest partition or sort key, in UTF-8 bytes.")
     max_json_depth: int = _setting(32, "Deepest nesting of arrays and objects in an item.")
     max_batch_keys: int = _setting(100, "Most keys in one batch get or batch write.")

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import click
 
-from . import admin, config, failover, pgctl, reshard
+from . import admin, catalog, config, failover, pgctl, reshard
 
 T = TypeVar("T")
 
@@ -83,12 +83,20 @@ def status(ctx: Context, as_json: bool) -> None:
     """Shards, nodes, roles, health, replica lag, slots and items per shard."""
 
     def render(data: dict[str, Any]) -> None:
-        mode = "synchronous" if data["synchronous"] else "asynchronous"
+        mode = (
+            f"synchronous ({data['synchronous_mode']})" if data["synchronous"] else "asynchronous"
+        )
         click.echo(f"epoch {data['epoch']}, {data['slot_count']} slots, {mode} replication")
         click.echo(f"monitor: {data['monitor'] or 'none yet'}")
         for shard in data["shards"]:
             items = "?" if shard["items"] is None else shard["items"]
-            click.echo(f"shard {shard['name']}: {shard['slots']} slots, {items} items")
+            notes = "".join(
+                [
+                    " DEGRADED (asynchronous)" if shard["degraded"] else "",
+                    f" WRITES REFUSED: {shard['write_block']}" if shard["write_block"] else "",
+                ]
+            )
+            click.echo(f"shard {shard['name']}: {shard['slots']} slots, {items} items{notes}")
             for node in shard["nodes"]:
                 health = "up" if node["healthy"] else "DOWN"
                 lag = "" if node["lag_bytes"] is None else f" lag={node['lag_bytes']}B"
@@ -102,6 +110,8 @@ def status(ctx: Context, as_json: bool) -> None:
 
         for event in data["failovers"]:
             lost = "?" if event["lost_bytes"] is None else event["lost_bytes"]
+            if not event["lost_exact"]:
+                lost = f"at least {lost}"
             click.echo(
                 f"failover {event['promoted_at']:%Y-%m-%d %H:%M:%S} {event['shard']}:"
                 f" {event['old_primary']} -> {event['new_primary']} ({event['kind']},"
@@ -115,16 +125,36 @@ def status(ctx: Context, as_json: bool) -> None:
 @click.option("--shard", "shard_name", required=True, help="Shard whose primary to replace.")
 @click.option("--to", "to", default=None, help="Replica to promote [the most caught-up].")
 @click.option("--catch-up-timeout", default=10.0, show_default=True, help="Seconds.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="The primary is down and no replica qualifies: promote the most advanced one anyway"
+    " and report the WAL it lacks.",
+)
 @yes_option
 @pass_ctx
 def failover_command(
-    ctx: Context, shard_name: str, to: str | None, catch_up_timeout: float, yes: bool
+    ctx: Context, shard_name: str, to: str | None, catch_up_timeout: float, force: bool, yes: bool
 ) -> None:
     """Planned switchover: pause the shard's writes, promote a caught-up replica, resume.
 
     Clients see added latency, not errors.  The old primary is fenced afterwards; bring
-    it back as a replica with `shardctl node rejoin`.
+    it back as a replica with `shardctl node rejoin`.  With --force, replace a primary
+    that is down although no replica is within max_lag_on_failover: acknowledged writes
+    the promoted replica never received are lost, and the loss is reported.
     """
+    if force:
+        confirm(yes, f"Promote a replica of {shard_name} even if it lacks acknowledged writes?")
+        outcome = run(
+            failover.force_promotion(ctx.dsn, shard_name, lease=ctx.settings.topology_lease)
+        )
+        lost = "unknown" if outcome.lost_bytes is None else f"{outcome.lost_bytes} bytes"
+        click.echo(
+            f"shard {outcome.shard}: {outcome.new_primary} is the primary (was"
+            f" {outcome.old_primary}; forced; lost at least {lost} of WAL, exact once"
+            f" {outcome.old_primary} answers again; epoch {outcome.epoch})"
+        )
+        return
     confirm(yes, f"Switch shard {shard_name} over to {to or 'its most caught-up replica'}?")
     outcome = run(
         failover.switch_over(ctx.dsn, shard_name, to=to, catch_up_timeout=catch_up_timeout)
@@ -133,6 +163,25 @@ def failover_command(
         f"shard {outcome.shard}: {outcome.new_primary} is the primary (was"
         f" {outcome.old_primary}; writes paused {outcome.seconds:.3f}s; epoch {outcome.epoch})"
     )
+
+
+@main.command("sync-mode")
+@click.argument("mode", type=click.Choice(["degrade", "strict"]), required=False)
+@pass_ctx
+def sync_mode(ctx: Context, mode: str | None) -> None:
+    """Show or set what a synchronous cluster does when a shard has no standby.
+
+    degrade: commit asynchronously until a standby streams again (recorded, visible in
+    status and metrics).  strict: refuse the shard's writes (503 no_sync_standby).
+    """
+
+    async def go() -> str:
+        async with admin.connect(ctx.dsn) as conn:
+            if mode is not None:
+                await catalog.set_synchronous_mode(conn, mode)
+            return await catalog.synchronous_mode(conn)
+
+    click.echo(f"synchronous_mode {run(go())}")
 
 
 @main.group()
@@ -273,7 +322,7 @@ def shard_add(
 def _mover(ctx: Context, as_json: bool) -> tuple[reshard.Mover, Callable[[], None]]:
     """A mover whose progress is a live bar over slots (or nothing with --json)."""
     if as_json:
-        return reshard.Mover(ctx.dsn, lease=ctx.settings.topology_lease), lambda: None
+        return _new_mover(ctx), lambda: None
     bar = click.progressbar(length=1, label="planning", show_eta=True, show_pos=True)
     bar.__enter__()
     seen: dict[int, str] = {}
@@ -297,7 +346,16 @@ def _mover(ctx: Context, as_json: bool) -> tuple[reshard.Mover, Callable[[], Non
     def close() -> None:
         bar.__exit__(None, None, None)
 
-    return reshard.Mover(ctx.dsn, lease=ctx.settings.topology_lease, progress=progress), close
+    return _new_mover(ctx, progress=progress), close
+
+
+def _new_mover(ctx: Context, *, progress: reshard.mover.Progress | None = None) -> reshard.Mover:
+    return reshard.Mover(
+        ctx.dsn,
+        lease=ctx.settings.topology_lease,
+        freeze_lock_timeout=ctx.settings.lock_timeout,
+        progress=progress,
+    )
 
 
 def _report(moves: list[reshard.Move], as_json: bool) -> None:

@@ -9,11 +9,14 @@ Some errors never reach a client: :class:`StaleMap` means "refresh the slot map 
 retry", raised when a shard refuses a slot it does not own (SQLSTATE ``SD001``), a
 fenced former primary refuses a write (``SD002``), or a node refuses a write because it
 is a replica (``25006``).
+
+:func:`from_postgres` is the one table from SQLSTATE to what shardd does about it.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import asyncpg
 
@@ -81,6 +84,24 @@ class PayloadTooLarge(ApiError):
     code = "body_too_large"
 
 
+class TableDeleting(ApiError):
+    """The table is being deleted: it answers nothing until the deletion completes."""
+
+    status = 409
+    code = "table_deleting"
+
+
+class ConflictRetry(ApiError):
+    """Postgres aborted the transaction (deadlock, serialization or recovery conflict):
+    nothing was written, and the same request may simply be sent again."""
+
+    status = 503
+    code = "conflict_retry"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": "1"})
+
+
 class ShardUnavailable(ApiError):
     """Nothing was written: the shard could not be reached (or has no primary)."""
 
@@ -95,9 +116,36 @@ class ShardUnavailable(ApiError):
         self.shard = shard
 
 
+class WritesRefused(ApiError):
+    """Nothing was written: the monitor refuses the shard's writes for ``reason``
+    (``no_failover_candidate``: its primary is down and no replica may be promoted
+    without losing data; ``no_sync_standby``: strict synchronous mode without a
+    standby)."""
+
+    status = 503
+
+    def __init__(self, shard: str, reason: str) -> None:
+        super().__init__(
+            f"shard {shard} refuses writes: {reason.replace('_', ' ')}",
+            code=reason,
+            headers={"Retry-After": "5"},
+        )
+        self.shard = shard
+
+
 class NotReady(ApiError):
     status = 503
     code = "not_ready"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": "1"})
+
+
+class CatalogUnavailable(ApiError):
+    """The catalog did not answer in time; nothing was written."""
+
+    status = 503
+    code = "catalog_unavailable"
 
     def __init__(self, message: str) -> None:
         super().__init__(message, headers={"Retry-After": "1"})
@@ -119,10 +167,10 @@ class StaleMap(Exception):
     """The node refused the operation for its slot or role: refresh topology and retry."""
 
 
-# SQLSTATE -> how to treat it.  Connection-level failures are handled by the callers,
-# which know whether a write was in flight (ambiguous) or not.
-STALE_SQLSTATES = frozenset({"SD001", "SD002", "25006"})
-PRECONDITION_SQLSTATE = "SD412"
+# Transaction-level conflicts: the transaction was rolled back, so a read may run again
+# and a write wrote nothing.  40P01 deadlock; 40001 serialization failure, which is also
+# how a replica cancels a query that conflicts with the WAL it replays.
+TRANSIENT_SQLSTATES = frozenset({"40001", "40P01"})
 CONNECT_ERRORS = (OSError, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError)
 LOST_CONNECTION_ERRORS = (
     ConnectionError,
@@ -135,13 +183,34 @@ LOST_CONNECTION_ERRORS = (
 )
 
 
+def _precondition_failed(exc: asyncpg.PostgresError) -> Exception:
+    detail = getattr(exc, "detail", None)
+    current = int(detail) if detail and detail.isdigit() and detail != "0" else None
+    return PreconditionFailed(str(exc), current_version=current)
+
+
+# SQLSTATE -> how to treat it.  Connection-level failures are handled by the callers,
+# which know whether a write was in flight (ambiguous) or not.
+_BY_SQLSTATE: dict[str, Callable[[asyncpg.PostgresError], Exception]] = {
+    "SD001": lambda exc: StaleMap(str(exc)),  # the shard does not own the slot
+    "SD002": lambda exc: StaleMap(str(exc)),  # a fenced former primary
+    "25006": lambda exc: StaleMap(str(exc)),  # a replica (read-only transaction)
+    "SD412": _precondition_failed,
+    "SD413": lambda exc: PayloadTooLarge(str(exc), code="item_too_large"),
+    "SD410": lambda exc: TableDeleting(str(exc)),
+    **dict.fromkeys(TRANSIENT_SQLSTATES, lambda exc: ConflictRetry(f"retry: {exc}")),
+}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A conflict that rolled the transaction back: running it again may succeed."""
+    return getattr(exc, "sqlstate", None) in TRANSIENT_SQLSTATES
+
+
 def from_postgres(exc: asyncpg.PostgresError) -> Exception:
     """Translate a server-side error from a shard into what shardd does about it."""
     sqlstate = getattr(exc, "sqlstate", None)
-    if sqlstate in STALE_SQLSTATES:
-        return StaleMap(str(exc))
-    if sqlstate == PRECONDITION_SQLSTATE:
-        detail = getattr(exc, "detail", None)
-        current = int(detail) if detail and detail.isdigit() and detail != "0" else None
-        return PreconditionFailed(str(exc), current_version=current)
+    translate = _BY_SQLSTATE.get(sqlstate or "")
+    if translate is not None:
+        return translate(exc)
     return ApiError(f"shard error {sqlstate}: {exc}")

@@ -58,6 +58,17 @@ WRITES_NO_PRIMARY = Counter(
     "Writes that failed because their shard had no reachable primary in time",
     ["shard"],
 )
+WRITE_BLOCKED = Gauge(
+    "shardd_shard_writes_blocked",
+    "1 while the monitor refuses a shard's writes, by reason (no_failover_candidate:"
+    " no replica qualifies for promotion; no_sync_standby: strict synchronous mode)",
+    ["shard", "reason"],
+)
+DEGRADED = Gauge(
+    "shardd_shard_degraded",
+    "1 while a shard of a synchronous cluster runs asynchronously (degrade mode)",
+    ["shard"],
+)
 POOL_CONNECTIONS = Gauge("shardd_pool_connections", "Open connections per node pool", ["node"])
 POOL_IN_USE = Gauge("shardd_pool_connections_in_use", "Connections in use per node", ["node"])
 TOPOLOGY_EPOCH = Gauge("shardd_topology_epoch", "Epoch of the topology this instance uses")

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import asyncpg
 
+from . import fencing
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 KINDS = ("catalog", "shard")
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
-_LOCK_KEY = 1936221285
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ async def apply(conn: asyncpg.Connection, kind: str) -> list[int]:
     )
     for migration in available(kind):
         async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_KEY)
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", fencing.MIGRATION_LOCK)
             done = await conn.fetchval(
                 "SELECT true FROM shardd_migrations WHERE kind = $1 AND version = $2",
                 kind,

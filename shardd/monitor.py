@@ -8,13 +8,19 @@ for a killed process, TCP keepalive for a lost host).  Any error while holding o
 checking the lock means "not the monitor" (fail closed): the connection is dropped and
 no failover work runs until the lock is won again.
 
-The monitor also trims every shard's change log once a minute (leader-only work, like
-failover).
+Leader-only housekeeping runs whether or not automatic failover is on: every shard's
+change log is trimmed once a minute and consumers that stopped advancing for
+``consumer_expiry`` are dropped; in a synchronous cluster each shard's commit mode
+follows its standbys (``degrade``: asynchronous while none streams, recorded;
+``strict``: writes refused with ``no_sync_standby`` instead).
 
 Each round the monitor reads this instance's health snapshot (every instance checks
 every node), calls :func:`~shardd.failover.decide` per shard, and runs
-:func:`~shardd.failover.fail_over` where it says so.  It also fences, on the node, any
-fenced former primary that answers again.
+:func:`~shardd.failover.fail_over` where it says so; where no replica qualifies it
+records a write block (``no_failover_candidate``) so every instance refuses the shard's
+writes with that reason at once.  It also fences, on the node, any fenced former
+primary that answers again, and records the exact loss of the promotion that replaced
+it.
 """
 
 from __future__ import annotations
@@ -28,10 +34,10 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from . import changelog, failover, metrics
+from . import admin, catalog, changelog, failover, fencing, metrics
 from .config import Settings
 from .nodes import HealthMonitor
-from .topology import Topology
+from .topology import Shard, Topology
 
 log = logging.getLogger(__name__)
 TRIM_EVERY = 60.0  # seconds between change-log trims
@@ -79,14 +85,14 @@ class Monitor:
                     "SELECT count(*) > 0 FROM pg_locks WHERE locktype = 'advisory'"
                     " AND pid = pg_backend_pid() AND classid = $1 AND objid = $2"
                     " AND granted",
-                    failover.LOCK_CLASS,
-                    failover.MONITOR_KEY,
+                    fencing.FAILOVER_LOCK_CLASS,
+                    fencing.MONITOR_KEY,
                 )
             else:
                 held = await self._conn.fetchval(
                     "SELECT pg_try_advisory_lock($1, $2)",
-                    failover.LOCK_CLASS,
-                    failover.MONITOR_KEY,
+                    fencing.FAILOVER_LOCK_CLASS,
+                    fencing.MONITOR_KEY,
                 )
                 if held:
                     await self._conn.execute(
@@ -112,19 +118,27 @@ class Monitor:
 
     async def round(self) -> None:
         topology = self._topology()
-        if topology is None or not self.settings.failover:
+        if topology is None:
             return
         snapshot = self.health.snapshot
         await self._refence(topology)
         if time.monotonic() - self._trimmed_at > TRIM_EVERY:
             self._trimmed_at = time.monotonic()
             await self._trim(topology)
+        await self._follow_standbys(topology)
+        if not self.settings.failover:
+            return
         for shard in topology.shards.values():
             view = failover.shard_view(shard, snapshot)
-            decision = failover.decide(view, failures_needed=self.settings.failover_after_checks)
+            decision = failover.decide(
+                view,
+                failures_needed=self.settings.failover_after_checks,
+                max_lag_bytes=self.settings.max_lag_on_failover,
+                tolerance=2 * self.settings.health_interval,
+            )
             if decision.promote is None:
-                if view.needs_primary(self.settings.failover_after_checks):
-                    log.error("shard %s needs a new primary: %s", shard.name, decision.reason)
+                if decision.blocked:
+                    await self._block_writes(shard, "no_failover_candidate", decision.reason)
                 continue
             log.warning(
                 "shard %s: primary %s is down (%s); failing over",
@@ -138,11 +152,81 @@ class Monitor:
                     shard.name,
                     lease=self.settings.topology_lease,
                     expected_primary=view.primary,
+                    allowed=[
+                        c.name
+                        for c in failover.eligible(
+                            view,
+                            max_lag_bytes=self.settings.max_lag_on_failover,
+                            tolerance=2 * self.settings.health_interval,
+                        )
+                    ],
                     old_position=view.primary_position,
                     detected_at=datetime.now(UTC),
                 )
             except failover.FailoverError as exc:
                 log.error("shard %s: failover not possible: %s", shard.name, exc)
+
+    async def _block_writes(self, shard: Shard, reason: str, why: str) -> None:
+        """Record (once) that the shard's writes are refused, and say why in the log."""
+        metrics.WRITE_BLOCKED.labels(shard.name, reason).set(1)
+        if shard.write_block == reason:
+            return
+        async with self._catalog() as conn:
+            if await catalog.set_write_block(conn, shard.name, reason):
+                log.error("shard %s: writes refused (%s): %s", shard.name, reason, why)
+
+    async def _unblock_writes(self, shard: Shard, reason: str) -> None:
+        metrics.WRITE_BLOCKED.labels(shard.name, reason).set(0)
+        if shard.write_block != reason:
+            return
+        async with self._catalog() as conn:
+            if await catalog.set_write_block(conn, shard.name, None):
+                log.warning("shard %s: writes accepted again (%s is over)", shard.name, reason)
+
+    def _catalog(self) -> contextlib.AbstractAsyncContextManager[asyncpg.Connection]:
+        return admin.connect(self.settings.catalog_dsn, connect_seconds=2.0)
+
+    async def _follow_standbys(self, topology: Topology) -> None:
+        """In a synchronous cluster, keep each shard's commit mode in step with its
+        standbys: ``degrade`` turns synchronous commit off while no standby streams
+        (releasing commits that wait for one) and back on when one does; ``strict``
+        refuses the shard's writes meanwhile (503 no_sync_standby) instead of letting
+        them hang until their deadline."""
+        async with self._catalog() as conn:
+            synchronous = await catalog.is_synchronous(conn)
+            mode = await catalog.synchronous_mode(conn)
+        if not synchronous:
+            return
+        for shard in topology.shards.values():
+            primary = shard.primary
+            state = self.health.snapshot.get(primary.name) if primary else None
+            if primary is None or state is None or not state.healthy or state.standbys is None:
+                continue
+            has_standby = state.standbys > 0
+            if mode == "strict":
+                if shard.degraded:
+                    await failover.set_sync_standbys(primary, synchronous=True)
+                    async with self._catalog() as conn:
+                        await catalog.set_degraded(conn, shard.name, False)
+                if has_standby:
+                    await self._unblock_writes(shard, "no_sync_standby")
+                else:
+                    await self._block_writes(shard, "no_sync_standby", "no standby streams")
+                continue
+            await self._unblock_writes(shard, "no_sync_standby")
+            if has_standby == (not shard.degraded):
+                continue
+            await failover.set_sync_standbys(primary, synchronous=has_standby)
+            async with self._catalog() as conn:
+                await catalog.set_degraded(conn, shard.name, not has_standby)
+            metrics.DEGRADED.labels(shard.name).set(0 if has_standby else 1)
+            log.warning(
+                "shard %s: %s",
+                shard.name,
+                "a standby streams again: synchronous commit restored"
+                if has_standby
+                else "no standby streams: running asynchronously (degrade mode)",
+            )
 
     async def _trim(self, topology: Topology) -> None:
         for shard in topology.shards.values():
@@ -150,16 +234,22 @@ class Monitor:
                 continue
             try:
                 async with asyncio.timeout(30), failover.connect(shard.primary) as conn:
+                    expired = await changelog.expire_consumers(
+                        conn, idle_seconds=self.settings.consumer_expiry
+                    )
                     removed = await changelog.trim(
                         conn, keep_seconds=self.settings.changelog_retention
                     )
+                for name in expired:
+                    log.warning("dropped change-log consumer %s on %s: idle", name, shard.name)
                 if removed:
                     log.info("trimmed %s change-log entries on %s", removed, shard.name)
             except Exception as exc:
                 log.warning("cannot trim the change log of %s: %s", shard.name, exc)
 
     async def _refence(self, topology: Topology) -> None:
-        """Fence on the node every fenced former primary that answers again."""
+        """Fence on the node every fenced former primary that answers again, and make
+        the loss of the promotion that replaced it exact from its end of WAL."""
         snapshot = self.health.snapshot
         for node in topology.nodes():
             state = snapshot.get(node.name)
@@ -170,6 +260,9 @@ class Monitor:
                 self._refenced.discard(node.name)
                 continue
             if node.name not in self._refenced:
-                if await failover.fence_on_node(node, "replaced by a failover"):
+                end = await failover.fence_on_node(node, "replaced by a failover")
+                if end is not None:
                     log.warning("fenced %s, a former primary that came back", node.name)
                     self._refenced.add(node.name)
+                    async with self._catalog() as conn:
+                        await catalog.record_exact_loss(conn, old_primary=node.name, end_lsn=end)

@@ -2,8 +2,10 @@
 
 :class:`NodePools` keeps one asyncpg pool per node, created on first use (a node that is
 down at start-up does not stop shardd).  :class:`HealthMonitor` checks every node each
-``health_interval`` and publishes an immutable :class:`HealthSnapshot`: reachable or not,
-WAL position, replica lag in bytes and seconds.  Routing reads only that snapshot.
+``health_interval`` over connections of its own and publishes an immutable
+:class:`HealthSnapshot`: reachable or not, WAL position, replica lag in bytes and seconds.
+Routing reads only that snapshot.  Every session shardd opens on a node carries
+server-side timeouts (:func:`session_settings`).
 """
 
 from __future__ import annotations
@@ -51,10 +53,43 @@ async def _initialized(pool: asyncpg.Pool) -> asyncpg.Pool:
     return await pool
 
 
+def session_settings(
+    *, statement_timeout: float, lock_timeout: float, idle_in_transaction_timeout: float
+) -> dict[str, str]:
+    """Server settings of every shard session shardd opens from its pools.
+
+    Every wait on the shard is bounded on the server itself, whatever happens to the
+    client: a statement, a lock wait, a transaction left idle.  A session whose client
+    vanished (its connection dropped mid-query) is noticed within a second rather than
+    when the query finally tries to send its result.
+    """
+
+    def ms(seconds: float) -> str:
+        return str(max(1, round(seconds * 1000)))
+
+    return {
+        "application_name": "shardd",
+        "statement_timeout": ms(statement_timeout),
+        "lock_timeout": ms(lock_timeout),
+        "idle_in_transaction_session_timeout": ms(idle_in_transaction_timeout),
+        "client_connection_check_interval": "1000",
+    }
+
+
 class NodePools:
-    def __init__(self, *, pool_size: int, connect_timeout: float) -> None:
+    """One asyncpg pool per node, all with the same size and session settings
+    (by default none but the application name)."""
+
+    def __init__(
+        self,
+        *,
+        pool_size: int,
+        connect_timeout: float,
+        server_settings: Mapping[str, str] | None = None,
+    ) -> None:
         self._pool_size = pool_size
         self._connect_timeout = connect_timeout
+        self._server_settings = dict(server_settings or {"application_name": "shardd"})
         self._pools: dict[str, asyncpg.Pool] = {}
         self._dsns: dict[str, str] = {}
         self._ready: dict[str, asyncio.Future[object]] = {}
@@ -74,7 +109,7 @@ class NodePools:
                 reset=_keep_session,
                 timeout=self._connect_timeout,
                 max_inactive_connection_lifetime=60.0,
-                server_settings={"application_name": "shardd"},
+                server_settings=self._server_settings,
             )
             self._pools[node.name] = pool
             self._dsns[node.name] = dsn
@@ -110,6 +145,10 @@ class NodeHealth:
     checked_at: float = 0.0
     received_lsn: int | None = None  # replica: WAL received and flushed (None on a primary)
     failures: int = 0  # consecutive failed checks, 0 when healthy
+    streaming: bool = False  # replica: its WAL receiver is streaming from a primary
+    standbys: int | None = None  # primary: standbys streaming from it
+    last_ok_at: float | None = None  # the last check that succeeded (carried over)
+    streamed_at: float | None = None  # replica: the last check that found it streaming
 
 
 @dataclass(frozen=True)
@@ -144,10 +183,14 @@ _CHECK_SQL = """
 SELECT pg_is_in_recovery() AS in_recovery,
        CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
             ELSE pg_current_wal_lsn() END AS lsn,
-       CASE WHEN NOT pg_is_in_recovery()
-              OR pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0
+       CASE WHEN NOT pg_is_in_recovery() THEN 0
+            WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn()
+             AND (SELECT status = 'streaming' FROM pg_stat_wal_receiver) THEN 0
             ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END AS lag_s,
-       pg_last_wal_receive_lsn() AS received
+       pg_last_wal_receive_lsn() AS received,
+       coalesce((SELECT status = 'streaming' FROM pg_stat_wal_receiver), false) AS streaming,
+       CASE WHEN NOT pg_is_in_recovery() THEN
+           (SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming') END AS standbys
 """
 
 
@@ -166,6 +209,8 @@ async def check_node(pools: NodePools, node: Node, limit: float) -> NodeHealth:
         lag_seconds=float(row["lag_s"] or 0.0),
         checked_at=now,
         received_lsn=row["received"],
+        streaming=row["streaming"],
+        standbys=row["standbys"],
     )
 
 
@@ -192,21 +237,36 @@ def with_failures(previous: HealthSnapshot, raw: Mapping[str, NodeHealth]) -> di
     """Carry each node's count of consecutive failed checks over from the last round."""
     result = {}
     for name, health in raw.items():
+        before = previous.get(name)
         if health.healthy:
-            result[name] = health
+            # When it was last seen streaming decides whether it may be promoted: it must
+            # have streamed when its primary was last seen alive (shardd.failover).
+            streamed_at = health.checked_at if health.streaming else None
+            result[name] = dataclasses.replace(
+                health,
+                last_ok_at=health.checked_at,
+                streamed_at=streamed_at or (before.streamed_at if before else None),
+            )
         else:
             # A failed node keeps its last known WAL position: a failover reports how far
             # the promoted replica was behind it.
-            before = previous.get(name)
             result[name] = dataclasses.replace(
                 health,
                 failures=(before.failures if before else 0) + 1,
                 lsn=before.lsn if before else None,
+                last_ok_at=before.last_ok_at if before else None,
+                streamed_at=before.streamed_at if before else None,
             )
     return result
 
 
 class HealthMonitor:
+    """Checks every node each ``interval`` and publishes the result as :attr:`snapshot`.
+
+    Give it pools of its own, not the request pools: a primary whose request pool is
+    saturated by slow requests is busy, not down, and must never be failed over.
+    """
+
     def __init__(
         self, pools: NodePools, topology: Callable[[], Topology | None], *, interval: float
     ) -> None:

@@ -38,6 +38,9 @@ class Shard:
     name: str
     weight: int
     nodes: tuple[Node, ...]
+    term: int = 0  # grows with every promotion recorded for the shard
+    write_block: str | None = None  # why writes are refused at once (see catalog 0004)
+    degraded: bool = False  # running asynchronously although the cluster is synchronous
 
     @property
     def primary(self) -> Node | None:
@@ -54,11 +57,13 @@ class TableInfo:
     description: str
     created_at: str
     updated_at: str
+    state: str = "active"  # 'deleting' while its items are being deleted
 
     def as_json(self) -> dict[str, str]:
         return {
             "name": self.name,
             "description": self.description,
+            "state": self.state,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
         }

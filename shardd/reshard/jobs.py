@@ -6,6 +6,7 @@ that died stopped.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -13,7 +14,19 @@ import asyncpg
 
 from .plan import PlannedMove
 
-OPEN_PHASES = ("planned", "copying", "catching_up", "frozen", "flipped")
+
+class Phase(enum.StrEnum):
+    PLANNED = "planned"
+    COPYING = "copying"
+    CATCHING_UP = "catching_up"
+    FROZEN = "frozen"
+    FLIPPED = "flipped"
+    DONE = "done"
+    ABORTED = "aborted"
+
+
+OPEN_PHASES = (Phase.PLANNED, Phase.COPYING, Phase.CATCHING_UP, Phase.FROZEN, Phase.FLIPPED)
+_OPEN = [str(p) for p in OPEN_PHASES]
 
 
 @dataclass(frozen=True)
@@ -32,6 +45,8 @@ class Move:
     pause_ms: float | None
     epoch: int | None
     error: str | None
+    source_term: int | None = None  # the shards' terms the move's work so far was done in
+    target_term: int | None = None
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> Move:
@@ -50,6 +65,8 @@ class Move:
             pause_ms=row["pause_ms"],
             epoch=row["epoch"],
             error=row["error"],
+            source_term=row["source_term"],
+            target_term=row["target_term"],
         )
 
     def as_json(self) -> dict[str, object]:
@@ -72,14 +89,26 @@ class Move:
 
 _MOVE_COLUMNS = (
     "id, rebalance, source, target, slots, phase, position, rows_copied, bytes_copied,"
-    " changes_applied, backlog, pause_ms, epoch, error"
+    " changes_applied, backlog, pause_ms, epoch, error, source_term, target_term"
 )
 
 
 async def list_moves(conn: asyncpg.Connection, *, open_only: bool = False) -> list[Move]:
-    where = f"WHERE phase IN {OPEN_PHASES!r}" if open_only else ""
-    rows = await conn.fetch(f"SELECT {_MOVE_COLUMNS} FROM shardd_moves {where} ORDER BY id")
+    rows = await conn.fetch(
+        f"SELECT {_MOVE_COLUMNS} FROM shardd_moves WHERE NOT $1 OR phase = ANY($2::text[])"
+        " ORDER BY id",
+        open_only,
+        _OPEN,
+    )
     return [Move.from_row(row) for row in rows]
+
+
+async def get_move(conn: asyncpg.Connection, move_id: int) -> Move:
+    """The move as last recorded (a step that died may or may not have been)."""
+    row = await conn.fetchrow(f"SELECT {_MOVE_COLUMNS} FROM shardd_moves WHERE id = $1", move_id)
+    if row is None:
+        raise LookupError(f"no move {move_id}")
+    return Move.from_row(row)
 
 
 async def create_run(
@@ -109,7 +138,7 @@ async def record_step(conn: asyncpg.Connection, move: Move, **changes: object) -
     await conn.execute(
         "UPDATE shardd_moves SET phase = $2, position = $3, rows_copied = $4,"
         " bytes_copied = $5, changes_applied = $6, backlog = $7, pause_ms = $8, epoch = $9,"
-        " error = $10, updated_at = now() WHERE id = $1",
+        " error = $10, source_term = $11, target_term = $12, updated_at = now() WHERE id = $1",
         updated.id,
         updated.phase,
         updated.position,
@@ -120,6 +149,8 @@ async def record_step(conn: asyncpg.Connection, move: Move, **changes: object) -
         updated.pause_ms,
         updated.epoch,
         updated.error,
+        updated.source_term,
+        updated.target_term,
     )
     return updated
 
@@ -130,5 +161,6 @@ async def finish_runs(conn: asyncpg.Connection) -> None:
         "UPDATE shardd_rebalances r SET state = CASE WHEN EXISTS (SELECT 1 FROM shardd_moves m"
         " WHERE m.rebalance = r.id AND m.phase = 'aborted') THEN 'aborted' ELSE 'done' END,"
         " updated_at = now() WHERE state = 'running' AND NOT EXISTS (SELECT 1 FROM"
-        f" shardd_moves m WHERE m.rebalance = r.id AND m.phase IN {OPEN_PHASES!r})"
+        " shardd_moves m WHERE m.rebalance = r.id AND m.phase = ANY($1::text[]))",
+        _OPEN,
     )

@@ -1,6 +1,22 @@
 """One move's steps against the catalog and the two shard primaries: copy, catch up,
 freeze, verify, flip, clean up, and undo (see the package docstring for the safety
-argument)."""
+argument).
+
+Primary changes.  A move records the terms of its source and target shards (the
+catalog raises a shard's term with every promotion) when it starts copying.  Every
+effect on a shard runs through :mod:`shardd.fencing`, whose SQL checks in the same
+transaction that the node is an unfenced primary; and before each phase the mover
+compares the recorded terms with the catalog's.  When a primary changes under a move
+(its node refuses with SD002, its connection drops, or the term differs), the mover
+waits for the shard's new primary and then:
+
+* before the flip, starts the move over from the copy: the target gives up the slots
+  (``importing``) *before* the source takes back any it had frozen, so at no instant do
+  both own a slot, and the copy and the change-log position come from the new primary
+  (an async promotion may reuse transaction ids that a position taken on the old one
+  already counts as seen: never resume from such a position);
+* after the flip, finishes the cleanup on the new primary (every step is idempotent).
+"""
 
 from __future__ import annotations
 
@@ -8,12 +24,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import NoReturn
 
 import asyncpg
 
-from .. import admin, catalog, changelog
-from .jobs import Move, record_step
+from .. import admin, catalog, changelog, errors, fencing
+from ..fencing import SlotState
+from .jobs import Move, Phase, get_move, record_step
 from .plan import MoveError
 
 log = logging.getLogger(__name__)
@@ -24,11 +43,41 @@ COLUMNS = ("tbl", "pk", "sk", "slot", "version", "doc", "updated_at")
 Progress = Callable[[Move], None]
 
 
+class PrimaryChanged(Exception):
+    """A shard's primary changed under a move (or could not be reached)."""
+
+
+# What a lost or replaced primary looks like from the mover's side.
+_PRIMARY_LOST = (
+    PrimaryChanged,
+    TimeoutError,
+    asyncpg.ReadOnlySQLTransactionError,
+    *errors.CONNECT_ERRORS,
+    *errors.LOST_CONNECTION_ERRORS,
+)
+
+
+def _primary_lost(exc: BaseException) -> bool:
+    return isinstance(exc, _PRIMARY_LOST) or fencing.is_fenced_error(exc)
+
+
+@dataclass
+class Sides:
+    cat: asyncpg.Connection
+    src: asyncpg.Connection
+    dst: asyncpg.Connection
+    source_term: int
+    target_term: int
+
+
 class Mover:
     """Drives moves through their phases against the catalog and the shard primaries.
 
     ``catch_up_backlog``: freeze once a catch-up batch is at most this many changes.
     ``lease``: how long cleanup waits for instances to report the flip epoch at most.
+    ``freeze_lock_timeout``: how long one freeze attempt waits for the writes in flight.
+    ``primary_wait``: how long a move waits for a shard that lost its primary to get a
+    new one before it gives up (and aborts, if it has not flipped).
     """
 
     def __init__(
@@ -37,80 +86,167 @@ class Mover:
         *,
         lease: float = 5.0,
         catch_up_backlog: int = 200,
+        freeze_lock_timeout: float = 0.5,
+        primary_wait: float = 60.0,
         progress: Progress | None = None,
     ) -> None:
         self.catalog_dsn = catalog_dsn
         self.lease = lease
         self.catch_up_backlog = catch_up_backlog
+        self.freeze_lock_timeout = freeze_lock_timeout
+        self.primary_wait = primary_wait
         self.progress = progress or (lambda move: None)
 
+    # -- connections --------------------------------------------------------------
+
     @contextlib.asynccontextmanager
-    async def _sides(
-        self, source: str, target: str
-    ) -> AsyncIterator[tuple[asyncpg.Connection, asyncpg.Connection, asyncpg.Connection]]:
+    async def _sides(self, source: str, target: str) -> AsyncIterator[Sides]:
         """Connections to the catalog and to the source's and target's primaries."""
         async with admin.connect(self.catalog_dsn) as cat:
             topo = await catalog.load_topology(cat)
-            primaries = []
+            shards = []
             for name in (source, target):
                 shard = topo.shards.get(name)
                 if shard is None or shard.primary is None:
-                    raise MoveError(f"shard {name} has no primary")
-                primaries.append(shard.primary)
+                    raise PrimaryChanged(f"shard {name} has no primary")
+                shards.append(shard)
             async with (
-                admin.connect(primaries[0].dsn()) as src,
-                admin.connect(primaries[1].dsn()) as dst,
+                admin.connect(shards[0].primary.dsn()) as src,  # type: ignore[union-attr]
+                admin.connect(shards[1].primary.dsn()) as dst,  # type: ignore[union-attr]
             ):
-                yield cat, src, dst
+                yield Sides(cat, src, dst, shards[0].term, shards[1].term)
+
+    async def _check_terms(self, sides: Sides, move: Move) -> None:
+        """Raise PrimaryChanged when a shard's primary changed since ``sides`` opened."""
+        rows = await sides.cat.fetch(
+            "SELECT name, term FROM shardd_shards WHERE name = ANY($1::text[])",
+            [move.source, move.target],
+        )
+        terms = {row["name"]: row["term"] for row in rows}
+        if (terms.get(move.source), terms.get(move.target)) != (
+            sides.source_term,
+            sides.target_term,
+        ):
+            raise PrimaryChanged(f"move {move.id}: a primary changed (terms {terms})")
+
+    # -- driving a move -----------------------------------------------------------
 
     async def run(self, move: Move) -> Move:
-        """Carry one move from its recorded phase to ``done``."""
-        async with self._sides(move.source, move.target) as (cat, src, dst):
-            if move.phase in ("planned", "copying"):
-                [move] = await self._copy(cat, src, dst, [move])
-            if move.phase == "catching_up":
-                move = await self._catch_up(cat, src, dst, move)
-                move = await self._freeze(cat, src, move)
-            if move.phase == "frozen":
-                move = await self._cut_over(cat, src, dst, move)
-            if move.phase == "flipped":
-                move = await self._clean_up(cat, src, move)
-        return move
+        """Carry one move from its recorded phase to ``done``, riding out primary changes."""
+        return await self._persist(move, self._run_once)
 
     async def copy(self, moves: Sequence[Move]) -> list[Move]:
         """Copy several moves of one (source, target) pair in one pass over the source.
 
         Rows of a slot are scattered over the source's heap, so each pass reads much of
         it; copying a batch of groups together and cutting each over on its own keeps
-        both the copy fast and every cutover small.
+        both the copy fast and every cutover small.  A primary change during the copy
+        only makes each move start over in :meth:`run`.
         """
         source, target = moves[0].source, moves[0].target
         assert all(m.source == source and m.target == target for m in moves)
-        async with self._sides(source, target) as (cat, src, dst):
-            return await self._copy(cat, src, dst, list(moves))
+        try:
+            async with self._sides(source, target) as sides:
+                return await self._copy(sides, list(moves))
+        except Exception as exc:
+            if not _primary_lost(exc):
+                raise
+            log.warning("copy of moves %s interrupted: %s", [m.id for m in moves], exc)
+            return list(moves)
 
-    async def _copy(
-        self,
-        cat: asyncpg.Connection,
-        src: asyncpg.Connection,
-        dst: asyncpg.Connection,
-        moves: list[Move],
-    ) -> list[Move]:
-        """Target importing and empty for the slots, then one consistent copy."""
+    async def _persist(self, move: Move, step: Callable[[Sides, Move], Awaitable[Move]]) -> Move:
+        """Run ``step`` until it finishes, waiting out primary changes for at most
+        ``primary_wait`` at a time; give up (undo before the flip) after that."""
+        given_up_at = time.monotonic() + self.primary_wait
+        while True:
+            try:
+                async with self._sides(move.source, move.target) as sides:
+                    move = await get_move(sides.cat, move.id)
+                    return await step(sides, move)
+            except changelog.ConsumerExpired as exc:
+                await self._give_up(move, exc)
+            except Exception as exc:
+                if not _primary_lost(exc):
+                    raise
+                if time.monotonic() > given_up_at:
+                    await self._give_up(
+                        move,
+                        PrimaryChanged(
+                            f"no usable primaries within {self.primary_wait:.0f}s: {exc}"
+                        ),
+                    )
+                log.warning("move %s: %s; waiting for the shards' primaries", move.id, exc)
+                await asyncio.sleep(0.2)
+
+    async def _give_up(self, move: Move, exc: BaseException) -> NoReturn:
+        """Abort a move that cannot go on (undo, before the flip) and raise MoveError."""
+        with contextlib.suppress(Exception):
+            async with self._sides(move.source, move.target) as sides:
+                move = await get_move(sides.cat, move.id)
+                if move.phase not in (Phase.FLIPPED, Phase.DONE, Phase.ABORTED):
+                    await self._undo(sides, move)
+        raise MoveError(f"move {move.id} aborted: {exc}") from exc
+
+    async def _run_once(self, sides: Sides, move: Move) -> Move:
+        if move.phase in (Phase.DONE, Phase.ABORTED):
+            return move
+        if move.phase != Phase.FLIPPED and (move.source_term, move.target_term) != (
+            sides.source_term,
+            sides.target_term,
+        ):
+            if move.phase != Phase.PLANNED:
+                log.warning(
+                    "move %s: a primary changed during %s; copying again", move.id, move.phase
+                )
+            [move] = await self._copy(sides, [move])
+        if move.phase in (Phase.PLANNED, Phase.COPYING):
+            [move] = await self._copy(sides, [move])
+        if move.phase == Phase.CATCHING_UP:
+            move = await self._catch_up(sides, move)
+        if move.phase in (Phase.CATCHING_UP, Phase.FROZEN):
+            # Resuming from 'frozen' freezes again: a promotion may have lost the freeze.
+            move = await self._freeze(sides, move)
+            move = await self._cut_over(sides, move)
+        if move.phase == Phase.FLIPPED:
+            move = await self._clean_up(sides, move)
+        return move
+
+    # -- the phases ---------------------------------------------------------------
+
+    async def _copy(self, sides: Sides, moves: list[Move]) -> list[Move]:
+        """Target importing and empty, source owning, then one consistent copy.
+
+        The target gives up the slots before the source takes back any it froze or
+        handed over in an earlier attempt: never two owners.  The move's change-log
+        consumer is registered before the copy's snapshot is taken, so nothing the
+        catch-up needs can be trimmed meanwhile.
+        """
+        cat, src, dst = sides.cat, sides.src, sides.dst
         moves = [
-            await record_step(cat, m, phase="copying", rows_copied=0, bytes_copied=0) for m in moves
+            await record_step(
+                cat,
+                m,
+                phase=Phase.COPYING,
+                rows_copied=0,
+                bytes_copied=0,
+                source_term=sides.source_term,
+                target_term=sides.target_term,
+            )
+            for m in moves
         ]
         for move in moves:
             self.progress(move)
         slots = [slot for move in moves for slot in move.slots]
         async with dst.transaction():
+            await fencing.set_slot_states(dst, slots, SlotState.IMPORTING)
             await dst.execute("SET LOCAL shardd.copying = on")
-            await dst.execute(
-                "INSERT INTO shardd_slots (slot, state) SELECT unnest($1::int[]), 'importing'"
-                " ON CONFLICT (slot) DO UPDATE SET state = 'importing', changed_at = now()",
-                slots,
-            )
             await dst.execute("DELETE FROM shardd_items WHERE slot = ANY($1::int[])", slots)
+        await fencing.set_slot_states(
+            src, slots, SlotState.OWNED, only_from=(SlotState.FROZEN, SlotState.MOVED)
+        )
+        before = await changelog.position(src)
+        for move in moves:
+            await changelog.register(src, f"move-{move.id}", before)
         queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=256)
         copied_bytes = 0
 
@@ -135,6 +271,10 @@ class Mover:
         producer = asyncio.create_task(produce())
         try:
             async with dst.transaction():
+                # The COPY does not hold the node lock (a switchover would wait for all of
+                # it): a copy that lands on a node fenced meanwhile is caught by the next
+                # step's fencing check or term check, and copied again.
+                await fencing.assert_primary(dst)
                 await dst.execute("SET LOCAL shardd.copying = on")
                 status = await dst.copy_to_table(
                     "shardd_items", source=chunks(), columns=COLUMNS, format="binary"
@@ -156,12 +296,12 @@ class Mover:
         }
         copied = []
         for move in moves:
-            await changelog.register(src, f"move-{move.id}", snapshot)
+            await changelog.advance(src, f"move-{move.id}", snapshot)
             rows = sum(per_slot.get(slot, 0) for slot in move.slots)
             move = await record_step(
                 cat,
                 move,
-                phase="catching_up",
+                phase=Phase.CATCHING_UP,
                 position=snapshot,
                 rows_copied=rows,
                 bytes_copied=copied_bytes * rows // total_rows,
@@ -171,24 +311,18 @@ class Mover:
         return copied
 
     async def _apply_batch(
-        self,
-        cat: asyncpg.Connection,
-        src: asyncpg.Connection,
-        dst: asyncpg.Connection,
-        move: Move,
-        *,
-        keep_log: bool = True,
+        self, sides: Sides, move: Move, *, keep_log: bool = True
     ) -> tuple[Move, int]:
         """Apply the changes since the move's position; ``keep_log`` also advances the
         move's consumer position on the source (skipped in the cutover, to keep it short:
         the position only protects entries from trimming)."""
         assert move.position is not None
-        changes, position = await changelog.next_batch(src, move.position, slots=move.slots)
-        applied = await changelog.apply(dst, changes) if changes else 0
+        changes, position = await changelog.next_batch(sides.src, move.position, slots=move.slots)
+        applied = await changelog.apply(sides.dst, changes) if changes else 0
         if keep_log:
-            await changelog.register(src, f"move-{move.id}", position)
+            await changelog.advance(sides.src, f"move-{move.id}", position)
         move = await record_step(
-            cat,
+            sides.cat,
             move,
             position=position,
             changes_applied=move.changes_applied + applied,
@@ -196,42 +330,37 @@ class Mover:
         )
         return move, len(changes)
 
-    async def _catch_up(
-        self, cat: asyncpg.Connection, src: asyncpg.Connection, dst: asyncpg.Connection, move: Move
-    ) -> Move:
+    async def _catch_up(self, sides: Sides, move: Move) -> Move:
         while True:
-            move, pending = await self._apply_batch(cat, src, dst, move)
+            move, pending = await self._apply_batch(sides, move)
             self.progress(move)
             if pending <= self.catch_up_backlog:
                 return move
 
-    async def _freeze(self, cat: asyncpg.Connection, src: asyncpg.Connection, move: Move) -> Move:
-        """Freeze the slots on the source, waiting exactly for the writes in flight.
+    async def _freeze(self, sides: Sides, move: Move) -> Move:
+        """Freeze the slots on the source (see :func:`shardd.fencing.freeze`).
 
-        The exclusive slot locks are granted once every write holding the shared lock
-        has committed or rolled back; every later write sees ``frozen`` and is refused.
+        Each attempt waits at most ``freeze_lock_timeout`` for the writes in flight; a
+        long transaction on a slot makes the attempt fail without effect, and the mover
+        catches up again and retries.
         """
-        async with src.transaction():
-            await src.execute(
-                "SELECT pg_advisory_xact_lock(shardd_slot_lock_class(), s)"
-                " FROM unnest($1::int[]) AS s ORDER BY s",
-                list(move.slots),
-            )
-            await src.execute(
-                "UPDATE shardd_slots SET state = 'frozen', changed_at = now()"
-                " WHERE slot = ANY($1::int[]) AND state = 'owned'",
-                list(move.slots),
-            )
-        move = await record_step(cat, move, phase="frozen", pause_ms=None)
+        await self._check_terms(sides, move)
+        while True:
+            try:
+                await fencing.freeze(sides.src, move.slots, lock_timeout=self.freeze_lock_timeout)
+                break
+            except asyncpg.LockNotAvailableError:
+                log.info("move %s: writes in flight held the freeze back; retrying", move.id)
+                move, _ = await self._apply_batch(sides, move)
+        move = await record_step(sides.cat, move, phase=Phase.FROZEN, pause_ms=None)
         self.progress(move)
         return move
 
-    async def _cut_over(
-        self, cat: asyncpg.Connection, src: asyncpg.Connection, dst: asyncpg.Connection, move: Move
-    ) -> Move:
+    async def _cut_over(self, sides: Sides, move: Move) -> Move:
         """Drain, verify, hand the slots over: target owned, source moved, catalog flip."""
+        cat, src, dst = sides.cat, sides.src, sides.dst
         started = time.perf_counter()
-        move, _ = await self._apply_batch(cat, src, dst, move, keep_log=False)
+        move, _ = await self._apply_batch(sides, move, keep_log=False)
         slots = list(move.slots)
         source_sums, target_sums = await asyncio.gather(
             _checksums(src, slots), _checksums(dst, slots)
@@ -242,88 +371,95 @@ class Mover:
                 for s in set(source_sums) | set(target_sums)
                 if source_sums.get(s) != target_sums.get(s)
             )
-            await self._undo(cat, src, dst, move)
+            await self._undo(sides, move)
             raise MoveError(
                 f"move {move.id}: verification failed for slots {differing[:10]}; move aborted"
             )
-        await dst.execute(
-            "UPDATE shardd_slots SET state = 'owned', changed_at = now()"
-            " WHERE slot = ANY($1::int[])",
-            slots,
-        )
-        await src.execute(
-            "UPDATE shardd_slots SET state = 'moved', changed_at = now()"
-            " WHERE slot = ANY($1::int[])",
-            slots,
-        )
+        await self._check_terms(sides, move)
+        await fencing.set_slot_states(dst, slots, SlotState.OWNED)
+        await fencing.set_slot_states(src, slots, SlotState.MOVED)
         async with cat.transaction():
+            # The flip is published only if both primaries are still the ones that took
+            # the states above (a lock on the shard rows holds promotions back meanwhile).
+            await cat.execute(
+                "SELECT 1 FROM shardd_shards WHERE name = ANY($1::text[]) FOR SHARE",
+                [move.source, move.target],
+            )
+            await self._check_terms(sides, move)
             epoch = await catalog.set_slot_map(cat, dict.fromkeys(slots, move.target))
             move = await record_step(
                 cat,
                 move,
-                phase="flipped",
+                phase=Phase.FLIPPED,
                 epoch=epoch,
                 pause_ms=(time.perf_counter() - started) * 1000,
             )
         self.progress(move)
         return move
 
-    async def _clean_up(self, cat: asyncpg.Connection, src: asyncpg.Connection, move: Move) -> Move:
-        """Delete the source's copy once no live instance can still route to it."""
+    async def _clean_up(self, sides: Sides, move: Move) -> Move:
+        """Delete the source's copy once no live instance can still route to it.
+
+        Idempotent, and runs on whatever nodes are the primaries now: after a promotion
+        the target may lack 'owned' or the source 'moved' (lost with an asynchronous
+        primary), and both are set again; the catalog has named the target.
+        """
         assert move.epoch is not None
         slots = list(move.slots)
-        # A crash between the catalog flip and here may have left the source 'frozen'.
-        await src.execute(
-            "UPDATE shardd_slots SET state = 'moved', changed_at = now()"
-            " WHERE slot = ANY($1::int[]) AND state <> 'moved'",
-            slots,
-        )
+        await fencing.set_slot_states(sides.dst, slots, SlotState.OWNED)
+        await fencing.set_slot_states(sides.src, slots, SlotState.MOVED)
         behind = await catalog.wait_for_instances(
-            cat, epoch=move.epoch, lease=self.lease, since=time.monotonic()
+            sides.cat, epoch=move.epoch, lease=self.lease, since=time.monotonic()
         )
         if behind:
             log.warning(
                 "move %s: instances %s did not confirm epoch %s", move.id, behind, move.epoch
             )
-        async with src.transaction():
-            await src.execute("SET LOCAL shardd.copying = on")
-            await src.execute("DELETE FROM shardd_items WHERE slot = ANY($1::int[])", slots)
-        await changelog.unregister(src, f"move-{move.id}")
-        move = await record_step(cat, move, phase="done", backlog=0)
+        async with sides.src.transaction():
+            await fencing.assert_primary(sides.src)
+            await sides.src.execute("SET LOCAL shardd.copying = on")
+            await sides.src.execute("DELETE FROM shardd_items WHERE slot = ANY($1::int[])", slots)
+        await changelog.unregister(sides.src, f"move-{move.id}")
+        move = await record_step(sides.cat, move, phase=Phase.DONE, backlog=0)
         self.progress(move)
         return move
 
-    async def _undo(
-        self, cat: asyncpg.Connection, src: asyncpg.Connection, dst: asyncpg.Connection, move: Move
-    ) -> Move:
+    async def _undo(self, sides: Sides, move: Move) -> Move:
+        """Give the slots back to the source: the target forgets them first, then the
+        source owns them again (never two owners), then the partial copy goes."""
         slots = list(move.slots)
-        await src.execute(
-            "UPDATE shardd_slots SET state = 'owned', changed_at = now()"
-            " WHERE slot = ANY($1::int[]) AND state IN ('frozen', 'moved')",
-            slots,
+        async with sides.dst.transaction():
+            await fencing.forget_slots(sides.dst, slots)
+            await sides.dst.execute("SET LOCAL shardd.copying = on")
+            await sides.dst.execute("DELETE FROM shardd_items WHERE slot = ANY($1::int[])", slots)
+        await fencing.set_slot_states(
+            sides.src, slots, SlotState.OWNED, only_from=(SlotState.FROZEN, SlotState.MOVED)
         )
-        async with dst.transaction():
-            await dst.execute("SET LOCAL shardd.copying = on")
-            await dst.execute("DELETE FROM shardd_items WHERE slot = ANY($1::int[])", slots)
-            await dst.execute("DELETE FROM shardd_slots WHERE slot = ANY($1::int[])", slots)
-        await changelog.unregister(src, f"move-{move.id}")
-        move = await record_step(cat, move, phase="aborted")
+        await changelog.unregister(sides.src, f"move-{move.id}")
+        move = await record_step(sides.cat, move, phase=Phase.ABORTED)
         self.progress(move)
         return move
 
     async def abort(self, move: Move) -> Move:
         """Give the slots back to the source (before ``flipped``), else finish the move."""
-        if move.phase == "flipped":
-            return await self.run(move)
-        async with self._sides(move.source, move.target) as (cat, src, dst):
-            return await self._undo(cat, src, dst, move)
+
+        async def step(sides: Sides, move: Move) -> Move:
+            if move.phase in (Phase.FLIPPED, Phase.DONE, Phase.ABORTED):
+                return await self._run_once(sides, move)
+            return await self._undo(sides, move)
+
+        return await self._persist(move, step)
 
 
 async def _checksums(conn: asyncpg.Connection, slots: list[int]) -> dict[int, tuple[int, int]]:
-    """slot -> (rows, order-independent checksum of every row's key, version and doc)."""
+    """slot -> (rows, order-independent checksum over the rows).
+
+    Each row's hash covers its key, version and document together (the key's hash
+    seeds the document's), so two rows that swapped documents change the sum.
+    """
     rows = await conn.fetch(
-        "SELECT slot, count(*) AS n, sum(hashtextextended(tbl || chr(31) || pk || chr(31) || sk"
-        " || chr(31) || version::text, 0)::numeric + jsonb_hash_extended(doc, 0)) AS h"
+        "SELECT slot, count(*) AS n, sum(jsonb_hash_extended(doc, hashtextextended(tbl"
+        " || chr(31) || pk || chr(31) || sk || chr(31) || version::text, 0))::numeric) AS h"
         " FROM shardd_items WHERE slot = ANY($1::int[]) GROUP BY slot",
         slots,
     )

@@ -10,13 +10,13 @@ from collections.abc import AsyncIterator, Sequence
 
 import asyncpg
 
-from .. import admin, catalog
+from .. import admin, catalog, fencing
 from ..topology import Topology
-from .jobs import Move, create_run, finish_runs, list_moves
+from .jobs import Move, Phase, create_run, finish_runs, list_moves
 from .mover import Mover
 from .plan import MoveError, PlannedMove, plan, plan_by_load
 
-LOCK_CLASS = 1936221287  # catalog advisory lock: one rebalance runner at a time
+TO_COPY = (Phase.PLANNED, Phase.COPYING)
 
 
 @contextlib.asynccontextmanager
@@ -25,7 +25,9 @@ async def runner_lock(catalog_dsn: str) -> AsyncIterator[asyncpg.Connection]:
     async with admin.connect(catalog_dsn) as conn:
         # A runner killed a moment ago holds it until the catalog notices: allow a little.
         deadline = time.monotonic() + 5
-        while not await conn.fetchval("SELECT pg_try_advisory_lock($1, 0)", LOCK_CLASS):
+        while not await conn.fetchval(
+            "SELECT pg_try_advisory_lock($1, 0)", fencing.REBALANCE_LOCK_CLASS
+        ):
             if time.monotonic() > deadline:
                 raise MoveError("another rebalance is running")
             await asyncio.sleep(0.1)
@@ -48,8 +50,8 @@ async def run_moves(
         last = batches[-1] if batches else None
         if (
             last is not None
-            and move.phase in ("planned", "copying")
-            and last[0].phase in ("planned", "copying")
+            and move.phase in TO_COPY
+            and last[0].phase in TO_COPY
             and (last[0].source, last[0].target) == (move.source, move.target)
             and sum(len(m.slots) for m in last) + len(move.slots) <= copy_slots
         ):
@@ -62,7 +64,7 @@ async def run_moves(
             if failed:
                 return batch
             try:
-                if batch[0].phase in ("planned", "copying"):
+                if batch[0].phase in TO_COPY:
                     batch = await mover.copy(batch)
                 return [await mover.run(move) for move in batch]
             except BaseException as exc:

@@ -2,13 +2,36 @@
 
 from __future__ import annotations
 
-from shardd.failover import Candidate, ShardView, choose_candidate, decide, lost_bytes, shard_view
+from shardd.failover import (
+    Candidate,
+    Decision,
+    ShardView,
+    choose_candidate,
+    decide,
+    eligible,
+    lost_bytes,
+    shard_view,
+)
 from shardd.nodes import HealthSnapshot, NodeHealth
 from shardd.topology import Node, Shard
 
+MIB = 1024 * 1024
+SEEN = 100.0  # when the primary last answered (monotonic seconds)
 
-def view(*candidates: Candidate, failures: int = 3, primary: str | None = "p") -> ShardView:
-    return ShardView("s1", primary, failures, 1000, tuple(candidates))
+
+def view(
+    *candidates: Candidate, failures: int = 3, primary: str | None = "p", position: int = 1000
+) -> ShardView:
+    return ShardView("s1", primary, failures, position, tuple(candidates), primary_seen_at=SEEN)
+
+
+def streaming(name: str, position: int | None, *, at: float = SEEN) -> Candidate:
+    """A replica last seen streaming at ``at``."""
+    return Candidate(name, position, streamed_at=at)
+
+
+def decide_(v: ShardView, *, failures_needed: int = 3, max_lag: int = MIB) -> Decision:
+    return decide(v, failures_needed=failures_needed, max_lag_bytes=max_lag, tolerance=0.5)
 
 
 def test_the_replica_with_the_most_wal_is_chosen() -> None:
@@ -17,9 +40,7 @@ def test_the_replica_with_the_most_wal_is_chosen() -> None:
 
 
 def test_a_lagging_replica_loses_to_a_caught_up_one() -> None:
-    decision = decide(
-        view(Candidate("a-lagging", 10), Candidate("b-current", 1000)), failures_needed=3
-    )
+    decision = decide_(view(streaming("a-lagging", 10), streaming("b-current", 1000)))
     assert decision.promote is not None and decision.promote.name == "b-current"
 
 
@@ -44,21 +65,58 @@ def test_an_already_promoted_replica_wins_so_the_shard_never_forks() -> None:
 
 
 def test_no_candidate_means_no_promotion() -> None:
-    decision = decide(view(), failures_needed=3)
-    assert decision.promote is None
+    decision = decide_(view())
+    assert decision.promote is None and decision.blocked
     assert "no healthy replica" in decision.reason
 
 
 def test_a_primary_is_replaced_only_after_enough_failed_checks() -> None:
-    replica = Candidate("r1", 1000)
-    assert decide(view(replica, failures=2), failures_needed=3).promote is None
-    assert decide(view(replica, failures=3), failures_needed=3).promote == replica
+    replica = streaming("r1", 1000)
+    assert decide_(view(replica, failures=2)).promote is None
+    assert not decide_(view(replica, failures=2)).blocked
+    assert decide_(view(replica, failures=3)).promote == replica
 
 
 def test_a_shard_left_without_primary_is_completed_at_once() -> None:
-    replica = Candidate("r1", 1000)
-    decision = decide(view(replica, failures=0, primary=None), failures_needed=3)
+    replica = streaming("r1", 1000)
+    decision = decide_(view(replica, failures=0, primary=None))
     assert decision.promote == replica
+
+
+def test_async_promotion_needs_a_replica_within_max_lag_on_failover() -> None:
+    behind = streaming("r1", 1000)
+    decision = decide_(view(behind, position=1000 + 2 * MIB))
+    assert decision.promote is None and decision.blocked
+    assert "lags" in decision.reason and str(2 * MIB) in decision.reason
+    assert decide_(view(behind, position=1000 + MIB)).promote == behind
+
+
+def test_a_replica_that_was_not_streaming_when_the_primary_was_last_seen_never_qualifies() -> None:
+    # Its byte lag looks small, but its WAL receiver had stopped long before.
+    stale = streaming("r1", 1000, at=SEEN - 30)
+    decision = decide_(view(stale, position=1000))
+    assert decision.promote is None and decision.blocked
+    assert "not streaming" in decision.reason
+    never = Candidate("r2", 1000)
+    assert decide_(view(never)).promote is None
+
+
+def test_only_qualifying_replicas_are_eligible_and_the_best_of_them_wins() -> None:
+    v = view(
+        streaming("r1", 900),
+        streaming("r2", 990, at=SEEN - 30),  # more WAL, but stopped streaming
+        streaming("r3", 950),
+        position=1000,
+    )
+    assert [c.name for c in eligible(v, max_lag_bytes=MIB, tolerance=0.5)] == ["r1", "r3"]
+    decision = decide_(v)
+    assert decision.promote is not None and decision.promote.name == "r3"
+
+
+def test_an_unknown_primary_position_blocks_automatic_promotion() -> None:
+    v = ShardView("s1", "p", 3, None, (streaming("r1", 1000),), primary_seen_at=SEEN)
+    decision = decide_(v)
+    assert decision.promote is None and "unknown" in decision.reason
 
 
 def test_the_view_takes_only_healthy_replicas_and_their_furthest_position() -> None:
@@ -70,16 +128,18 @@ def test_the_view_takes_only_healthy_replicas_and_their_furthest_position() -> N
     )
     health = HealthSnapshot(
         {
-            "p": NodeHealth(healthy=False, failures=4, lsn=700),
-            "r1": NodeHealth(healthy=True, in_recovery=True, lsn=600, received_lsn=650),
+            "p": NodeHealth(healthy=False, failures=4, lsn=700, last_ok_at=9.0),
+            "r1": NodeHealth(
+                healthy=True, in_recovery=True, lsn=600, received_lsn=650, streamed_at=9.5
+            ),
             "r2": NodeHealth(healthy=False, failures=1),
             "old": NodeHealth(healthy=True, in_recovery=False, lsn=9999),
         }
     )
     summary = shard_view(Shard("s1", 1, nodes), health)
     assert summary.primary == "p" and summary.primary_failures == 4
-    assert summary.primary_position == 700
-    assert summary.candidates == (Candidate("r1", 650),)
+    assert summary.primary_position == 700 and summary.primary_seen_at == 9.0
+    assert summary.candidates == (Candidate("r1", 650, streamed_at=9.5),)
 
 
 def test_lost_bytes_is_what_the_new_primary_had_not_received() -> None:

@@ -1,0 +1,286 @@
+"""The steps of replacing a shard's primary, against the catalog and the nodes.
+
+:func:`fail_over` replaces a dead primary (run by the monitor, or by an operator with
+``force``); :func:`switch_over` is planned (``shardctl failover``); both end in
+:func:`_promote_and_record`.  Every step holds the shard's failover lock on the catalog,
+so two monitors, or a monitor and an operator, never work on one shard at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import asyncpg
+
+from .. import admin, catalog, fencing, metrics
+from ..topology import Node, Shard
+from .actions import (
+    FailoverError,
+    answers,
+    fence_on_node,
+    positions,
+    promote,
+    repoint,
+    set_sync_standbys,
+)
+from .decisions import Candidate, choose_candidate, lost_bytes, previous_primary
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.asynccontextmanager
+async def shard_lock(catalog_dsn: str, shard: str) -> AsyncIterator[asyncpg.Connection]:
+    """A catalog connection holding the shard's failover lock (released on close)."""
+    async with admin.connect(catalog_dsn) as conn:
+        await conn.execute(
+            "SELECT pg_advisory_lock($1, hashtext($2))", fencing.FAILOVER_LOCK_CLASS, shard
+        )
+        yield conn
+
+
+@dataclass(frozen=True)
+class Outcome:
+    shard: str
+    old_primary: str
+    new_primary: str
+    kind: str
+    lost_bytes: int | None
+    lost_exact: bool
+    epoch: int
+    seconds: float  # from detection (or the operator's command) to the recorded primary
+
+
+async def _promote_and_record(
+    conn: asyncpg.Connection,
+    shard: Shard,
+    old: Node,
+    candidate: Candidate,
+    *,
+    kind: str,
+    old_position: int | None,
+    detected_at: datetime,
+    started: float,
+    promote_timeout: float,
+) -> Outcome:
+    """Promote, repoint the other replicas, set the commit mode, record the new primary.
+
+    The loss recorded is WAL the old primary was known to have beyond the promoted
+    node's position: exact for a planned switchover (0), a lower bound otherwise, made
+    exact when the old primary answers again (the monitor reads its end of WAL).
+
+    If the process dies after the promotion but before the record, the shard has no
+    routable primary (the old one is fenced) and the next monitor finds the promoted
+    node out of recovery and records it (see :func:`~.decisions.choose_candidate`).
+    """
+    new = next(node for node in shard.nodes if node.name == candidate.name)
+    fork = await promote(new, wait_seconds=promote_timeout)
+    others = [n for n in shard.replicas if n.name != new.name]
+    repointed = [n for n in others if await repoint(n, new)]
+    synchronous = await catalog.is_synchronous(conn)
+    strict = await catalog.synchronous_mode(conn) == "strict"
+    # Strict mode keeps waiting for a standby (the monitor refuses the shard's writes
+    # meanwhile); degrade mode runs asynchronously until one streams, and says so.
+    await set_sync_standbys(new, synchronous=synchronous and (strict or bool(repointed)))
+    await catalog.set_degraded(conn, shard.name, synchronous and not strict and not repointed)
+    exact = kind == "planned"
+    lost = 0 if exact else lost_bytes(old_position, fork)
+    epoch = await catalog.record_promotion(
+        conn,
+        shard=shard.name,
+        old_primary=old.name,
+        new_primary=new.name,
+        kind=kind,
+        lost_bytes=lost,
+        lost_exact=exact,
+        promoted_lsn=catalog.lsn_text(fork),
+        detected_at=detected_at,
+    )
+    seconds = time.monotonic() - started
+    metrics.FAILOVERS.labels(shard.name, kind).inc()
+    metrics.FAILOVER_SECONDS.labels(kind).observe(seconds)
+    log.warning(
+        "shard %s: %s is the new primary (was %s; %s; lost %s%s bytes; %.2fs)",
+        shard.name,
+        new.name,
+        old.name,
+        kind,
+        "" if exact else "at least ",
+        "?" if lost is None else lost,
+        seconds,
+    )
+    return Outcome(shard.name, old.name, new.name, kind, lost, exact, epoch, seconds)
+
+
+async def fail_over(
+    catalog_dsn: str,
+    shard_name: str,
+    *,
+    lease: float,
+    expected_primary: str | None,
+    allowed: Sequence[str] | None = None,
+    promote_timeout: float = 30.0,
+    old_position: int | None = None,
+    detected_at: datetime | None = None,
+) -> Outcome | None:
+    """Replace a dead primary: fence it, let instances see that, promote, record.
+
+    Order and why it is safe:
+
+    1. fence the old primary in the catalog (new epoch): instances stop routing writes
+       to it and buffer them; also fence it on the node, in case it still answers;
+    2. wait until every live instance reports that epoch, or a topology lease has passed
+       since the fence *committed*: from then on no instance writes to the old primary
+       (an instance that cannot confirm its topology for a lease stops writing);
+    3. read the replicas' positions again and promote the one with the most WAL among
+       ``allowed`` (the replicas the decision found eligible; None: any, which only a
+       forced promotion asks for);
+    4. repoint the other replicas, set the commit mode, record the new primary.
+
+    Dying after 1 leaves a shard without a primary, which the next monitor completes;
+    after 3, see :func:`_promote_and_record`.
+
+    ``expected_primary`` is the primary the caller saw fail (None: the shard had none);
+    when the catalog names another, or the old primary answers again, the caller's view
+    was stale and nothing is done (returns None).
+    """
+    started = time.monotonic()
+    detected_at = detected_at or datetime.now(UTC)
+    async with shard_lock(catalog_dsn, shard_name) as conn:
+        topo = await catalog.load_topology(conn)
+        shard = topo.shards.get(shard_name)
+        if shard is None:
+            return None
+        current = shard.primary.name if shard.primary else None
+        if current != expected_primary:
+            return None
+        old = previous_primary(shard)
+        if old is None:
+            raise FailoverError(f"shard {shard_name} has no primary on record")
+        if not old.fenced and await answers(old):
+            log.warning("shard %s: primary %s answers again; no failover", shard_name, old.name)
+            return None
+        if not await positions(shard.replicas):
+            raise FailoverError(f"shard {shard_name} has no reachable replica to promote")
+        if not old.fenced:
+            epoch = await catalog.fence_node(conn, old.name)
+            fenced_at = time.monotonic()
+            await fence_on_node(old, "failed over")
+            behind = await catalog.wait_for_instances(
+                conn, epoch=epoch, lease=lease, since=fenced_at
+            )
+            if behind:
+                log.warning("instances %s did not confirm epoch %s in time", behind, epoch)
+        found = await positions(shard.replicas)
+        if allowed is not None:
+            found = [c for c in found if c.name in allowed]
+        candidate = choose_candidate(found)
+        if candidate is None:
+            raise FailoverError(f"shard {shard_name} has no eligible replica with a known position")
+        # What the loss is measured against: the most WAL anyone saw on this shard.
+        known = [p for p in (old_position, *(c.position for c in found)) if p is not None]
+        return await _promote_and_record(
+            conn,
+            shard,
+            old,
+            candidate,
+            kind="automatic" if allowed is not None else "forced",
+            old_position=max(known) if known else None,
+            detected_at=detected_at,
+            started=started,
+            promote_timeout=promote_timeout,
+        )
+
+
+async def switch_over(
+    catalog_dsn: str,
+    shard_name: str,
+    *,
+    to: str | None = None,
+    catch_up_timeout: float = 10.0,
+    promote_timeout: float = 30.0,
+) -> Outcome:
+    """Planned switchover: pause the shard's writes, let the candidate catch up, promote.
+
+    On the old primary one transaction takes the node lock exclusively (waiting for the
+    writes and control-plane effects in flight, holding back new ones), sets the node
+    fenced and commits: every later write or move step there is refused and retried
+    until the catalog names the new primary.  That commit's WAL position is the last
+    write the candidate must have; once it has replayed it, it is promoted.  If the
+    candidate does not catch up in time, the old primary is unfenced again and nothing
+    else changed.
+    """
+    started = time.monotonic()
+    detected_at = datetime.now(UTC)
+    async with shard_lock(catalog_dsn, shard_name) as conn:
+        topo = await catalog.load_topology(conn)
+        shard = topo.shards.get(shard_name)
+        if shard is None:
+            raise FailoverError(f"no shard {shard_name}")
+        old = shard.primary
+        if old is None:
+            raise FailoverError(
+                f"shard {shard_name} has no primary; the monitor replaces it"
+                " (or force a promotion with --force)"
+            )
+        replicas = [n for n in shard.replicas if to is None or n.name == to]
+        if not replicas:
+            raise FailoverError(f"no replica {to!r} in shard {shard_name}" if to else "no replica")
+        async with admin.connect(old.dsn(), connect_seconds=3.0) as old_conn:
+            await fencing.fence_node(old_conn, "switchover", wait_for_writes=True)
+            target = int(await old_conn.fetchval("SELECT pg_current_wal_lsn()"))
+            try:
+                candidate = await _caught_up(replicas, target, wait_seconds=catch_up_timeout)
+            except BaseException:
+                await fencing.unfence_node(old_conn, "switchover undone")
+                raise
+        return await _promote_and_record(
+            conn,
+            shard,
+            old,
+            candidate,
+            kind="planned",
+            old_position=target,
+            detected_at=detected_at,
+            started=started,
+            promote_timeout=promote_timeout,
+        )
+
+
+async def force_promotion(catalog_dsn: str, shard_name: str, *, lease: float) -> Outcome:
+    """Promote the most advanced reachable replica of a shard whose primary is down,
+    whatever its lag (an operator's decision); the outcome reports the loss."""
+    topo = await admin.topology(catalog_dsn)
+    shard = topo.shards.get(shard_name)
+    if shard is None:
+        raise FailoverError(f"no shard {shard_name}")
+    outcome = await fail_over(
+        catalog_dsn,
+        shard_name,
+        lease=lease,
+        expected_primary=shard.primary.name if shard.primary else None,
+        allowed=None,
+    )
+    if outcome is None:
+        raise FailoverError(f"the primary of {shard_name} answers: use a switchover instead")
+    return outcome
+
+
+async def _caught_up(replicas: Sequence[Node], target: int, *, wait_seconds: float) -> Candidate:
+    """The best replica once it has replayed up to ``target``."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        found = [c for c in await positions(replicas) if not c.promoted]
+        best = choose_candidate(found)
+        if best is not None and best.position is not None and best.position >= target:
+            return best
+        if time.monotonic() > deadline:
+            raise FailoverError(
+                f"no replica replayed the old primary's last write within {wait_seconds:.0f}s"
+            )
+        await asyncio.sleep(0.01)
