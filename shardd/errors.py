@@ -198,6 +198,14 @@ _BY_SQLSTATE: dict[str, Callable[[asyncpg.PostgresError], Exception]] = {
     "SD412": _precondition_failed,
     "SD413": lambda exc: PayloadTooLarge(str(exc), code="item_too_large"),
     "SD410": lambda exc: TableDeleting(str(exc)),
+    # Server-side timeouts of shardd's sessions: the statement was rolled back.
+    "57014": lambda exc: Timeout(f"the shard cancelled the statement; nothing was applied: {exc}"),
+    "55P03": lambda exc: ApiError(
+        f"a lock on the shard was not granted in time; nothing was applied: {exc}",
+        status=503,
+        code="lock_timeout",
+        headers={"Retry-After": "1"},
+    ),
     **dict.fromkeys(TRANSIENT_SQLSTATES, lambda exc: ConflictRetry(f"retry: {exc}")),
 }
 

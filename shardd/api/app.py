@@ -39,11 +39,36 @@ class Route:
     summary: str
 
 
+async def readyz(request: web.Request) -> web.Response:
+    """200 while this instance can serve reads, with whether it can write in the body.
+
+    A catalog outage stops writes only (once the topology lease is used up), so a load
+    balancer keeps the instance for reads; ``/readyz/writes`` is the check for writes.
+    """
+    state = request.app[CLUSTER].readiness()
+    if not state["reads"]:
+        raise errors.NotReady("the topology has not been loaded from the catalog yet")
+    return handlers.respond(state)
+
+
+async def readyz_writes(request: web.Request) -> web.Response:
+    """200 while a write sent to this instance would be attempted, else 503."""
+    state = request.app[CLUSTER].readiness()
+    if not state["reads"]:
+        raise errors.NotReady("the topology has not been loaded from the catalog yet")
+    if not state["writes"]:
+        raise errors.CatalogUnavailable(
+            "the catalog is unreachable and the topology lease has expired: writes fail"
+        )
+    return handlers.respond(state)
+
+
 ITEM = "/v1/tables/{table}/items/{key:.+}"
 
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/healthz", handlers.healthz, None, "Liveness"),
-    Route("GET", "/readyz", handlers.readyz, None, "Readiness: catalog reachable, topology loaded"),
+    Route("GET", "/readyz", readyz, None, "Readiness for reads; the body says whether writes work"),
+    Route("GET", "/readyz/writes", readyz_writes, None, "Readiness for writes (503 when not)"),
     Route("GET", "/metrics", handlers.metrics_endpoint, None, "Prometheus metrics"),
     Route("GET", "/v1/openapi.json", openapi.serve, None, "This OpenAPI document"),
     Route("GET", "/v1/topology", handlers.topology, "read", "Epoch, shards, nodes, slot counts"),

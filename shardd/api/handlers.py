@@ -116,15 +116,6 @@ async def healthz(request: web.Request) -> web.Response:
     return respond({"status": "ok"})
 
 
-async def readyz(request: web.Request) -> web.Response:
-    cluster, _ = _ctx(request)
-    if cluster.topology is None:
-        raise errors.NotReady("the topology has not been loaded yet")
-    if not cluster.catalog_ok:
-        raise errors.NotReady("the catalog is unreachable")
-    return respond({"status": "ready", "epoch": cluster.topology.epoch})
-
-
 async def metrics_endpoint(request: web.Request) -> web.Response:
     cluster, _ = _ctx(request)
     metrics.observe_pools(cluster.pools)

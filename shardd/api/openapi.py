@@ -141,6 +141,18 @@ def _item_ops(with_sk: bool) -> dict[str, Any]:
 
 def document() -> dict[str, Any]:
     plain = {"type": "object"}
+    readiness = {
+        "type": "object",
+        "required": ["ready", "reads", "writes", "reason", "catalog", "epoch"],
+        "properties": {
+            "ready": {"type": "boolean"},
+            "reads": {"type": "boolean"},
+            "writes": {"type": "boolean"},
+            "reason": {"type": "string", "nullable": True, "example": "catalog_unavailable"},
+            "catalog": {"type": "boolean", "description": "the last catalog request succeeded"},
+            "epoch": {"type": "integer"},
+        },
+    }
     return {
         "openapi": "3.0.3",
         "info": {
@@ -175,9 +187,16 @@ def document() -> dict[str, Any]:
             },
             "/readyz": {
                 "get": {
-                    "summary": "Readiness",
+                    "summary": "Readiness for reads; the body says whether writes work",
                     "security": [],
-                    "responses": {"200": _json(plain), **_errors(503)},
+                    "responses": {"200": _json(readiness), **_errors(503)},
+                }
+            },
+            "/readyz/writes": {
+                "get": {
+                    "summary": "Readiness for writes (503 catalog_unavailable when not)",
+                    "security": [],
+                    "responses": {"200": _json(readiness), **_errors(503)},
                 }
             },
             "/metrics": {
