@@ -14,9 +14,11 @@ from typing import Any
 import asyncpg
 import orjson
 
+from . import errors
 from .errors import StaleMap
 
 READABLE = ("owned", "frozen")
+READ_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -45,9 +47,12 @@ async def write(
     sk: str,
     doc: Any,
     if_version: int | None,
+    max_item_bytes: int,
 ) -> WriteResult:
+    """One write in its own transaction.  A patch whose result would grow the item past
+    ``max_item_bytes`` is refused by the same statement (SQLSTATE SD413)."""
     row = await conn.fetchrow(
-        "CALL shardd_write($1, $2, $3, $4, $5, $6, $7)",
+        "CALL shardd_write($1, $2, $3, $4, $5, $6, $7, $8)",
         op,
         slot,
         table,
@@ -55,8 +60,24 @@ async def write(
         sk,
         doc,
         if_version,
+        max_item_bytes,
     )
     return WriteResult(row["version"], bool(row["created"]), row["doc"], row["lsn"])
+
+
+async def _read(conn: asyncpg.Connection, query: str, *args: Any) -> list[asyncpg.Record]:
+    """Run a read, again (at most twice more) when Postgres cancels it for a conflict.
+
+    A replica cancels queries that conflict with the WAL it replays (SQLSTATE 40001); a
+    moment later the same query usually succeeds.  The caller's deadline bounds it all.
+    """
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            return list(await conn.fetch(query, *args))
+        except asyncpg.PostgresError as exc:
+            if not errors.is_transient(exc) or attempt == READ_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _check_state(state: str | None, slot: int) -> None:
@@ -68,8 +89,8 @@ async def get(
     conn: asyncpg.Connection, *, slot: int, table: str, pk: str, sk: str, min_lsn: int | None
 ) -> tuple[Item | None] | None:
     """(item or None,) — or None when this node is behind ``min_lsn``."""
-    row = await conn.fetchrow(
-        "SELECT * FROM shardd_get($1, $2, $3, $4, $5)", slot, table, pk, sk, min_lsn
+    (row,) = await _read(
+        conn, "SELECT * FROM shardd_get($1, $2, $3, $4, $5)", slot, table, pk, sk, min_lsn
     )
     _check_state(row["state"], slot)
     if not row["caught_up"]:
@@ -87,7 +108,8 @@ async def get_many(
     min_lsn: int | None,
 ) -> list[Item | None] | None:
     """Point reads of several (slot, pk, sk) on one shard in one query, in key order."""
-    rows = await conn.fetch(
+    rows = await _read(
+        conn,
         "SELECT k.slot, g.* FROM unnest($1::int[], $2::text[], $3::text[])"
         " WITH ORDINALITY AS k(slot, pk, sk, ord)"
         " CROSS JOIN LATERAL shardd_get(k.slot, $4, k.pk, k.sk, $5) g ORDER BY k.ord",
@@ -117,7 +139,8 @@ async def query_partition(
     limit: int,
     min_lsn: int | None,
 ) -> list[Item] | None:
-    rows = await conn.fetch(
+    rows = await _read(
+        conn,
         "SELECT * FROM shardd_query($1, $2, $3, $4, $5, $6, $7)",
         slot,
         table,
@@ -141,7 +164,8 @@ async def scan(
     limit: int,
     min_lsn: int | None,
 ) -> list[Item] | None:
-    rows = await conn.fetch(
+    rows = await _read(
+        conn,
         "SELECT * FROM shardd_scan($1, $2, $3, $4, $5)",
         table,
         after[0] if after else None,
@@ -156,48 +180,49 @@ async def scan(
     ]
 
 
-async def write_batch(
-    conn: asyncpg.Connection,
-    *,
-    table: str,
-    puts: list[tuple[int, str, str, Any]],
-    deletes: list[tuple[int, str, str]],
-) -> tuple[list[int], list[int | None], int]:
-    """All puts and deletes for one shard in one transaction.
+@dataclass(frozen=True)
+class BatchWrite:
+    """One key of a batch: a put (``doc`` set) or a delete (``doc`` None)."""
 
-    Returns the new versions of the puts, the deleted versions (None: was absent), and
-    the WAL position after the commit.
+    slot: int
+    pk: str
+    sk: str
+    doc: Any = None
+
+
+async def write_batch(
+    conn: asyncpg.Connection, *, table: str, ops: list[BatchWrite]
+) -> tuple[list[int | None], int]:
+    """All puts and deletes for one shard in one transaction, in one statement.
+
+    Returns, in the order of ``ops``, each put's new version and each delete's deleted
+    version (None: was absent), and the WAL position after the commit.
+
+    Deadlock-free: the keys are written in (slot, pk, sk) order, so every batch takes
+    its slot locks (shared) in ascending slot order, as a freeze takes them (exclusive),
+    and its row locks in key order, as every other batch does.  Volatile calls in the
+    select list run after the ORDER BY, one row at a time.
     """
+    order = sorted(range(len(ops)), key=lambda i: (ops[i].slot, ops[i].pk, ops[i].sk))
     async with conn.transaction():
-        put_rows = (
-            await conn.fetch(
-                "SELECT (shardd_put(k.slot, $1, k.pk, k.sk, k.doc, NULL)).version"
-                " FROM unnest($2::int[], $3::text[], $4::text[], $5::jsonb[])"
-                " WITH ORDINALITY AS k(slot, pk, sk, doc, ord) ORDER BY k.ord",
-                table,
-                [p[0] for p in puts],
-                [p[1] for p in puts],
-                [p[2] for p in puts],
-                [p[3] for p in puts],
-            )
-            if puts
-            else []
-        )
-        delete_rows = (
-            await conn.fetch(
-                "SELECT shardd_delete(k.slot, $1, k.pk, k.sk, NULL) AS version"
-                " FROM unnest($2::int[], $3::text[], $4::text[])"
-                " WITH ORDINALITY AS k(slot, pk, sk, ord) ORDER BY k.ord",
-                table,
-                [d[0] for d in deletes],
-                [d[1] for d in deletes],
-                [d[2] for d in deletes],
-            )
-            if deletes
-            else []
+        rows = await conn.fetch(
+            "SELECT CASE WHEN k.is_put"
+            " THEN (shardd_put(k.slot, $1, k.pk, k.sk, k.doc, NULL)).version"
+            " ELSE shardd_delete(k.slot, $1, k.pk, k.sk, NULL) END AS version"
+            " FROM unnest($2::int[], $3::text[], $4::text[], $5::jsonb[], $6::bool[])"
+            " WITH ORDINALITY AS k(slot, pk, sk, doc, is_put, ord) ORDER BY k.ord",
+            table,
+            [ops[i].slot for i in order],
+            [ops[i].pk for i in order],
+            [ops[i].sk for i in order],
+            [ops[i].doc for i in order],
+            [ops[i].doc is not None for i in order],
         )
     lsn: int = await conn.fetchval("SELECT pg_current_wal_lsn()")
-    return [r["version"] for r in put_rows], [r["version"] for r in delete_rows], lsn
+    versions: list[int | None] = [None] * len(ops)
+    for i, row in zip(order, rows, strict=True):
+        versions[i] = row["version"]
+    return versions, lsn
 
 
 async def table_has_items(conn: asyncpg.Connection, table: str) -> bool:
@@ -206,9 +231,26 @@ async def table_has_items(conn: asyncpg.Connection, table: str) -> bool:
     )
 
 
-async def delete_table_items(conn: asyncpg.Connection, table: str) -> int:
-    status = await conn.execute("DELETE FROM shardd_items WHERE tbl = $1", table)
-    return int(status.split()[-1])
+async def fence_table(conn: asyncpg.Connection, table: str) -> None:
+    """Refuse every later write to ``table`` on this shard (SQLSTATE SD410).
+
+    Safe because every item write holds the table's lock shared until it commits and
+    the fence takes it exclusively: the fence commits after the writes in flight, and
+    every write after it sees the fence.
+    """
+    await conn.execute("SELECT shardd_fence_table($1)", table)
+
+
+async def delete_table_items(conn: asyncpg.Connection, table: str, *, batch: int) -> int:
+    """Delete up to ``batch`` of the table's items (each batch its own transaction)."""
+    deleted: int = await conn.fetchval("SELECT shardd_delete_table_items($1, $2)", table, batch)
+    return deleted
+
+
+async def unfence_table(conn: asyncpg.Connection, table: str, *, min_age: float) -> float:
+    """Lift the table's fence if it is ``min_age`` seconds old; else the seconds left."""
+    left: float = await conn.fetchval("SELECT shardd_unfence_table($1, $2)", table, min_age)
+    return left
 
 
 async def item_count(conn: asyncpg.Connection) -> int:

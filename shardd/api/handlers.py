@@ -14,7 +14,7 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from .. import catalog, errors, metrics, store
+from .. import catalog, errors, metrics, store, tables
 from ..cluster import Cluster, Served
 from ..config import Settings
 from ..nodes import describe
@@ -63,7 +63,7 @@ def _served_by(served: list[Served]) -> dict[str, str]:
     return {"Shardd-Served-By": ", ".join(sorted({s.header() for s in served}))}
 
 
-async def _table(request: web.Request) -> str:
+async def _declared_table(request: web.Request) -> str:
     """The table named in the path; 404 unless it is declared."""
     cluster, _ = _ctx(request)
     name = validate.table_name(request.match_info["table"])
@@ -72,6 +72,16 @@ async def _table(request: web.Request) -> str:
         await cluster.refresh()
         if name not in cluster.require_topology().tables:
             raise errors.NotFound(f"table {name} does not exist", code="table_not_found")
+    return name
+
+
+async def _table(request: web.Request) -> str:
+    """The table named in the path, for reading or writing items: 404 unless declared,
+    409 while it is being deleted."""
+    cluster, _ = _ctx(request)
+    name = await _declared_table(request)
+    if cluster.require_topology().tables[name].state != catalog.TABLE_ACTIVE:
+        raise errors.TableDeleting(f"table {name} is being deleted")
     return name
 
 
@@ -107,6 +117,20 @@ def _limit(request: web.Request, settings: Settings) -> int:
 
 def _item_json(table: str, item: store.Item) -> dict[str, Any]:
     return {"table": table, "pk": item.pk, "sk": item.sk, "version": item.version, "item": item.doc}
+
+
+def _within(settings: Settings, entries: list[dict[str, Any]]) -> list[orjson.Fragment]:
+    """The longest prefix of ``entries`` whose JSON totals at most ``max_response_bytes``
+    (at least one entry, so every page makes progress), serialized once."""
+    kept: list[orjson.Fragment] = []
+    total = 0
+    for entry in entries:
+        encoded = orjson.dumps(entry)
+        total += len(encoded) + 1  # and the comma
+        if kept and total > settings.max_response_bytes:
+            break
+        kept.append(orjson.Fragment(encoded))
+    return kept
 
 
 # -- service endpoints ------------------------------------------------------------
@@ -161,10 +185,8 @@ async def put_table(request: web.Request) -> web.Response:
         raise errors.BadRequest(
             "description must be a string of at most 1000 characters", code="invalid_table_spec"
         )
-    async with cluster.catalog_connection() as conn:
-        created = await catalog.put_table(conn, name=name, description=description)
-    topo = await cluster.refresh(force=True)
-    return respond(topo.tables[name].as_json(), status=201 if created else 200)
+    info, created = await tables.declare(cluster, name=name, description=description)
+    return respond(info.as_json(), status=201 if created else 200)
 
 
 async def list_tables(request: web.Request) -> web.Response:
@@ -175,39 +197,17 @@ async def list_tables(request: web.Request) -> web.Response:
 
 async def get_table(request: web.Request) -> web.Response:
     cluster, _ = _ctx(request)
-    name = await _table(request)
+    name = await _declared_table(request)
     return respond(cluster.require_topology().tables[name].as_json())
 
 
 async def delete_table(request: web.Request) -> web.Response:
     cluster, _ = _ctx(request)
-    name = await _table(request)
+    name = await _declared_table(request)
     force = request.query.get("force", "false")
     if force not in ("true", "false"):
         raise errors.BadRequest("force must be true or false", code="invalid_parameter")
-    topo = cluster.require_topology()
-    deadline = cluster.deadline()
-
-    async def on_every_primary(work: Callable[[asyncpg.Connection], Awaitable[Any]]) -> list[Any]:
-        return list(
-            await asyncio.gather(
-                *(
-                    cluster.write_shard(topo, shard, work, deadline=deadline)
-                    for shard in topo.shards.values()
-                )
-            )
-        )
-
-    if force == "false":
-        found = await on_every_primary(lambda conn: store.table_has_items(conn, name))
-        if any(has_items for has_items, _ in found):
-            raise errors.Conflict(
-                f"table {name} is not empty; use ?force=true", code="table_not_empty"
-            )
-    async with cluster.catalog_connection() as conn:
-        await catalog.drop_table(conn, name)
-    await cluster.refresh(force=True)
-    await on_every_primary(lambda conn: store.delete_table_items(conn, name))
+    await tables.delete(cluster, name, force=force == "true")
     return web.Response(status=204)
 
 
@@ -254,7 +254,15 @@ async def _write_item(request: web.Request, op: str) -> web.Response:
     result, served = await cluster.write(
         pk,
         lambda conn, slot: store.write(
-            conn, op=op, slot=slot, table=table, pk=pk, sk=sk, doc=doc, if_version=if_version
+            conn,
+            op=op,
+            slot=slot,
+            table=table,
+            pk=pk,
+            sk=sk,
+            doc=doc,
+            if_version=if_version,
+            max_item_bytes=settings.max_body_bytes,
         ),
         deadline=cluster.deadline(),
     )
@@ -336,11 +344,10 @@ async def query_partition(request: web.Request) -> web.Response:
         token=token,
         deadline=cluster.deadline(),
     )
+    shaped = _within(settings, [_item_json(table, item) for item in items])
+    more = len(shaped) < len(items) or len(items) == limit
     return respond(
-        {
-            "items": [_item_json(table, item) for item in items],
-            "next": items[-1].sk if len(items) == limit else None,
-        },
+        {"items": shaped, "next": items[len(shaped) - 1].sk if more else None},
         headers=_served_headers(served),
     )
 
@@ -380,11 +387,12 @@ async def scan(request: web.Request) -> web.Response:
         for item in page:
             merged.setdefault((item.pk, item.sk), item)
     ordered = [merged[key] for key in sorted(merged)]
-    items = ordered[:limit]
-    more = len(ordered) > limit
-    next_cursor = validate.encode_cursor({"pk": items[-1].pk, "sk": items[-1].sk}) if more else None
+    shaped = _within(settings, [_item_json(table, item) for item in ordered[:limit]])
+    last = ordered[len(shaped) - 1] if shaped else None
+    more = len(ordered) > len(shaped)
+    next_cursor = validate.encode_cursor({"pk": last.pk, "sk": last.sk}) if more and last else None
     return respond(
-        {"items": [_item_json(table, item) for item in items], "cursor": next_cursor},
+        {"items": shaped, "cursor": next_cursor},
         headers=_served_by([served for _, served in pages]),
     )
 
@@ -516,7 +524,12 @@ async def batch_get(request: web.Request) -> web.Response:
             results.append(
                 {"pk": pk, "sk": sk, "found": True, "version": item.version, "item": item.doc}
             )
-    return respond({"table": table, "results": results}, headers=_served_by(touched))
+    shaped = _within(settings, results)
+    unprocessed = [{"pk": pk, "sk": sk} for _, pk, sk in keys[len(shaped) :]]
+    return respond(
+        {"table": table, "results": shaped, "unprocessed": unprocessed},
+        headers=_served_by(touched),
+    )
 
 
 async def batch_write(request: web.Request) -> web.Response:
@@ -553,18 +566,12 @@ async def batch_write(request: web.Request) -> web.Response:
 
     async def run(topo: Topology, shard: Shard, indexes: list[int]) -> None:
         nonlocal session
-        put_idx = [i for i in indexes if i < n_puts]
-        del_idx = [i for i in indexes if i >= n_puts]
+        ops = [store.BatchWrite(*keys[i], docs[i] if i < n_puts else None) for i in indexes]
         try:
-            (versions, deleted, lsn), served = await cluster.write_shard(
+            (versions, lsn), served = await cluster.write_shard(
                 topo,
                 shard,
-                lambda conn: store.write_batch(
-                    conn,
-                    table=table,
-                    puts=[(*keys[i], docs[i]) for i in put_idx],
-                    deletes=[keys[i] for i in del_idx],
-                ),
+                lambda conn: store.write_batch(conn, table=table, ops=ops),
                 deadline=deadline,
             )
         except errors.ApiError as exc:
@@ -576,10 +583,11 @@ async def batch_write(request: web.Request) -> web.Response:
             return
         session = session.merged(served.shard, lsn)
         touched.append(served)
-        for i, version in zip(put_idx, versions, strict=True):
-            results[i] = {"status": "ok", "version": version}
-        for i, old_version in zip(del_idx, deleted, strict=True):
-            results[i] = {"status": "deleted" if old_version is not None else "absent"}
+        for i, version in zip(indexes, versions, strict=True):
+            if i < n_puts:
+                results[i] = {"status": "ok", "version": version}
+            else:
+                results[i] = {"status": "deleted" if version is not None else "absent"}
 
     await _per_shard(cluster, keys, run, deadline)
     shaped = []

@@ -90,6 +90,7 @@ TABLE_RESPONSE = {
     "properties": {
         "name": {"type": "string"},
         "description": {"type": "string"},
+        "state": {"type": "string", "enum": ["active", "deleting"]},
         "created_at": {"type": "string"},
         "updated_at": {"type": "string"},
     },
@@ -99,6 +100,29 @@ KEY_OBJECT = {
     "required": ["pk"],
     "properties": {"pk": KEY, "sk": {"type": "string", "maxLength": 256}},
     "additionalProperties": False,
+}
+BATCH_GET_RESPONSE = {
+    "type": "object",
+    "required": ["table", "results", "unprocessed"],
+    "properties": {
+        "table": {"type": "string"},
+        "results": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["pk", "sk", "found"],
+                "properties": {
+                    "pk": {"type": "string"},
+                    "sk": {"type": "string"},
+                    "found": {"type": "boolean"},
+                    "version": {"type": "integer"},
+                    "item": JSON_OBJECT,
+                },
+            },
+        },
+        # Keys past max_response_bytes, in request order: ask for them again.
+        "unprocessed": {"type": "array", "items": KEY_OBJECT},
+    },
 }
 COMMON = (400, 401, 403, 503, 504)
 
@@ -113,7 +137,7 @@ def _item_ops(with_sk: bool) -> dict[str, Any]:
             "responses": {
                 "200": _json(WRITE_RESPONSE, "Replaced"),
                 "201": _json(WRITE_RESPONSE, "Created"),
-                **_errors(*COMMON, 404, 412, 413),
+                **_errors(*COMMON, 404, 409, 412, 413),
             },
         },
         "get": {
@@ -122,19 +146,19 @@ def _item_ops(with_sk: bool) -> dict[str, Any]:
             "responses": {
                 "200": _json(ITEM_RESPONSE),
                 "304": {"description": "Unchanged"},
-                **_errors(*COMMON, 404),
+                **_errors(*COMMON, 404, 409),
             },
         },
         "patch": {
             "summary": "Merge-patch an item (RFC 7396)",
             "parameters": [*params, IF_MATCH, SESSION],
             "requestBody": _body(JSON_OBJECT),
-            "responses": {"200": _json(ITEM_RESPONSE), **_errors(*COMMON, 404, 412, 413)},
+            "responses": {"200": _json(ITEM_RESPONSE), **_errors(*COMMON, 404, 409, 412, 413)},
         },
         "delete": {
             "summary": "Delete an item",
             "parameters": [*params, IF_MATCH, SESSION],
-            "responses": {"204": {"description": "Deleted"}, **_errors(*COMMON, 404, 412)},
+            "responses": {"204": {"description": "Deleted"}, **_errors(*COMMON, 404, 409, 412)},
         },
     }
 
@@ -242,7 +266,7 @@ def document() -> dict[str, Any]:
                     "responses": {
                         "200": _json(TABLE_RESPONSE, "Updated"),
                         "201": _json(TABLE_RESPONSE, "Created"),
-                        **_errors(*COMMON, 413),
+                        **_errors(*COMMON, 409, 413),
                     },
                 },
                 "get": {
@@ -251,7 +275,8 @@ def document() -> dict[str, Any]:
                     "responses": {"200": _json(TABLE_RESPONSE), **_errors(*COMMON, 404)},
                 },
                 "delete": {
-                    "summary": "Delete a table (refuses a non-empty one without force)",
+                    "summary": "Delete a table (refuses a non-empty one without force); "
+                    "repeat to resume a deletion that stopped",
                     "parameters": [
                         TABLE,
                         {
@@ -277,7 +302,7 @@ def document() -> dict[str, Any]:
                         {"name": "prefix", "in": "query", "schema": {"type": "string"}},
                         {"name": "after", "in": "query", "schema": {"type": "string"}},
                     ],
-                    "responses": {"200": _json(plain), **_errors(*COMMON, 404)},
+                    "responses": {"200": _json(plain), **_errors(*COMMON, 404, 409)},
                 }
             },
             "/v1/tables/{table}/batch/get": {
@@ -299,7 +324,10 @@ def document() -> dict[str, Any]:
                             },
                         }
                     ),
-                    "responses": {"200": _json(plain), **_errors(*COMMON, 404, 413)},
+                    "responses": {
+                        "200": _json(BATCH_GET_RESPONSE),
+                        **_errors(*COMMON, 404, 409, 413),
+                    },
                 }
             },
             "/v1/tables/{table}/batch/write": {
@@ -329,7 +357,7 @@ def document() -> dict[str, Any]:
                             },
                         }
                     ),
-                    "responses": {"200": _json(plain), **_errors(*COMMON, 404, 413)},
+                    "responses": {"200": _json(plain), **_errors(*COMMON, 404, 409, 413)},
                 }
             },
             "/v1/tables/{table}/scan": {
@@ -342,7 +370,7 @@ def document() -> dict[str, Any]:
                         LIMIT,
                         {"name": "cursor", "in": "query", "schema": {"type": "string"}},
                     ],
-                    "responses": {"200": _json(plain), **_errors(*COMMON, 404)},
+                    "responses": {"200": _json(plain), **_errors(*COMMON, 404, 409)},
                 }
             },
         },

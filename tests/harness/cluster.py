@@ -150,10 +150,12 @@ class RunningCluster:
         for row in self.sql("catalog", "SELECT name FROM shardd_nodes WHERE fenced"):
             self.devcluster("rejoin", row["name"])
 
-    def start_instance(self) -> Instance:
-        """Another shardd instance on this cluster's catalog, on a free port."""
+    def start_instance(self, **settings: str) -> Instance:
+        """Another shardd instance on this cluster's catalog, on a free port; ``settings``
+        override this cluster's (``max_response_bytes="4000"``)."""
         port = free_port_block(1)
         env = {**self.env, "SHARDD_CATALOG_DSN": self.catalog_dsn(), "SHARDD_PORT": str(port)}
+        env.update({f"SHARDD_{name.upper()}": value for name, value in settings.items()})
         log = open(self.dir / f"shardd-{port}.log", "ab")
         process = subprocess.Popen(
             [sys.executable, "-m", "shardd.server"],

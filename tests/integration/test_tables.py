@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.harness.cluster import RunningCluster
+from tests.harness.cluster import RunningCluster, wait_for
 from tests.harness.http import Api
 from tests.integration.test_items import item_path
 
@@ -46,3 +46,59 @@ def test_shardctl_lists_tables(cluster: RunningCluster, api: Api) -> None:
     api.request("PUT", "/v1/tables/t_ctl_listed", body={"description": "for ctl"})
     out = cluster.shardctl("tables", "--json").stdout
     assert '"t_ctl_listed"' in out
+
+
+def _rows(cluster: RunningCluster, name: str) -> int:
+    return sum(
+        cluster.sql(f"{s}-primary", "SELECT count(*) AS n FROM shardd_items WHERE tbl = $1", name)[
+            0
+        ]["n"]
+        for s in ("s1", "s2", "s3")
+    )
+
+
+def test_table_deletion_resumes_after_a_shard_outage(cluster: RunningCluster, api: Api) -> None:
+    """A shard down mid-deletion: the table stays 'deleting' (no reads, no writes, no
+    re-declaration), the next DELETE finishes, and the name comes back empty."""
+    name = "t_delete_outage"
+    assert api.request("PUT", f"/v1/tables/{name}").status == 201
+    puts = [{"pk": f"old-{i}", "item": {"i": i}} for i in range(60)]
+    assert api.request("POST", f"/v1/tables/{name}/batch/write", body={"puts": puts}).body["ok"]
+
+    cluster.devcluster("kill", "s2-primary")
+    try:
+        failed = api.request("DELETE", f"/v1/tables/{name}?force=true")
+        assert failed.status == 503 and failed.body["error"]["code"] == "shard_unavailable:s2"
+        assert api.request("GET", f"/v1/tables/{name}").body["state"] == "deleting"
+        for method, path in (
+            ("GET", item_path(name, "old-1") + "?consistency=strong"),
+            ("PUT", item_path(name, "new")),
+            ("GET", f"/v1/tables/{name}/scan"),
+            ("PUT", f"/v1/tables/{name}"),
+        ):
+            refused = api.request(method, path, body={} if method == "PUT" else None)
+            assert refused.status == 409, (method, path, refused.body)
+            assert refused.body["error"]["code"] == "table_deleting"
+    finally:
+        cluster.devcluster("start", "s2-primary")
+    assert _rows(cluster, name) > 0  # s2's items wait for the resumed deletion
+
+    wait_for(
+        lambda: api.request("DELETE", f"/v1/tables/{name}?force=true").status == 204,
+        timeout=30,
+        what="the deletion to finish once s2 is back",
+    )
+    assert _rows(cluster, name) == 0
+    assert api.request("GET", f"/v1/tables/{name}").status == 404
+
+    # Declared again once the old table's fences may be lifted: empty, and writable.
+    recreated = wait_for(
+        lambda: (r := api.request("PUT", f"/v1/tables/{name}")).status != 409 and r,
+        timeout=60,
+        what="the name to be declarable again",
+        every=0.5,
+    )
+    assert recreated.status == 201, recreated.body
+    assert api.request("GET", f"/v1/tables/{name}/scan?consistency=strong").body["items"] == []
+    assert api.request("GET", item_path(name, "old-1") + "?consistency=strong").status == 404
+    assert api.request("PUT", item_path(name, "new"), body={"n": 1}).status == 201

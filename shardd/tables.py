@@ -1,0 +1,127 @@
+"""Declaring and deleting tables, so that a deletion survives crashes and shard outages.
+
+Deleting a table takes three steps, each safe to repeat:
+
+1. the catalog row is marked ``deleting`` (a new epoch): every instance refuses the
+   table's reads and writes (409 ``table_deleting``) and a PUT of the name;
+2. on every shard primary the table is fenced (no write may create or change one of its
+   items, whatever topology the writer routes with), then its items are deleted in
+   batches;
+3. the catalog row is dropped and the name recorded as dropped.
+
+A DELETE that stops anywhere (a shard down answers 503, the request runs out of time,
+the instance dies) leaves the row ``deleting``; the next DELETE starts again at step 2,
+which finds less to do.  Items go before the row, so no item outlives its table.
+
+The fences stay after step 3: an instance that loaded its topology before step 1 may
+still send a write for the old table until its lease and its request deadline have run
+out.  Declaring the name again lifts them first, and only once they are older than
+``topology_lease + request_timeout``; a re-declared table therefore never shows an old
+row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import asyncpg
+
+from . import catalog, errors, store
+from .cluster import Cluster
+from .topology import TableInfo
+
+T = TypeVar("T")
+DELETE_BATCH = 2000
+# Stop starting item batches when less than this is left of the request's deadline.
+BATCH_MARGIN = 1.0
+
+
+async def declare(cluster: Cluster, *, name: str, description: str) -> tuple[TableInfo, bool]:
+    """Create or update a table; True when it was created.
+
+    A name whose earlier table was deleted is declared only after every shard has
+    lifted that table's fence (503 while a shard is down, 409 while a fence is young).
+    """
+    async with cluster.catalog_connection() as conn:
+        dropped = await catalog.table_was_dropped(conn, name)
+    if dropped:
+        min_age = cluster.settings.topology_lease + cluster.settings.request_timeout
+        waits = await _on_every_primary(
+            cluster, lambda conn: store.unfence_table(conn, name, min_age=min_age)
+        )
+        if max(waits) > 0:
+            seconds = math.ceil(max(waits))
+            raise errors.TableDeleting(
+                f"table {name} was deleted moments ago; it can be declared again in {seconds} s",
+                headers={"Retry-After": str(seconds)},
+            )
+    async with cluster.catalog_connection() as conn:
+        created = await catalog.put_table(conn, name=name, description=description)
+    topology = await cluster.refresh(force=True)
+    return topology.tables[name], created
+
+
+async def delete(cluster: Cluster, name: str, *, force: bool) -> None:
+    """Delete a table and its items (see the module note); resumes a stopped deletion."""
+    if cluster.require_topology().tables[name].state == catalog.TABLE_ACTIVE:
+        if not force:
+            found = await _on_every_primary(cluster, lambda conn: store.table_has_items(conn, name))
+            if any(found):
+                raise errors.Conflict(
+                    f"table {name} is not empty; use ?force=true", code="table_not_empty"
+                )
+        async with cluster.catalog_connection() as conn:
+            await catalog.mark_table_deleting(conn, name)
+        await cluster.refresh(force=True)
+    deadline = cluster.deadline()
+
+    async def fence(conn: asyncpg.Connection) -> None:
+        await store.fence_table(conn, name)
+
+    await _on_every_primary(cluster, fence, deadline=deadline)
+    while True:
+        if time.monotonic() > deadline - BATCH_MARGIN:
+            raise errors.ApiError(
+                f"table {name} still has items; repeat the DELETE to continue",
+                status=503,
+                code="deletion_incomplete",
+                headers={"Retry-After": "1"},
+            )
+        deleted = await _on_every_primary(
+            cluster,
+            lambda conn: store.delete_table_items(conn, name, batch=DELETE_BATCH),
+            deadline=deadline,
+        )
+        if not any(deleted):
+            break
+    async with cluster.catalog_connection() as conn:
+        await catalog.drop_table(conn, name)
+    await cluster.refresh(force=True)
+
+
+async def _on_every_primary(
+    cluster: Cluster,
+    work: Callable[[asyncpg.Connection], Awaitable[T]],
+    *,
+    deadline: float | None = None,
+) -> list[T]:
+    """``work`` on every shard's primary in parallel; the first failure once all ended."""
+    topology = cluster.require_topology()
+    until = cluster.deadline() if deadline is None else deadline
+    outcomes = await asyncio.gather(
+        *(
+            cluster.write_shard(topology, shard, work, deadline=until)
+            for shard in topology.shards.values()
+        ),
+        return_exceptions=True,
+    )
+    results = []
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+        results.append(outcome[0])
+    return results
