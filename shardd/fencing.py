@@ -11,7 +11,8 @@ Lock keys.  On a shard: class :data:`SLOT_LOCK_CLASS`; key = slot for a slot (wr
 shared, a freeze exclusive), key :data:`NODE_LOCK_KEY` for the whole node (writes and
 control-plane effects shared, a switchover's fence exclusive).  On the catalog: the
 migration lock, the failover class (the monitor lease and one lock per shard), and the
-rebalance runner lock.
+rebalance runner lock.  The table class fences a table being deleted (writes shared,
+the table fence exclusive; see ``shardd/tables.py``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ MIGRATION_LOCK = 1936221285  # catalog and shards: one migration run at a time
 FAILOVER_LOCK_CLASS = 1936221286  # catalog: monitor lease (key 0), per-shard failover lock
 MONITOR_KEY = 0
 REBALANCE_LOCK_CLASS = 1936221287  # catalog: one rebalance runner at a time
+TABLE_LOCK_CLASS = 1936221288  # shard: shardd_table_lock_class(); key = the table's hash
 
 FENCED_SQLSTATE = "SD002"
 

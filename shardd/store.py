@@ -160,20 +160,33 @@ async def scan(
     conn: asyncpg.Connection,
     *,
     table: str,
+    slots: list[int],
     after: tuple[str, str] | None,
     limit: int,
     min_lsn: int | None,
 ) -> list[Item] | None:
+    """One page of ``table`` in (pk, sk) order, of the ``slots`` the caller's topology
+    gives this shard; None when this node is behind ``min_lsn`` or is a replica that
+    does not yet answer for every one of those slots (read the page elsewhere).
+
+    Raises StaleMap when a primary does not answer for them: the topology is stale.
+    """
     rows = await _read(
         conn,
-        "SELECT * FROM shardd_scan($1, $2, $3, $4, $5)",
+        "SELECT * FROM shardd_scan_slots($1, $2, $3, $4, $5, $6::int[])",
         table,
         after[0] if after else None,
         after[1] if after else None,
         limit,
         min_lsn,
+        slots,
     )
-    if not rows[0]["caught_up"]:
+    first = rows[0]
+    if not first["covers"]:
+        if first["in_recovery"]:
+            return None
+        raise StaleMap("this shard does not answer for every slot the topology gives it")
+    if not first["caught_up"]:
         return None
     return [
         Item(r["pk"], r["sk"], r["version"], r["doc"]) for r in rows if r["version"] is not None

@@ -357,9 +357,11 @@ async def scan(request: web.Request) -> web.Response:
 
     The cursor is the last key returned, not a position on a shard: every page asks every
     shard for the items after it, so slots that move between shards during a long scan
-    are neither skipped nor repeated.  A slot answers on one shard at a time (a move
-    marks the target owned before the source stops answering), and a key seen on two
-    shards in one page is returned once.
+    are neither skipped nor repeated.  Each shard is asked only for the slots this
+    instance's topology gives it, and answers only from a node that owns every one of
+    them (a replica that has not replayed a cutover passes the page on; a primary that
+    has handed slots over means the topology is stale: refresh and read the page again),
+    so at any consistency each slot is read exactly once.
     """
     cluster, settings = _ctx(request)
     table = await _table(request)
@@ -367,21 +369,29 @@ async def scan(request: web.Request) -> web.Response:
     cursor = validate.decode_cursor(request.query.get("cursor"))
     token = _session(request)
     consistency = _consistency(request, token)
-    topo = cluster.require_topology()
     deadline = cluster.deadline()
     after = (cursor["pk"], cursor["sk"]) if cursor is not None else None
-    pages = await asyncio.gather(
-        *(
-            cluster.read_shard(
-                topo.shards[name],
-                _scan_page(table, after, limit + 1),
-                consistency=consistency,
-                token=token,
-                deadline=deadline,
+    attempt = 0
+    while True:
+        topo = cluster.require_topology()
+        slots = _slots_by_shard(topo)
+        try:
+            pages = await asyncio.gather(
+                *(
+                    cluster.read_shard(
+                        topo.shards[name],
+                        _scan_page(table, slots.get(name, []), after, limit + 1),
+                        consistency=consistency,
+                        token=token,
+                        deadline=deadline,
+                    )
+                    for name in sorted(topo.shards)
+                )
             )
-            for name in sorted(topo.shards)
-        )
-    )
+            break
+        except errors.StaleMap:
+            await cluster.after_stale(topo, attempt, deadline, "scan")
+            attempt += 1
     merged: dict[tuple[str, str], store.Item] = {}
     for page, _ in pages:
         for item in page:
@@ -397,11 +407,19 @@ async def scan(request: web.Request) -> web.Response:
     )
 
 
+def _slots_by_shard(topo: Topology) -> dict[str, list[int]]:
+    slots: dict[str, list[int]] = {}
+    for slot, owner in enumerate(topo.slot_map):
+        if owner is not None:
+            slots.setdefault(owner, []).append(slot)
+    return slots
+
+
 def _scan_page(
-    table: str, after: tuple[str, str] | None, want: int
+    table: str, slots: list[int], after: tuple[str, str] | None, want: int
 ) -> Callable[[asyncpg.Connection, int | None], Awaitable[list[store.Item] | None]]:
     def page(conn: asyncpg.Connection, min_lsn: int | None) -> Awaitable[list[store.Item] | None]:
-        return store.scan(conn, table=table, after=after, limit=want, min_lsn=min_lsn)
+        return store.scan(conn, table=table, slots=slots, after=after, limit=want, min_lsn=min_lsn)
 
     return page
 

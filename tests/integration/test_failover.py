@@ -150,7 +150,7 @@ def test_a_restarted_old_primary_takes_no_write_and_rejoins(
     with pytest.raises(asyncpg.PostgresError) as refused:
         healed.sql(
             old,
-            "CALL shardd_write('put', $1, $2, $3, '', '{}'::jsonb, NULL)",
+            "CALL shardd_write('put', $1, $2, $3, '', '{}'::jsonb, NULL, NULL)",
             slot_of(keys[0], 4096),
             TABLE,
             keys[0],

@@ -152,7 +152,7 @@ def test_a_router_with_the_old_map_is_refused_by_the_old_owner(rs: RunningCluste
     with pytest.raises(asyncpg.PostgresError) as refused:
         rs.sql(
             "s1-primary",
-            "CALL shardd_write('put', $1, $2, 'stale-router', '', '{}'::jsonb, NULL)",
+            "CALL shardd_write('put', $1, $2, 'stale-router', '', '{}'::jsonb, NULL, NULL)",
             slot,
             TABLE,
         )

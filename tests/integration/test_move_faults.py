@@ -1,0 +1,149 @@
+"""Slot moves meet primary changes, on a synchronous cluster of its own.
+
+The operator's story: a rebalance is moving slots between s1 and s2 while writers run,
+and the primary of the source (or the target) is switched over, or SIGKILLed and
+failed over by the monitor, at a known phase of the move (the mover runs in this
+process; its progress hook triggers the fault and waits for the new primary, so the
+move continues exactly from there).  Afterwards the invariants themselves are checked
+on every primary: no slot is owned on two shards, what the shards own is what the
+catalog says, no rows sit in slots their shard does not own, nothing acknowledged is
+lost, and the move finished or was aborted cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from shardd import admin, reshard
+from tests.harness.cluster import Instance, RunningCluster, start_cluster, wait_for
+from tests.harness.http import Api
+from tests.harness.load import Load, assert_nothing_lost
+
+TABLE = "mf"
+SLOTS_PER_MOVE = 512
+
+
+@pytest.fixture(scope="module")
+def mf() -> Iterator[RunningCluster]:
+    running = start_cluster(shards=2, replicas=2, sync=True, write_buffer=5.0)
+    try:
+        api = running.api()
+        assert api.request("PUT", f"/v1/tables/{TABLE}").status == 201
+        for start in range(0, 2000, 100):
+            puts = [{"pk": f"pre-{i}", "item": {"i": i}} for i in range(start, start + 100)]
+            written = api.request("POST", f"/v1/tables/{TABLE}/batch/write", body={"puts": puts})
+            assert written.status == 200 and written.body["ok"], written.body
+        yield running
+    finally:
+        running.down()
+
+
+@pytest.fixture(scope="module")
+def second(mf: RunningCluster) -> Iterator[Instance]:
+    instance = mf.start_instance()
+    try:
+        yield instance
+    finally:
+        instance.stop()
+
+
+@pytest.fixture
+def healed(mf: RunningCluster, second: Instance) -> RunningCluster:
+    mf.heal()
+    for shard in ("s1", "s2"):
+        assert mf.primary_of(shard) and len(mf.replicas_of(shard)) == 2
+    return mf
+
+
+def assert_one_owner_per_slot(cluster: RunningCluster) -> None:
+    """The invariant itself, read from every shard's primary: each slot is owned on
+    exactly the shard the catalog names, and no shard keeps rows of a slot it does not
+    own."""
+    slot_map = cluster.slot_map()
+    owners: dict[int, list[str]] = {}
+    for shard in ("s1", "s2"):
+        primary = cluster.primary_of(shard)
+        states = cluster.sql(primary, "SELECT slot, state FROM shardd_slots")
+        for row in states:
+            if row["state"] == "owned":
+                owners.setdefault(row["slot"], []).append(shard)
+        left = [r for r in states if r["state"] in ("frozen", "importing")]
+        assert not left, f"{shard} has slots left {[tuple(r) for r in left[:5]]}"
+        strays = cluster.sql(
+            primary,
+            "SELECT i.slot, count(*) AS n FROM shardd_items i LEFT JOIN shardd_slots s"
+            " ON s.slot = i.slot WHERE s.state IS DISTINCT FROM 'owned' GROUP BY i.slot",
+        )
+        assert not strays, f"{shard} keeps rows of slots it does not own: {strays[:5]}"
+    doubled = {slot: shards for slot, shards in owners.items() if len(shards) > 1}
+    assert not doubled, f"slots owned on two shards: {list(doubled.items())[:5]}"
+    assert {slot: shards[0] for slot, shards in owners.items()} == slot_map
+
+
+def switch_over(cluster: RunningCluster, shard: str) -> None:
+    old = cluster.primary_of(shard)
+    cluster.shardctl("failover", "--shard", shard, "--yes")
+    assert cluster.primary_of(shard) not in ("", old)
+
+
+def kill_and_fail_over(cluster: RunningCluster, shard: str) -> None:
+    old = cluster.primary_of(shard)
+    cluster.devcluster("kill", old)
+    wait_for(
+        lambda: cluster.primary_of(shard) not in ("", old), timeout=30, what=f"{shard} failover"
+    )
+
+
+FAULTS = {"switchover": switch_over, "kill": kill_and_fail_over}
+
+
+@pytest.mark.parametrize("phase", ["copying", "catching_up", "frozen", "flipped"])
+@pytest.mark.parametrize("side", ["source", "target"])
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_a_primary_change_at_any_phase_of_a_move_keeps_one_owner_per_slot(
+    healed: RunningCluster, second: Instance, fault: str, side: str, phase: str
+) -> None:
+    slot_map = healed.slot_map()
+    counts = {s: sum(1 for o in slot_map.values() if o == s) for s in ("s1", "s2")}
+    source = max(counts, key=lambda s: counts[s])
+    target = "s2" if source == "s1" else "s1"
+    slots = tuple(sorted(s for s, owner in slot_map.items() if owner == source)[:SLOTS_PER_MOVE])
+    struck = source if side == "source" else target
+    faulted: list[str] = []
+
+    def progress(move: reshard.Move) -> None:
+        # Runs inside the mover: the move waits right here while the primary changes.
+        if move.phase == phase and not faulted:
+            faulted.append(healed.primary_of(struck))
+            FAULTS[fault](healed, struck)
+
+    async def run_move() -> reshard.Move:
+        async with admin.connect(healed.catalog_dsn()) as cat:
+            [move] = await reshard.create_run(
+                cat, [reshard.PlannedMove(source, target, slots)], reason="fault test"
+            )
+        mover = reshard.Mover(healed.catalog_dsn(), lease=2.0, progress=progress)
+        [done] = await reshard.run_moves(mover, [move], max_parallel=1)
+        return done
+
+    token = healed.api("write").token
+    apis = [healed.api("write"), Api(second.port, token=token)]
+    with Load(apis, TABLE, prefix=f"{fault}-{side}-{phase}", writers=4) as load:
+        wait_for(lambda: len(load.outcomes.acked) > 50, timeout=30, what="load running")
+        done = asyncio.run(run_move())
+        acked = len(load.outcomes.acked)
+        wait_for(lambda: len(load.outcomes.acked) > acked + 20, timeout=30, what="more writes")
+        time.sleep(0.2)
+    assert faulted, f"the move never reached {phase}"
+    assert done.phase in ("done", "aborted"), done
+    if done.phase == "done":
+        assert all(healed.slot_map()[s] == target for s in slots)
+    assert_one_owner_per_slot(healed)
+    assert_nothing_lost(healed, load.outcomes, TABLE)
+    assert not healed.sql(
+        "catalog", "SELECT id FROM shardd_moves WHERE phase NOT IN ('done', 'aborted')"
+    )
