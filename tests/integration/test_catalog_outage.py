@@ -185,18 +185,6 @@ def test_catalog_outage_stops_only_writes_and_everything_resumes(
         )
 
     during = traffic.between(refused_from, resumed_at, "write")
-    import collections
-
-    print(
-        "DEBUG",
-        len(during),
-        max(o.seconds for o in during),
-        collections.Counter(
-            (o.kind, o.status, o.code) for o in traffic.since(0, "read") + traffic.since(0, "write")
-        ),
-        resumed_at - faulted_at,
-        back_at - resumed_at,
-    )
     assert during and all(o.status == 503 for o in during), {o.status for o in during}
     assert all(o.code == "catalog_unavailable" and o.retry_after for o in during)
     # Refused at once, not after the request deadline, whether the catalog died or hangs.
