@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -14,13 +16,14 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
 
+from shardd import pgctl
 from tests.harness.http import Api
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -145,6 +148,25 @@ class RunningCluster:
         rows = self.sql("catalog", "SELECT holder FROM shardd_leases WHERE name = 'monitor'")
         return str(rows[0]["holder"]) if rows else ""
 
+    @contextlib.contextmanager
+    def paused(self, node: str) -> Iterator[None]:
+        """SIGSTOP a node's postmaster and all its processes: a Postgres that hangs (its
+        port still accepts TCP connections) rather than dies.  SIGCONT on the way out."""
+        postmaster = pgctl.postmaster_pid(self.dir / node)
+        assert postmaster is not None, f"{node} is not running"
+        stopped = [postmaster]
+        os.kill(postmaster, signal.SIGSTOP)  # first, so it forks no new backends meanwhile
+        try:
+            for child in _children(postmaster):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGSTOP)
+                    stopped.append(child)
+            yield
+        finally:
+            for pid in reversed(stopped):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+
     def heal(self) -> None:
         """Bring every fenced former primary back as a replica (started if needed)."""
         for row in self.sql("catalog", "SELECT name FROM shardd_nodes WHERE fenced"):
@@ -195,6 +217,17 @@ class RunningCluster:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                stat = (entry / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+    return found
+
+
 def _ready(port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as resp:
@@ -210,8 +243,12 @@ def start_cluster(
     sync: bool = False,
     failover: bool = True,
     write_buffer: float = 1.0,
+    settings: dict[str, object] | None = None,
 ) -> RunningCluster:
-    """A devcluster in a temporary folder; ``failover=False`` leaves dead primaries dead."""
+    """A devcluster in a temporary folder; ``failover=False`` leaves dead primaries dead.
+
+    ``settings`` overrides shardd settings by name (``{"topology_lease": 2.0}``).
+    """
     directory = Path(tempfile.mkdtemp(prefix="shardd-test-"))
     os.chmod(directory, 0o755)
     port = free_port_block(2 + (1 + replicas) * shards)
@@ -223,6 +260,7 @@ def start_cluster(
         "SHARDD_ACCESS_LOG": "false",
         "SHARDD_FAILOVER": str(failover).lower(),
         "SHARDD_WRITE_BUFFER_TIMEOUT": str(write_buffer),
+        **{f"SHARDD_{name.upper()}": str(value) for name, value in (settings or {}).items()},
     }
     cluster = RunningCluster(directory, port, env)
     options = ["--port", str(port), "--shards", str(shards), "--replicas", str(replicas)]
