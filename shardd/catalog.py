@@ -231,7 +231,7 @@ async def record_promotion(
     lost_bytes: int | None,
     detected_at: datetime,
     lost_exact: bool = True,
-    promoted_lsn: str | None = None,
+    promoted_lsn: int | None = None,
 ) -> int:
     """The promoted replica becomes the shard's primary; the old one stays fenced; the
     shard's term grows by one (moves compare it, see shardd/reshard/mover.py)."""
@@ -267,12 +267,8 @@ async def record_exact_loss(conn: asyncpg.Connection, *, old_primary: str, end_l
         " lost_exact = true WHERE id = (SELECT max(id) FROM shardd_failovers"
         " WHERE old_primary = $1) AND NOT lost_exact AND promoted_lsn IS NOT NULL",
         old_primary,
-        lsn_text(end_lsn),
+        end_lsn,
     )
-
-
-def lsn_text(position: int) -> str:
-    return f"{position >> 32:X}/{position & 0xFFFFFFFF:X}"
 
 
 async def set_write_block(conn: asyncpg.Connection, shard: str, reason: str | None) -> bool:

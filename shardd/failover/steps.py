@@ -98,7 +98,7 @@ async def _promote_and_record(
         kind=kind,
         lost_bytes=lost,
         lost_exact=exact,
-        promoted_lsn=catalog.lsn_text(fork),
+        promoted_lsn=fork,
         detected_at=detected_at,
     )
     seconds = time.monotonic() - started
