@@ -341,7 +341,7 @@ class Cluster:
             if isinstance(exc, TimeoutError):
                 # The deadline interrupted the query and asyncpg sent the server a cancel
                 # request; dropping the connection now would leave the query running.
-                conn.terminate()
+                cancelled = True
             else:
                 with contextlib.suppress(Exception):  # the pool may have dropped it already
                     conn.terminate()

@@ -72,6 +72,7 @@ def session_settings(
         "statement_timeout": ms(statement_timeout),
         "lock_timeout": ms(lock_timeout),
         "idle_in_transaction_session_timeout": ms(idle_in_transaction_timeout),
+        "client_connection_check_interval": "1000",
     }
 
 
