@@ -111,6 +111,9 @@ async def fence_node(conn: asyncpg.Connection, reason: str, *, wait_for_writes: 
     """
     async with conn.transaction():
         if wait_for_writes:
+            # Bounded: a write (or a move step) that holds the node lock longer makes the
+            # switchover fail without effect rather than stall every later write.
+            await conn.execute("SET LOCAL lock_timeout = '5s'")
             await conn.execute(
                 "SELECT pg_advisory_xact_lock($1, $2)", SLOT_LOCK_CLASS, NODE_LOCK_KEY
             )

@@ -139,6 +139,8 @@ class Monitor:
             if decision.promote is None:
                 if decision.blocked:
                     await self._block_writes(shard, "no_failover_candidate", decision.reason)
+                else:  # the primary answers again: its writes need no operator any more
+                    await self._unblock_writes(shard, "no_failover_candidate")
                 continue
             log.warning(
                 "shard %s: primary %s is down (%s); failing over",

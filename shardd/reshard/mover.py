@@ -251,15 +251,20 @@ class Mover:
         copied_bytes = 0
 
         async def produce() -> str:
-            async with src.transaction(isolation="repeatable_read", readonly=True):
-                snapshot = await changelog.position(src)
-                await src.copy_from_query(
-                    f"SELECT {', '.join(COLUMNS)} FROM shardd_items WHERE slot = ANY($1::int[])",
-                    slots,
-                    output=queue.put,
-                    format="binary",
-                )
-            await queue.put(None)
+            try:
+                async with src.transaction(isolation="repeatable_read", readonly=True):
+                    snapshot = await changelog.position(src)
+                    await src.copy_from_query(
+                        f"SELECT {', '.join(COLUMNS)} FROM shardd_items"
+                        " WHERE slot = ANY($1::int[])",
+                        slots,
+                        output=queue.put,
+                        format="binary",
+                    )
+            finally:
+                # Also when the source fails: the target's COPY must end, not wait forever
+                # (its partial copy is thrown away when the producer's error surfaces).
+                await queue.put(None)
             return snapshot
 
         async def chunks() -> AsyncIterator[bytes]:
@@ -268,13 +273,14 @@ class Mover:
                 copied_bytes += len(chunk)
                 yield chunk
 
+        # Checked on its own, not inside the COPY's transaction: holding the node lock for
+        # the whole copy would stall a switchover (and every write queued behind it).  A
+        # copy that lands on a node fenced meanwhile is caught by the next step's fencing
+        # or term check, and copied again.
+        await fencing.assert_primary(dst)
         producer = asyncio.create_task(produce())
         try:
             async with dst.transaction():
-                # The COPY does not hold the node lock (a switchover would wait for all of
-                # it): a copy that lands on a node fenced meanwhile is caught by the next
-                # step's fencing check or term check, and copied again.
-                await fencing.assert_primary(dst)
                 await dst.execute("SET LOCAL shardd.copying = on")
                 status = await dst.copy_to_table(
                     "shardd_items", source=chunks(), columns=COLUMNS, format="binary"
@@ -406,6 +412,18 @@ class Mover:
         """
         assert move.epoch is not None
         slots = list(move.slots)
+        if sides.target_term != move.target_term:
+            # The target was promoted since the copy: an asynchronous (or forced) promotion
+            # may have lost part of it.  The source's copy is the only good one then, so
+            # it goes only if both still agree.
+            source_sums, target_sums = await asyncio.gather(
+                _checksums(sides.src, slots), _checksums(sides.dst, slots)
+            )
+            if source_sums != target_sums:
+                raise MoveError(
+                    f"move {move.id}: the target lost rows in a promotion after the flip;"
+                    " the source's copy is kept (compare and repair before --resume)"
+                )
         await fencing.set_slot_states(sides.dst, slots, SlotState.OWNED)
         await fencing.set_slot_states(sides.src, slots, SlotState.MOVED)
         behind = await catalog.wait_for_instances(

@@ -13,6 +13,7 @@ lost, and the move finished or was aborted cleanly.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Iterator
 
@@ -118,8 +119,21 @@ def test_a_primary_change_at_any_phase_of_a_move_keeps_one_owner_per_slot(
     def progress(move: reshard.Move) -> None:
         # Runs inside the mover: the move waits right here while the primary changes.
         if move.phase == phase and not faulted:
-            faulted.append(healed.primary_of(struck))
-            FAULTS[fault](healed, struck)
+            # In a thread of its own (the harness runs its own event loops), joined here.
+            errors: list[BaseException] = []
+
+            def strike() -> None:
+                try:
+                    faulted.append(healed.primary_of(struck))
+                    FAULTS[fault](healed, struck)
+                except BaseException as exc:
+                    errors.append(exc)
+
+            striking = threading.Thread(target=strike)
+            striking.start()
+            striking.join(timeout=120)
+            if errors:
+                raise errors[0]
 
     async def run_move() -> reshard.Move:
         async with admin.connect(healed.catalog_dsn()) as cat:
