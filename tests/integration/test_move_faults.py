@@ -13,6 +13,7 @@ lost, and the move finished or was aborted cleanly.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -102,9 +103,22 @@ def kill_and_fail_over(cluster: RunningCluster, shard: str) -> None:
 FAULTS = {"switchover": switch_over, "kill": kill_and_fail_over}
 
 
-@pytest.mark.parametrize("phase", ["copying", "catching_up", "frozen", "flipped"])
-@pytest.mark.parametrize("side", ["source", "target"])
-@pytest.mark.parametrize("fault", sorted(FAULTS))
+# The suite runs one case per phase, each side and fault twice; SHARDD_FULL_FAULT_MATRIX=1
+# runs all sixteen (fault x side x phase).
+PHASES = ("copying", "catching_up", "frozen", "flipped")
+CASES = (
+    [(f, s, p) for f in sorted(FAULTS) for s in ("source", "target") for p in PHASES]
+    if os.environ.get("SHARDD_FULL_FAULT_MATRIX") == "1"
+    else [
+        ("kill", "source", "copying"),
+        ("switchover", "target", "catching_up"),
+        ("switchover", "source", "frozen"),
+        ("kill", "target", "flipped"),
+    ]
+)
+
+
+@pytest.mark.parametrize(("fault", "side", "phase"), CASES)
 def test_a_primary_change_at_any_phase_of_a_move_keeps_one_owner_per_slot(
     healed: RunningCluster, second: Instance, fault: str, side: str, phase: str
 ) -> None:
