@@ -36,9 +36,14 @@ def node_from_dsn(dsn: str, *, name: str, shard: str, role: str) -> Node:
 
 
 @contextlib.asynccontextmanager
-async def connect(dsn: str, *, connect_seconds: float = 5.0) -> AsyncIterator[asyncpg.Connection]:
-    """One connection for an operator action; closing a broken one is not an error."""
-    conn = await asyncpg.connect(dsn, timeout=connect_seconds)
+async def connect(
+    dsn: str, *, connect_seconds: float = 5.0, command_timeout: float | None = None
+) -> AsyncIterator[asyncpg.Connection]:
+    """One connection for an operator action; closing a broken one is not an error.
+
+    ``command_timeout`` bounds each statement (None: unbounded, for copies and
+    migrations whose length depends on the data)."""
+    conn = await asyncpg.connect(dsn, timeout=connect_seconds, command_timeout=command_timeout)
     try:
         yield conn
     finally:

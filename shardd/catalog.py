@@ -242,7 +242,9 @@ async def record_promotion(
             new_primary,
         )
         await conn.execute(
-            "UPDATE shardd_shards SET term = term + 1, write_block = NULL WHERE name = $1", shard
+            "UPDATE shardd_shards SET term = term + 1, write_block = NULL, primary_lsn = NULL,"
+            " primary_lsn_at = NULL WHERE name = $1",
+            shard,
         )
         await conn.execute(
             "INSERT INTO shardd_failovers (shard, kind, old_primary, new_primary, lost_bytes,"
@@ -257,6 +259,30 @@ async def record_promotion(
             detected_at,
         )
         return await bump_epoch(conn)
+
+
+async def note_primary_positions(
+    conn: asyncpg.Connection, positions: dict[tuple[str, str], int]
+) -> None:
+    """Record each shard's primary's WAL position, (shard, node) -> LSN, as the monitor
+    last saw it; a position of a node that is no longer the primary is ignored."""
+    await conn.execute(
+        "UPDATE shardd_shards s SET primary_lsn = p.lsn, primary_lsn_at = now()"
+        " FROM unnest($1::text[], $2::text[], $3::pg_lsn[]) AS p(shard, node, lsn)"
+        " JOIN shardd_nodes n ON n.name = p.node AND n.role = 'primary' AND NOT n.fenced"
+        " WHERE s.name = p.shard AND n.shard = p.shard",
+        [shard for shard, _ in positions],
+        [node for _, node in positions],
+        list(positions.values()),
+    )
+
+
+async def primary_position(conn: asyncpg.Connection, shard: str) -> int | None:
+    """The shard's primary's last WAL position the monitor recorded, if any."""
+    lsn: int | None = await conn.fetchval(
+        "SELECT primary_lsn FROM shardd_shards WHERE name = $1", shard
+    )
+    return lsn
 
 
 async def record_exact_loss(conn: asyncpg.Connection, *, old_primary: str, end_lsn: int) -> None:

@@ -58,6 +58,7 @@ class Monitor:
         self._conn: asyncpg.Connection | None = None
         self.leading = False
         self._refenced: set[str] = set()
+        self._fenced_rounds: dict[str, int] = {}  # primary -> rounds seen fenced on its node
         self._trimmed_at = 0.0
 
     async def run(self) -> None:
@@ -122,10 +123,12 @@ class Monitor:
             return
         snapshot = self.health.snapshot
         await self._refence(topology)
+        await self._finish_switchovers(topology)
         if time.monotonic() - self._trimmed_at > TRIM_EVERY:
             self._trimmed_at = time.monotonic()
             await self._trim(topology)
         await self._follow_standbys(topology)
+        await self._note_positions(topology)
         if not self.settings.failover:
             return
         for shard in topology.shards.values():
@@ -186,7 +189,8 @@ class Monitor:
                 log.warning("shard %s: writes accepted again (%s is over)", shard.name, reason)
 
     def _catalog(self) -> contextlib.AbstractAsyncContextManager[asyncpg.Connection]:
-        return admin.connect(self.settings.catalog_dsn, connect_seconds=2.0)
+        # Bounded: a catalog that hangs must not stall the monitor's round for good.
+        return admin.connect(self.settings.catalog_dsn, connect_seconds=2.0, command_timeout=10.0)
 
     async def _follow_standbys(self, topology: Topology) -> None:
         """In a synchronous cluster, keep each shard's commit mode in step with its
@@ -205,28 +209,26 @@ class Monitor:
             if primary is None or state is None or not state.healthy or state.standbys is None:
                 continue
             has_standby = state.standbys > 0
-            if mode == "strict":
-                if shard.degraded:
-                    await failover.set_sync_standbys(primary, synchronous=True)
-                    async with self._catalog() as conn:
-                        await catalog.set_degraded(conn, shard.name, False)
-                if has_standby:
-                    await self._unblock_writes(shard, "no_sync_standby")
-                else:
-                    await self._block_writes(shard, "no_sync_standby", "no standby streams")
+            strict = mode == "strict"
+            if strict and not has_standby:
+                await self._block_writes(shard, "no_sync_standby", "no standby streams")
+            else:
+                await self._unblock_writes(shard, "no_sync_standby")
+            # The node's setting and the catalog's flag are each compared with what they
+            # should be, every round, so a monitor that died between the two converges.
+            synchronous = strict or has_standby
+            if state.synchronous != synchronous:
+                await failover.set_sync_standbys(primary, synchronous=synchronous)
+            metrics.DEGRADED.labels(shard.name).set(0 if synchronous else 1)
+            if shard.degraded != synchronous:
                 continue
-            await self._unblock_writes(shard, "no_sync_standby")
-            if has_standby == (not shard.degraded):
-                continue
-            await failover.set_sync_standbys(primary, synchronous=has_standby)
             async with self._catalog() as conn:
-                await catalog.set_degraded(conn, shard.name, not has_standby)
-            metrics.DEGRADED.labels(shard.name).set(0 if has_standby else 1)
+                await catalog.set_degraded(conn, shard.name, not synchronous)
             log.warning(
                 "shard %s: %s",
                 shard.name,
-                "a standby streams again: synchronous commit restored"
-                if has_standby
+                "synchronous commit restored"
+                if synchronous
                 else "no standby streams: running asynchronously (degrade mode)",
             )
 
@@ -248,6 +250,45 @@ class Monitor:
                     log.info("trimmed %s change-log entries on %s", removed, shard.name)
             except Exception as exc:
                 log.warning("cannot trim the change log of %s: %s", shard.name, exc)
+
+    async def _note_positions(self, topology: Topology) -> None:
+        """Record where each healthy primary's WAL was (the loss a later forced
+        promotion reports is measured against it)."""
+        snapshot = self.health.snapshot
+        positions = {}
+        for shard in topology.shards.values():
+            primary = shard.primary
+            health = snapshot.get(primary.name) if primary else None
+            if primary and health and health.healthy and not health.in_recovery and health.lsn:
+                positions[shard.name, primary.name] = health.lsn
+        if positions:
+            async with self._catalog() as conn:
+                await catalog.note_primary_positions(conn, positions)
+
+    async def _finish_switchovers(self, topology: Topology) -> None:
+        """Finish the switchover of any primary found fenced on its node for
+        ``failover_after_checks`` rounds although the catalog still names it: the
+        process that fenced it died before recording a new primary (see
+        :func:`~shardd.failover.finish_switchover`).  Lossless either way, so it runs
+        whether or not automatic failover is on."""
+        snapshot = self.health.snapshot
+        for shard in topology.shards.values():
+            primary = shard.primary
+            health = snapshot.get(primary.name) if primary else None
+            if primary is None or health is None or not (health.healthy and health.fenced):
+                if primary is not None:
+                    self._fenced_rounds.pop(primary.name, None)
+                continue
+            rounds = self._fenced_rounds.get(primary.name, 0) + 1
+            self._fenced_rounds[primary.name] = rounds
+            if rounds < self.settings.failover_after_checks:
+                continue
+            try:
+                await failover.finish_switchover(
+                    self.settings.catalog_dsn, shard.name, fenced_primary=primary.name
+                )
+            except (failover.FailoverError, OSError, asyncpg.PostgresError) as exc:
+                log.error("shard %s: interrupted switchover not finished: %s", shard.name, exc)
 
     async def _refence(self, topology: Topology) -> None:
         """Fence on the node every fenced former primary that answers again, and make

@@ -149,6 +149,8 @@ class NodeHealth:
     standbys: int | None = None  # primary: standbys streaming from it
     last_ok_at: float | None = None  # the last check that succeeded (carried over)
     streamed_at: float | None = None  # replica: the last check that found it streaming
+    fenced: bool | None = None  # the node's own fence (shardd_node_state)
+    synchronous: bool | None = None  # synchronous_standby_names is set on the node
 
 
 @dataclass(frozen=True)
@@ -190,7 +192,9 @@ SELECT pg_is_in_recovery() AS in_recovery,
        pg_last_wal_receive_lsn() AS received,
        coalesce((SELECT status = 'streaming' FROM pg_stat_wal_receiver), false) AS streaming,
        CASE WHEN NOT pg_is_in_recovery() THEN
-           (SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming') END AS standbys
+           (SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming') END AS standbys,
+       (SELECT fenced FROM shardd_node_state) AS fenced,
+       current_setting('synchronous_standby_names') <> '' AS synchronous
 """
 
 
@@ -211,6 +215,8 @@ async def check_node(pools: NodePools, node: Node, limit: float) -> NodeHealth:
         received_lsn=row["received"],
         streaming=row["streaming"],
         standbys=row["standbys"],
+        fenced=row["fenced"],
+        synchronous=row["synchronous"],
     )
 
 

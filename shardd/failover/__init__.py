@@ -43,7 +43,14 @@ from .decisions import (
     shard_view,
 )
 from .rejoin import rejoin
-from .steps import Outcome, fail_over, force_promotion, shard_lock, switch_over
+from .steps import (
+    Outcome,
+    fail_over,
+    finish_switchover,
+    force_promotion,
+    shard_lock,
+    switch_over,
+)
 
 __all__ = [
     "SYNC_STANDBYS",
@@ -58,6 +65,7 @@ __all__ = [
     "eligible",
     "fail_over",
     "fence_on_node",
+    "finish_switchover",
     "force_promotion",
     "lost_bytes",
     "positions",

@@ -26,7 +26,9 @@ class FailoverError(Exception):
 def connect(
     node: Node, *, connect_seconds: float = 3.0
 ) -> contextlib.AbstractAsyncContextManager[asyncpg.Connection]:
-    return admin.connect(node.dsn(), connect_seconds=connect_seconds)
+    """A node connection for a failover step; every statement is bounded (pg_promote
+    passes a longer timeout of its own)."""
+    return admin.connect(node.dsn(), connect_seconds=connect_seconds, command_timeout=30.0)
 
 
 async def _position(node: Node) -> Candidate | None:

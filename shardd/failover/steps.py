@@ -23,6 +23,7 @@ from ..topology import Node, Shard
 from .actions import (
     FailoverError,
     answers,
+    connect,
     fence_on_node,
     positions,
     promote,
@@ -32,12 +33,15 @@ from .actions import (
 from .decisions import Candidate, choose_candidate, lost_bytes, previous_primary
 
 log = logging.getLogger(__name__)
+CATALOG_STATEMENT_SECONDS = 60.0
 
 
 @contextlib.asynccontextmanager
 async def shard_lock(catalog_dsn: str, shard: str) -> AsyncIterator[asyncpg.Connection]:
     """A catalog connection holding the shard's failover lock (released on close)."""
-    async with admin.connect(catalog_dsn) as conn:
+    # Each statement is bounded (waiting for the lock too): a hung catalog or a hung
+    # holder makes the step fail, never hang.
+    async with admin.connect(catalog_dsn, command_timeout=CATALOG_STATEMENT_SECONDS) as conn:
         await conn.execute(
             "SELECT pg_advisory_lock($1, hashtext($2))", fencing.FAILOVER_LOCK_CLASS, shard
         )
@@ -182,8 +186,11 @@ async def fail_over(
         candidate = choose_candidate(found)
         if candidate is None:
             raise FailoverError(f"shard {shard_name} has no eligible replica with a known position")
-        # What the loss is measured against: the most WAL anyone saw on this shard.
-        known = [p for p in (old_position, *(c.position for c in found)) if p is not None]
+        # What the loss is measured against: the most WAL anyone saw on this shard (the
+        # monitor records the primary's position each round, for callers without a
+        # health history of their own, such as a forced promotion from shardctl).
+        recorded = await catalog.primary_position(conn, shard_name)
+        known = [p for p in (old_position, recorded, *(c.position for c in found)) if p is not None]
         return await _promote_and_record(
             conn,
             shard,
@@ -213,7 +220,8 @@ async def switch_over(
     until the catalog names the new primary.  That commit's WAL position is the last
     write the candidate must have; once it has replayed it, it is promoted.  If the
     candidate does not catch up in time, the old primary is unfenced again and nothing
-    else changed.
+    else changed.  If the process dies between the fence and the record, the monitor
+    finishes the switchover (:func:`finish_switchover`).
     """
     started = time.monotonic()
     detected_at = datetime.now(UTC)
@@ -222,34 +230,100 @@ async def switch_over(
         shard = topo.shards.get(shard_name)
         if shard is None:
             raise FailoverError(f"no shard {shard_name}")
-        old = shard.primary
-        if old is None:
+        if shard.primary is None:
             raise FailoverError(
                 f"shard {shard_name} has no primary; the monitor replaces it"
                 " (or force a promotion with --force)"
             )
-        replicas = [n for n in shard.replicas if to is None or n.name == to]
-        if not replicas:
-            raise FailoverError(f"no replica {to!r} in shard {shard_name}" if to else "no replica")
-        async with admin.connect(old.dsn(), connect_seconds=3.0) as old_conn:
-            await fencing.fence_node(old_conn, "switchover", wait_for_writes=True)
-            target = int(await old_conn.fetchval("SELECT pg_current_wal_lsn()"))
-            try:
-                candidate = await _caught_up(replicas, target, wait_seconds=catch_up_timeout)
-            except BaseException:
-                await fencing.unfence_node(old_conn, "switchover undone")
-                raise
-        return await _promote_and_record(
+        return await _switch(
             conn,
             shard,
-            old,
-            candidate,
-            kind="planned",
-            old_position=target,
-            detected_at=detected_at,
-            started=started,
+            to=to,
+            catch_up_timeout=catch_up_timeout,
             promote_timeout=promote_timeout,
+            started=started,
+            detected_at=detected_at,
         )
+
+
+async def finish_switchover(
+    catalog_dsn: str, shard_name: str, *, fenced_primary: str, catch_up_timeout: float = 10.0
+) -> Outcome | None:
+    """Finish a switchover whose process died after fencing the primary on its node.
+
+    Such a primary answers but refuses every write, and the catalog still names it, so
+    nothing else would ever end the outage.  Under the shard's lock (not waited for: a
+    switchover that holds it is alive), and only if the catalog still names
+    ``fenced_primary`` and the node is still fenced, the switchover runs again from the
+    fence: a replica that replays the fenced primary's last write is promoted (one that
+    the dead process already promoted is among them); if none does, the primary is
+    unfenced and keeps its role.  Returns None when there was nothing to finish.
+    """
+    started = time.monotonic()
+    async with admin.connect(catalog_dsn, command_timeout=CATALOG_STATEMENT_SECONDS) as conn:
+        if not await conn.fetchval(
+            "SELECT pg_try_advisory_lock($1, hashtext($2))", fencing.FAILOVER_LOCK_CLASS, shard_name
+        ):
+            return None
+        shard = (await catalog.load_topology(conn)).shards.get(shard_name)
+        old = shard.primary if shard else None
+        if shard is None or old is None or old.name != fenced_primary:
+            return None
+        async with connect(old) as old_conn:
+            if not await old_conn.fetchval("SELECT fenced FROM shardd_node_state"):
+                return None
+        log.warning("shard %s: finishing the interrupted switchover of %s", shard_name, old.name)
+        return await _switch(
+            conn,
+            shard,
+            to=None,
+            catch_up_timeout=catch_up_timeout,
+            promote_timeout=30.0,
+            started=started,
+            detected_at=datetime.now(UTC),
+            resuming=True,
+        )
+
+
+async def _switch(
+    conn: asyncpg.Connection,
+    shard: Shard,
+    *,
+    to: str | None,
+    catch_up_timeout: float,
+    promote_timeout: float,
+    started: float,
+    detected_at: datetime,
+    resuming: bool = False,
+) -> Outcome:
+    """Fence the primary on its node, wait for a replica to replay that, promote it
+    (the caller holds the shard's lock)."""
+    old = shard.primary
+    assert old is not None
+    replicas = [n for n in shard.replicas if to is None or n.name == to]
+    if not replicas:
+        raise FailoverError(f"no replica {to!r} in shard {shard.name}" if to else "no replica")
+    async with connect(old) as old_conn:
+        await fencing.fence_node(old_conn, "switchover", wait_for_writes=True)
+        target = int(await old_conn.fetchval("SELECT pg_current_wal_lsn()"))
+        try:
+            candidate = await _caught_up(
+                replicas, target, wait_seconds=catch_up_timeout, resuming=resuming
+            )
+        except BaseException:
+            await fencing.unfence_node(old_conn, "switchover undone")
+            raise
+    return await _promote_and_record(
+        conn,
+        shard,
+        old,
+        candidate,
+        kind="planned",
+        old_position=target,
+        detected_at=detected_at,
+        started=started,
+        promote_timeout=promote_timeout,
+    )
 
 
 async def force_promotion(catalog_dsn: str, shard_name: str, *, lease: float) -> Outcome:
@@ -271,12 +345,18 @@ async def force_promotion(catalog_dsn: str, shard_name: str, *, lease: float) ->
     return outcome
 
 
-async def _caught_up(replicas: Sequence[Node], target: int, *, wait_seconds: float) -> Candidate:
-    """The best replica once it has replayed up to ``target``."""
+async def _caught_up(
+    replicas: Sequence[Node], target: int, *, wait_seconds: float, resuming: bool
+) -> Candidate:
+    """The best replica once it has replayed up to ``target`` (resuming a switchover: a
+    replica it already promoted)."""
     deadline = time.monotonic() + wait_seconds
     while True:
-        found = [c for c in await positions(replicas) if not c.promoted]
-        best = choose_candidate(found)
+        found = await positions(replicas)
+        if resuming and (promoted := [c for c in found if c.promoted]):
+            # The dead switchover promoted it already: it is the only one that may be.
+            return promoted[0]
+        best = choose_candidate([c for c in found if not c.promoted])
         if best is not None and best.position is not None and best.position >= target:
             return best
         if time.monotonic() > deadline:

@@ -78,6 +78,9 @@ class Mover:
     ``freeze_lock_timeout``: how long one freeze attempt waits for the writes in flight.
     ``primary_wait``: how long a move waits for a shard that lost its primary to get a
     new one before it gives up (and aborts, if it has not flipped).
+    ``catch_up_timeout``: how long the catch-up, and then the freeze, may each take
+    before the move is aborted (writes to the slots outpacing the copy, or a
+    transaction holding a slot's lock for good).
     """
 
     def __init__(
@@ -88,6 +91,7 @@ class Mover:
         catch_up_backlog: int = 200,
         freeze_lock_timeout: float = 0.5,
         primary_wait: float = 60.0,
+        catch_up_timeout: float = 600.0,
         progress: Progress | None = None,
     ) -> None:
         self.catalog_dsn = catalog_dsn
@@ -95,6 +99,7 @@ class Mover:
         self.catch_up_backlog = catch_up_backlog
         self.freeze_lock_timeout = freeze_lock_timeout
         self.primary_wait = primary_wait
+        self.catch_up_timeout = catch_up_timeout
         self.progress = progress or (lambda move: None)
 
     # -- connections --------------------------------------------------------------
@@ -156,19 +161,23 @@ class Mover:
 
     async def _persist(self, move: Move, step: Callable[[Sides, Move], Awaitable[Move]]) -> Move:
         """Run ``step`` until it finishes, waiting out primary changes for at most
-        ``primary_wait`` at a time; give up (undo before the flip) after that."""
-        given_up_at = time.monotonic() + self.primary_wait
+        ``primary_wait`` since the move last got somewhere; give up (undo before the
+        flip) after that."""
+        waiting_since = time.monotonic()
+        seen: Move | None = None
         while True:
             try:
                 async with self._sides(move.source, move.target) as sides:
                     move = await get_move(sides.cat, move.id)
+                    if move != seen:  # the last attempt got somewhere: a new wait begins
+                        seen, waiting_since = move, time.monotonic()
                     return await step(sides, move)
             except changelog.ConsumerExpired as exc:
                 await self._give_up(move, exc)
             except Exception as exc:
                 if not _primary_lost(exc):
                     raise
-                if time.monotonic() > given_up_at:
+                if time.monotonic() - waiting_since > self.primary_wait:
                     await self._give_up(
                         move,
                         PrimaryChanged(
@@ -337,11 +346,18 @@ class Mover:
         return move, len(changes)
 
     async def _catch_up(self, sides: Sides, move: Move) -> Move:
+        deadline = time.monotonic() + self.catch_up_timeout
         while True:
             move, pending = await self._apply_batch(sides, move)
             self.progress(move)
             if pending <= self.catch_up_backlog:
                 return move
+            if time.monotonic() > deadline:
+                await self._undo(sides, move)
+                raise MoveError(
+                    f"move {move.id}: the slots' writes outpaced the catch-up for"
+                    f" {self.catch_up_timeout:.0f}s (backlog {pending}); move aborted"
+                )
 
     async def _freeze(self, sides: Sides, move: Move) -> Move:
         """Freeze the slots on the source (see :func:`shardd.fencing.freeze`).
@@ -351,11 +367,18 @@ class Mover:
         catches up again and retries.
         """
         await self._check_terms(sides, move)
+        deadline = time.monotonic() + self.catch_up_timeout
         while True:
             try:
                 await fencing.freeze(sides.src, move.slots, lock_timeout=self.freeze_lock_timeout)
                 break
             except asyncpg.LockNotAvailableError:
+                if time.monotonic() > deadline:
+                    await self._undo(sides, move)
+                    raise MoveError(
+                        f"move {move.id}: writes in flight held the freeze back for"
+                        f" {self.catch_up_timeout:.0f}s; move aborted"
+                    ) from None
                 log.info("move %s: writes in flight held the freeze back; retrying", move.id)
                 move, _ = await self._apply_batch(sides, move)
         move = await record_step(sides.cat, move, phase=Phase.FROZEN, pause_ms=None)
@@ -407,22 +430,27 @@ class Mover:
         """Delete the source's copy once no live instance can still route to it.
 
         Idempotent, and runs on whatever nodes are the primaries now: after a promotion
-        the target may lack 'owned' or the source 'moved' (lost with an asynchronous
-        primary), and both are set again; the catalog has named the target.
+        the source may lack 'moved' (lost with an asynchronous primary) and gets it
+        again; the catalog has named the target.
         """
         assert move.epoch is not None
         slots = list(move.slots)
         if sides.target_term != move.target_term:
-            # The target was promoted since the copy: an asynchronous (or forced) promotion
-            # may have lost part of it.  The source's copy is the only good one then, so
-            # it goes only if both still agree.
-            source_sums, target_sums = await asyncio.gather(
-                _checksums(sides.src, slots), _checksums(sides.dst, slots)
+            # The target was promoted since the flip: an asynchronous (or forced) promotion
+            # may have lost the copy.  The target's WAL has the 'owned' states after every
+            # copied row, so the copy survived exactly when they did; otherwise the
+            # source's copy is the only good one and stays.  (Comparing the two copies
+            # would not tell: the target has taken writes since the flip.)
+            owned = await sides.dst.fetchval(
+                "SELECT count(*) FROM shardd_slots WHERE slot = ANY($1::int[]) AND state = $2",
+                slots,
+                str(SlotState.OWNED),
             )
-            if source_sums != target_sums:
+            if owned != len(slots):
                 raise MoveError(
-                    f"move {move.id}: the target lost rows in a promotion after the flip;"
-                    " the source's copy is kept (compare and repair before --resume)"
+                    f"move {move.id}: the target's promotion after the flip lost the copy"
+                    f" ({len(slots) - owned} slots not owned there); the source's copy is"
+                    " kept (repair before --resume)"
                 )
         await fencing.set_slot_states(sides.dst, slots, SlotState.OWNED)
         await fencing.set_slot_states(sides.src, slots, SlotState.MOVED)

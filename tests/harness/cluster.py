@@ -17,7 +17,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -83,6 +83,7 @@ class RunningCluster:
     dir: Path
     port: int
     env: dict[str, str]
+    _ports: dict[str, int] = field(default_factory=dict, repr=False)
 
     def devcluster(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(
@@ -100,7 +101,10 @@ class RunningCluster:
         return data
 
     def node_port(self, name: str) -> int:
-        return int(next(n["port"] for n in self.status()["nodes"] if n["name"] == name))
+        # A node keeps its port for life; `devcluster status` is asked only for new ones.
+        if name not in self._ports:
+            self._ports.update({n["name"]: int(n["port"]) for n in self.status()["nodes"]})
+        return self._ports[name]
 
     def catalog_dsn(self) -> str:
         return f"postgresql://shardd@127.0.0.1:{self.node_port('catalog')}/shardd"

@@ -94,6 +94,8 @@ def test_a_replica_that_stopped_streaming_is_not_promoted_until_forced(pr: Runni
     wait_for(lambda: put(api, "after-force")[0] == 201, timeout=10, what="writes resuming")
     [event] = pr.sql("catalog", "SELECT kind, lost_bytes, lost_exact FROM shardd_failovers")
     assert event["kind"] == "forced" and event["lost_exact"] is False
+    # Measured against the primary's position the monitor recorded, not the replica's own.
+    assert event["lost_bytes"] > 0
 
     # The old primary comes back: fenced on the node, and the loss becomes exact.
     pr.devcluster("start", primary)
@@ -173,3 +175,34 @@ def test_strict_mode_refuses_writes_at_once_while_the_only_replica_is_down(
         pr.devcluster("start", replica)
     wait_for(lambda: put(api, "strict-ok")[0] in (200, 201), timeout=30, what="writes resuming")
     assert pr.sql("catalog", "SELECT write_block FROM shardd_shards")[0]["write_block"] is None
+
+
+def test_a_switchover_that_died_after_its_fence_is_finished_by_the_monitor(
+    pr: RunningCluster,
+) -> None:
+    api = pr.api("write")
+    primary, [replica] = pr.primary_of("s1"), pr.replicas_of("s1")
+    for n in range(20):
+        assert put(api, f"pre-fence-{n}", n=n)[0] in (200, 201)
+    # What a `shardctl failover` leaves when it dies right after its first step: the
+    # primary fenced on its node, the catalog still naming it.  Writes are refused...
+    pr.sql(primary, "UPDATE shardd_node_state SET fenced = true, reason = 'switchover'")
+    # ...until the monitor finishes the switchover: the caught-up replica is promoted.
+    wait_for(
+        lambda: pr.primary_of("s1") == replica,
+        timeout=30,
+        what="the monitor finishing the switchover",
+    )
+    [event] = pr.sql(
+        "catalog",
+        "SELECT kind, old_primary, lost_bytes FROM shardd_failovers ORDER BY id DESC LIMIT 1",
+    )
+    assert (event["kind"], event["old_primary"], event["lost_bytes"]) == ("planned", primary, 0)
+    pr.heal()
+    assert pr.replicas_of("s1") == [primary]
+    wait_for(lambda: put(api, "after-finish")[0] in (200, 201), timeout=30, what="writes resuming")
+    reads = pr.api("read")
+    for n in range(20):
+        path = f"/v1/tables/{TABLE}/items/pre-fence-{n}?consistency=strong"
+        response = reads.request("GET", path)
+        assert response.status == 200 and response.body["item"] == {"n": n}
