@@ -96,8 +96,8 @@ class Settings:
     changelog_retention: float = _setting(
         3600.0,
         "Seconds change-log entries are kept (longer while a registered consumer, such as "
-        "a slot move, has not read them). The monitor trims once a minute, whether or not "
-        "failover is enabled.",
+        "a slot move, has not read them). The monitor trims once a minute (or once per "
+        "retention, if shorter), whether or not failover is enabled.",
     )
     consumer_expiry: float = _setting(
         86400.0,

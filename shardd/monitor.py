@@ -40,7 +40,7 @@ from .nodes import HealthMonitor
 from .topology import Shard, Topology
 
 log = logging.getLogger(__name__)
-TRIM_EVERY = 60.0  # seconds between change-log trims
+TRIM_EVERY = 60.0  # seconds between change-log trims (at most; less with a short retention)
 
 
 class Monitor:
@@ -124,7 +124,7 @@ class Monitor:
         snapshot = self.health.snapshot
         await self._refence(topology)
         await self._finish_switchovers(topology)
-        if time.monotonic() - self._trimmed_at > TRIM_EVERY:
+        if time.monotonic() - self._trimmed_at > min(TRIM_EVERY, self.settings.changelog_retention):
             self._trimmed_at = time.monotonic()
             await self._trim(topology)
         await self._follow_standbys(topology)

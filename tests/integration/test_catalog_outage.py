@@ -5,7 +5,9 @@ nothing answers) while readers and writers run.  Reads keep being served from th
 topology; once the topology lease is used up, writes answer 503 ``catalog_unavailable``
 with ``Retry-After`` long before their deadline; ``/readyz`` stays 200 and says writes
 are off, ``/readyz/writes`` answers 503; the failover monitor promotes nothing.  When the
-catalog is back, writes resume by themselves, and no acknowledged write is lost.
+catalog is back, writes resume by themselves, and no acknowledged write is lost.  In
+pair with a primary that dies while the catalog hangs: nothing is promoted until the
+catalog answers, then the dead primary is replaced once.
 """
 
 from __future__ import annotations
@@ -207,3 +209,52 @@ def test_catalog_outage_stops_only_writes_and_everything_resumes(
     # The failover monitor did nothing while the catalog was away.
     assert failovers(outage) == failovers_before
     assert {shard: outage.primary_of(shard) for shard in primaries} == primaries
+
+
+def test_a_primary_dying_while_the_catalog_hangs_fails_over_once_it_answers(
+    outage: RunningCluster,
+) -> None:
+    api = outage.api("read")
+    primary, [replica] = outage.primary_of("s1"), outage.replicas_of("s1")
+    failovers_before = failovers(outage)
+    wait_for(lambda: readiness(api)[2] == 200, timeout=30, what="writes ready before the fault")
+    with Traffic(outage, prefix="pair") as traffic:
+        wait_for(lambda: traffic.since(0, "write"), timeout=30, what="the first writes")
+        with catalog_frozen(outage):
+            wait_for(
+                lambda: readiness(api)[1]["writes"] is False,
+                timeout=LEASE + 10,
+                what="/readyz to report writes off",
+            )
+            # Writes have stopped: the (asynchronous) replica gets every acknowledged one
+            # before its primary dies.
+            end = outage.sql(primary, "SELECT pg_current_wal_lsn() AS at")[0]["at"]
+            replayed = "SELECT pg_last_wal_replay_lsn() >= $1 AS ok"
+            wait_for(
+                lambda: outage.sql(replica, replayed, end)[0]["ok"],
+                timeout=10,
+                what="the replica replaying every acknowledged write",
+            )
+            outage.devcluster("kill", primary)
+            time.sleep(3.0)  # many health rounds: the monitor cannot fence without a catalog
+            assert outage.sql(replica, "SELECT pg_is_in_recovery() AS r")[0]["r"] is True
+        # The catalog answers again: the dead primary is replaced, writes resume.
+        wait_for(lambda: outage.primary_of("s1") == replica, timeout=30, what="the failover")
+        back_at = time.monotonic()
+        wait_for(
+            lambda: [o for o in traffic.since(back_at, "write") if o.status in (200, 201)],
+            timeout=30,
+            what="writes acknowledged after the failover",
+        )
+    assert failovers(outage) == failovers_before + 1
+    assert outage.sql(replica, "SELECT pg_is_in_recovery() AS r")[0]["r"] is False
+    rows: dict[str, object] = {}
+    for shard_rows in rows_by_shard(outage, TABLE).values():
+        rows.update(shard_rows)
+    writes = traffic.since(0, "write")
+    missing = [o.key for o in writes if o.status in (200, 201) and o.key not in rows]
+    assert not missing, f"{len(missing)} acknowledged writes lost, e.g. {missing[:5]}"
+    every = traffic.since(0, "read") + traffic.since(0, "write")
+    assert max(o.seconds for o in every) < REQUEST_TIMEOUT + 2.0, "a request hung"
+    outage.heal()
+    assert outage.replicas_of("s1") == [primary]

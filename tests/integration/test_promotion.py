@@ -4,7 +4,8 @@ A cluster of its own: one shard, a primary and one replica, one shardd instance 
 monitor), asynchronous to start with.  The tests run in file order: first the
 replica's WAL receiver is stopped and the primary killed (no automatic promotion; an
 operator forces one and the loss is reported), then the cluster is made synchronous and
-its only replica is killed under each ``synchronous_mode``.
+its only replica is killed under each ``synchronous_mode``; a switchover dies after its
+fence; a failed move's change-log consumer is left behind.
 """
 
 from __future__ import annotations
@@ -19,11 +20,17 @@ from tests.harness.cluster import RunningCluster, start_cluster, wait_for
 from tests.harness.http import Api
 
 TABLE = "pr"
+CONSUMER_EXPIRY = 8.0
 
 
 @pytest.fixture(scope="module")
 def pr() -> Iterator[RunningCluster]:
-    running = start_cluster(shards=1, replicas=1, write_buffer=1.0)
+    running = start_cluster(
+        shards=1,
+        replicas=1,
+        write_buffer=1.0,
+        settings={"changelog_retention": 1.0, "consumer_expiry": CONSUMER_EXPIRY},
+    )
     try:
         assert running.api().request("PUT", f"/v1/tables/{TABLE}").status == 201
         yield running
@@ -206,3 +213,28 @@ def test_a_switchover_that_died_after_its_fence_is_finished_by_the_monitor(
         path = f"/v1/tables/{TABLE}/items/pre-fence-{n}?consistency=strong"
         response = reads.request("GET", path)
         assert response.status == 200 and response.body["item"] == {"n": n}
+
+
+def test_a_failed_moves_consumer_expires_and_the_change_log_is_trimmed(pr: RunningCluster) -> None:
+    api = pr.api("write")
+    primary = pr.primary_of("s1")
+    # A move that failed and that nobody resumes: its consumer stays at this position.
+    pr.sql(
+        primary,
+        "INSERT INTO shardd_consumers (name, position) VALUES ('move-999', pg_current_snapshot())",
+    )
+    registered = time.monotonic()
+    for n in range(20):
+        assert put(api, f"logged-{n}", n=n)[0] in (200, 201)
+    count = "SELECT count(*) AS n FROM shardd_changes WHERE pk LIKE 'logged-%'"
+    # Past the retention (1s) the consumer still holds its entries back...
+    time.sleep(3.0)
+    assert time.monotonic() - registered < CONSUMER_EXPIRY
+    assert pr.sql(primary, count)[0]["n"] == 20
+    # ...until it has been idle for consumer_expiry: dropped, and the log trimmed.
+    wait_for(
+        lambda: not pr.sql(primary, "SELECT 1 FROM shardd_consumers WHERE name = 'move-999'"),
+        timeout=30,
+        what="the idle consumer dropped",
+    )
+    wait_for(lambda: pr.sql(primary, count)[0]["n"] == 0, timeout=30, what="the log trimmed")
