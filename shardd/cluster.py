@@ -17,7 +17,9 @@ Safety notes:
 * An instance writes only with a topology confirmed by the catalog within
   ``topology_lease`` seconds, and reports the epoch it uses to the catalog; a failover
   relies on both to know when no instance can still write to a fenced primary.  No write
-  commits after the lease ends: see :meth:`Cluster.confirm_topology`.
+  commits after the lease ends: see :meth:`Cluster.confirm_topology`.  Nor does one
+  commit on a replaced primary after this instance reported the epoch that replaced it:
+  see :meth:`Cluster._drain`.
 * Every wait is bounded: catalog connects and queries by ``catalog_timeout``, topology
   refreshes on the request path by the request's deadline, shard statements, lock waits
   and idle transactions by server-side settings, and a query interrupted by the
@@ -30,6 +32,7 @@ Safety notes:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -41,12 +44,12 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from . import catalog, errors, metrics, router
+from . import catalog, config, errors, metrics, router
 from .config import Settings
 from .monitor import Monitor
 from .nodes import HealthMonitor, NodePools, session_settings
 from .placement import slot_of
-from .topology import Node, Shard, Topology
+from .topology import Node, Shard, Topology, set_routes
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -80,12 +83,22 @@ class NodeLost(Exception):
     """A read's node failed before answering; another node may serve it."""
 
 
-class LeaseLapsed(Exception):
-    """Too little of the lease was left once a write had its connection; nothing was sent."""
+class NotSent(Exception):
+    """A write was not sent after all: route it again under the current topology."""
+
+
+class LeaseLapsed(NotSent):
+    """Too little of the lease was left once a write had its connection."""
+
+
+class PrimaryReplaced(NotSent):
+    """A newer topology arrived while the write waited for its connection, and its node
+    is no longer a primary there."""
 
 
 class Cluster:
     def __init__(self, settings: Settings) -> None:
+        set_routes(config.node_routes(settings))
         if settings.statement_timeout >= settings.topology_lease:
             raise ValueError("statement_timeout must be shorter than topology_lease")
         self.settings = settings
@@ -116,6 +129,8 @@ class Cluster:
         self._listener: asyncpg.Connection | None = None
         self._refresh_lock = asyncio.Lock()
         self._new_topology = asyncio.Event()
+        self._writes_in_flight: collections.Counter[str] = collections.Counter()  # by node
+        self._write_ended = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
 
@@ -234,6 +249,8 @@ class Cluster:
                 else:
                     loaded = await catalog.load_topology(conn)
                     if current is None or loaded.epoch != current.epoch:
+                        self._install(current, loaded)
+                        await self._drain(current, loaded)
                         await self._report(conn, loaded.epoch)
         except Exception as exc:  # fail closed: whatever went wrong, nothing is confirmed
             self.catalog_ok = False
@@ -246,15 +263,53 @@ class Cluster:
         self._refreshed_at = time.monotonic()
         if loaded is current:
             return loaded
+        self._install(current, loaded)
+        if current is None:
+            await self.health.check_all()
+        return loaded
+
+    def _install(self, current: Topology | None, loaded: Topology) -> None:
+        """Route every new operation by ``loaded`` from now on."""
+        if self.topology is loaded:
+            return
         if current is None or loaded.epoch != current.epoch:
             log.info("topology epoch %s loaded", loaded.epoch)
             self._new_topology.set()
             self._new_topology = asyncio.Event()
         self.topology = loaded
         metrics.TOPOLOGY_EPOCH.set(loaded.epoch)
+
+    async def _drain(self, current: Topology | None, loaded: Topology) -> None:
+        """Before reporting ``loaded`` to the catalog, wait for the writes still in
+        flight to a node that is no longer a primary in it.
+
+        A failover takes the report to mean that this instance writes to the old
+        primary no more; a write sent just before the new topology arrived could
+        otherwise still commit there after the promotion (when the old primary cannot
+        be fenced on its node, as in a partition that hides it from the monitor only).
+        The shard ends every statement within ``statement_timeout``, so waiting that
+        long from now is enough even when this instance never hears back.
+        """
         if current is None:
-            await self.health.check_all()
-        return loaded
+            return
+        gone = current.primaries - loaded.primaries
+        until = time.monotonic() + self.settings.statement_timeout
+        while any(self._writes_in_flight[name] for name in gone):
+            left = until - time.monotonic()
+            if left <= 0:
+                return
+            ended = self._write_ended
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await ended.wait()
+
+    def _still_primary(self, node: Node) -> bool:
+        return self.topology is not None and node.name in self.topology.primaries
+
+    def _write_done(self, node: str) -> None:
+        self._writes_in_flight[node] -= 1
+        self._write_ended.set()
+        self._write_ended = asyncio.Event()
 
     async def _report(self, conn: asyncpg.Connection, epoch: int) -> None:
         """Tell the catalog which epoch this instance routes with (failovers wait for it)."""
@@ -320,14 +375,21 @@ class Cluster:
             raise errors.Timeout("the request deadline passed")
         started = time.perf_counter()
         pool = conn = None
-        cancelled = False
+        cancelled = sending = False
         # One timer for the whole call; ``conn`` tells whether the work was already sent.
         try:
             async with asyncio.timeout(remaining):
                 pool = await self.pools.pool(node)
                 conn = await pool.acquire()
-                if writing and not self.may_send_write():
-                    raise LeaseLapsed  # the pool was slow; the caller confirms again
+                if writing:
+                    if not self.may_send_write():
+                        raise LeaseLapsed  # the pool was slow; the caller confirms again
+                    # Counted, then checked, with no await between: either _drain sees
+                    # this write, or this write sees the topology _drain installed.
+                    self._writes_in_flight[node.name] += 1
+                    sending = True
+                    if not self._still_primary(node):
+                        raise PrimaryReplaced
                 return await work(conn)
         except (TimeoutError, *errors.CONNECT_ERRORS, *errors.LOST_CONNECTION_ERRORS) as exc:
             if conn is None:
@@ -361,6 +423,8 @@ class Cluster:
                 metrics.QUERY_ERRORS.labels(shard, node.name, "sql").inc()
             raise translated from exc
         finally:
+            if sending:
+                self._write_done(node.name)
             if conn is not None and pool is not None:
                 metrics.QUERY_SECONDS.labels(shard, node.name).observe(
                     time.perf_counter() - started
@@ -519,7 +583,8 @@ class Cluster:
                     raise errors.ShardUnavailable(shard.name, "it has no primary")
                 result = await self._run(shard.name, primary, work, writing=True, deadline=deadline)
                 return result, Served(shard.name, primary.name)
-            except LeaseLapsed:
+            except NotSent:  # route again under the topology now current
+                shard = self.require_topology().shards.get(shard.name, shard)
                 continue
             except errors.ShardUnavailable as exc:  # nothing was written: wait for a primary
                 if buffer_until is None:

@@ -127,6 +127,12 @@ class Settings:
     shutdown_timeout: float = _setting(
         10.0, "Seconds a stopping server waits for in-flight requests to finish."
     )
+    node_addresses: tuple[str, ...] = _setting(
+        (),
+        "This instance's own addresses for some nodes, as NODE=HOST:PORT, where it reaches "
+        "them other than at the address the catalog records (a NAT, a local pooler). "
+        "Separate several with ';' in the environment.",
+    )
     log_level: str = _setting("info", "Log level: debug, info, warning or error.")
     access_log: bool = _setting(True, "Log one JSON line per request.")
 
@@ -164,6 +170,18 @@ def parse_value(f: dataclasses.Field[Any], raw: Any) -> Any:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"setting {f.name}: expected {kind.__name__}, got {raw!r}") from exc
     raise TypeError(f"unsupported setting type {kind!r}")
+
+
+def node_routes(settings: Settings) -> dict[str, tuple[str, int]]:
+    """``node_addresses`` as node name -> (host, port); ValueError when malformed."""
+    routes = {}
+    for entry in settings.node_addresses:
+        name, _, address = entry.partition("=")
+        host, _, port = address.rpartition(":")
+        if not (name.strip() and host and port.isdigit()):
+            raise ValueError(f"setting node_addresses: expected NODE=HOST:PORT, got {entry!r}")
+        routes[name.strip()] = (host, int(port))
+    return routes
 
 
 def env_name(name: str) -> str:

@@ -7,6 +7,7 @@ functions over these values.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -30,7 +31,19 @@ class Node:
 
     def dsn(self) -> str:
         auth = self.username if self.password is None else f"{self.username}:{self.password}"
-        return f"postgresql://{auth}@{self.host}:{self.port}/{self.dbname}"
+        host, port = _routes.get(self.name, (self.host, self.port))
+        return f"postgresql://{auth}@{host}:{port}/{self.dbname}"
+
+
+# This process's own way to some nodes, by name (setting ``node_addresses``), where it
+# reaches them at another address than the one the catalog records: through a NAT, a
+# local connection pooler, a proxy.  Set once at startup, before any connection.
+_routes: dict[str, tuple[str, int]] = {}
+
+
+def set_routes(routes: Mapping[str, tuple[str, int]]) -> None:
+    _routes.clear()
+    _routes.update(routes)
 
 
 @dataclass(frozen=True)
@@ -91,6 +104,11 @@ class Topology:
 
     def nodes(self) -> tuple[Node, ...]:
         return tuple(node for shard in self.shards.values() for node in shard.nodes)
+
+    @functools.cached_property
+    def primaries(self) -> frozenset[str]:
+        """The names of the nodes writes may go to."""
+        return frozenset(node.name for node in self.nodes() if node.is_primary)
 
     def slot_counts(self) -> dict[str, int]:
         counts = dict.fromkeys(self.shards, 0)

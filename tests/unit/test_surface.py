@@ -41,6 +41,19 @@ def test_settings_precedence(tmp_path: Path) -> None:
         config.load(config_file=str(bad), environ={})
 
 
+def test_node_addresses_parse_or_fail_clearly() -> None:
+    loaded = config.load(
+        environ={"SHARDD_NODE_ADDRESSES": "s1-primary=127.0.0.1:7001; s2-replica1=db.local:7002"}
+    )
+    assert config.node_routes(loaded) == {
+        "s1-primary": ("127.0.0.1", 7001),
+        "s2-replica1": ("db.local", 7002),
+    }
+    for bad in ("s1-primary", "=h:1", "s1-primary=host", "s1-primary=host:port"):
+        with pytest.raises(ValueError, match="NODE=HOST:PORT"):
+            config.node_routes(config.load(environ={"SHARDD_NODE_ADDRESSES": bad}))
+
+
 def test_openapi_describes_exactly_the_routes() -> None:
     spec_ops = {
         (method.upper(), path) for path, ops in document()["paths"].items() for method in ops
