@@ -99,7 +99,9 @@ async def assert_primary(conn: asyncpg.Connection) -> None:
     await conn.execute("SELECT shardd_assert_primary()")
 
 
-async def fence_node(conn: asyncpg.Connection, reason: str, *, wait_for_writes: bool) -> None:
+async def fence_node(
+    conn: asyncpg.Connection, reason: str, *, wait_for_writes: bool, expires_in: float | None = None
+) -> None:
     """Make the node behind ``conn`` refuse every write and control-plane effect.
 
     ``wait_for_writes`` takes the node lock exclusively first, so the fence commits
@@ -107,7 +109,9 @@ async def fence_node(conn: asyncpg.Connection, reason: str, *, wait_for_writes: 
     the last write a candidate must have).  Without it (a node that failed over and
     came back) the fence commits locally at once: waiting for a synchronous standby
     the node no longer has would hang.  The flag is a row on the node, so it holds for
-    every router, however old its topology.
+    every router, however old its topology.  ``expires_in``: seconds after which the
+    fencing process has given up for sure (a switchover's; see ``expires_at`` in
+    ``migrations/shard/0007_switchover_expiry.sql``).
     """
     async with conn.transaction():
         if wait_for_writes:
@@ -120,14 +124,17 @@ async def fence_node(conn: asyncpg.Connection, reason: str, *, wait_for_writes: 
         else:
             await conn.execute("SET LOCAL synchronous_commit = local")
         await conn.execute(
-            "UPDATE shardd_node_state SET fenced = true, reason = $1, changed_at = now()",
+            "UPDATE shardd_node_state SET fenced = true, reason = $1, changed_at = now(),"
+            " expires_at = now() + make_interval(secs => $2)",
             reason,
+            expires_in,
         )
 
 
 async def unfence_node(conn: asyncpg.Connection, reason: str) -> None:
     """Let the node take writes again (a promoted node, or a switchover undone)."""
     await conn.execute(
-        "UPDATE shardd_node_state SET fenced = false, reason = $1, changed_at = now() WHERE fenced",
+        "UPDATE shardd_node_state SET fenced = false, reason = $1, changed_at = now(),"
+        " expires_at = NULL WHERE fenced",
         reason,
     )

@@ -40,6 +40,14 @@ from .nodes import HealthMonitor
 from .topology import Shard, Topology
 
 log = logging.getLogger(__name__)
+# What a failover step on one shard may fail with (a node or the catalog gone or slow).
+STEP_ERRORS = (
+    failover.FailoverError,
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
 TRIM_EVERY = 60.0  # seconds between change-log trims (at most; less with a short retention)
 
 
@@ -107,6 +115,8 @@ class Monitor:
         return self.leading
 
     def _set_leading(self, leading: bool) -> None:
+        if not leading:
+            self._fenced_rounds.clear()  # counted afresh in the next tenure
         self.leading = leading
         metrics.MONITOR_LEADER.set(1 if leading else 0)
 
@@ -168,7 +178,7 @@ class Monitor:
                     old_position=view.primary_position,
                     detected_at=datetime.now(UTC),
                 )
-            except failover.FailoverError as exc:
+            except STEP_ERRORS as exc:  # one shard's trouble does not hold the others up
                 log.error("shard %s: failover not possible: %s", shard.name, exc)
 
     async def _block_writes(self, shard: Shard, reason: str, why: str) -> None:
@@ -287,7 +297,7 @@ class Monitor:
                 await failover.finish_switchover(
                     self.settings.catalog_dsn, shard.name, fenced_primary=primary.name
                 )
-            except (failover.FailoverError, OSError, asyncpg.PostgresError) as exc:
+            except STEP_ERRORS as exc:
                 log.error("shard %s: interrupted switchover not finished: %s", shard.name, exc)
 
     async def _refence(self, topology: Topology) -> None:

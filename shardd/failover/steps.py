@@ -235,7 +235,7 @@ async def switch_over(
                 f"shard {shard_name} has no primary; the monitor replaces it"
                 " (or force a promotion with --force)"
             )
-        return await _switch(
+        outcome = await _switch(
             conn,
             shard,
             to=to,
@@ -244,6 +244,8 @@ async def switch_over(
             started=started,
             detected_at=detected_at,
         )
+        assert outcome is not None  # only a resumed switchover finds nothing to do
+        return outcome
 
 
 async def finish_switchover(
@@ -252,12 +254,15 @@ async def finish_switchover(
     """Finish a switchover whose process died after fencing the primary on its node.
 
     Such a primary answers but refuses every write, and the catalog still names it, so
-    nothing else would ever end the outage.  Under the shard's lock (not waited for: a
-    switchover that holds it is alive), and only if the catalog still names
-    ``fenced_primary`` and the node is still fenced, the switchover runs again from the
-    fence: a replica that replays the fenced primary's last write is promoted (one that
-    the dead process already promoted is among them); if none does, the primary is
-    unfenced and keeps its role.  Returns None when there was nothing to finish.
+    nothing else would end the outage.  It is finished only when all of these hold: the
+    shard's lock is free (a live switchover holds it, and checks it still does before it
+    promotes or unfences), the catalog still names ``fenced_primary``, and its node is
+    fenced for a switchover whose own deadline has passed.  Then a replica the dead
+    process promoted after the fence is recorded, or else a replica that replays the
+    fenced primary's last write is promoted.  If no replica does, the primary is
+    unfenced and keeps its role; if some replica does not answer (it may be a promoted
+    one), nothing is decided and the next round tries again.  Returns None when there
+    was nothing to finish.
     """
     started = time.monotonic()
     async with admin.connect(catalog_dsn, command_timeout=CATALOG_STATEMENT_SECONDS) as conn:
@@ -269,10 +274,6 @@ async def finish_switchover(
         old = shard.primary if shard else None
         if shard is None or old is None or old.name != fenced_primary:
             return None
-        async with connect(old) as old_conn:
-            if not await old_conn.fetchval("SELECT fenced FROM shardd_node_state"):
-                return None
-        log.warning("shard %s: finishing the interrupted switchover of %s", shard_name, old.name)
         return await _switch(
             conn,
             shard,
@@ -285,6 +286,10 @@ async def finish_switchover(
         )
 
 
+class Undecided(FailoverError):
+    """Resuming a switchover, not every replica answered: the primary stays fenced."""
+
+
 async def _switch(
     conn: asyncpg.Connection,
     shard: Shard,
@@ -295,24 +300,50 @@ async def _switch(
     started: float,
     detected_at: datetime,
     resuming: bool = False,
-) -> Outcome:
-    """Fence the primary on its node, wait for a replica to replay that, promote it
-    (the caller holds the shard's lock)."""
+) -> Outcome | None:
+    """Fence the primary on its node (resuming: find it fenced), wait for a replica to
+    replay that, promote it.  The caller holds the shard's lock, and it is checked again
+    before anything is promoted or unfenced: a caller that lost its catalog session has
+    lost the lock, and the fence then stays for :func:`finish_switchover`."""
     old = shard.primary
     assert old is not None
     replicas = [n for n in shard.replicas if to is None or n.name == to]
     if not replicas:
         raise FailoverError(f"no replica {to!r} in shard {shard.name}" if to else "no replica")
     async with connect(old) as old_conn:
-        await fencing.fence_node(old_conn, "switchover", wait_for_writes=True)
+        if resuming:
+            state = await old_conn.fetchrow(
+                "SELECT changed_at FROM shardd_node_state WHERE fenced"
+                " AND reason = 'switchover' AND expires_at < now()"
+            )
+            if state is None:
+                return None  # not fenced, or by a switchover that may still be alive
+            fenced_at: datetime | None = state["changed_at"]
+            log.warning("shard %s: finishing the switchover of %s", shard.name, old.name)
+        else:
+            await fencing.fence_node(
+                old_conn,
+                "switchover",
+                wait_for_writes=True,
+                expires_in=catch_up_timeout + promote_timeout + 10.0,
+            )
+            fenced_at = None
         target = int(await old_conn.fetchval("SELECT pg_current_wal_lsn()"))
         try:
             candidate = await _caught_up(
-                replicas, target, wait_seconds=catch_up_timeout, resuming=resuming
+                replicas, target, wait_seconds=catch_up_timeout, fenced_at=fenced_at
             )
-        except BaseException:
-            await fencing.unfence_node(old_conn, "switchover undone")
+        except Undecided:
             raise
+        except BaseException:
+            if await _holds_lock(conn, shard.name):
+                await fencing.unfence_node(old_conn, "switchover undone")
+            raise
+    if not await _holds_lock(conn, shard.name):
+        raise FailoverError(
+            f"shard {shard.name}: lost the shard's lock during the switchover; the primary"
+            " stays fenced and the monitor finishes the switchover"
+        )
     return await _promote_and_record(
         conn,
         shard,
@@ -324,6 +355,33 @@ async def _switch(
         started=started,
         promote_timeout=promote_timeout,
     )
+
+
+async def _holds_lock(conn: asyncpg.Connection, shard: str) -> bool:
+    """Whether ``conn``'s session still holds the shard's failover lock (False when the
+    catalog cannot say: whoever asks then does nothing)."""
+    try:
+        return bool(
+            await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory'"
+                " AND pid = pg_backend_pid() AND granted AND objsubid = 2"
+                " AND classid::bigint = $1 AND objid::bigint = hashtext($2)::bigint & 4294967295)",
+                fencing.FAILOVER_LOCK_CLASS,
+                shard,
+            )
+        )
+    except Exception:
+        return False
+
+
+async def _promoted_since(replicas: Sequence[Node], name: str, fenced_at: datetime) -> bool:
+    node = next(n for n in replicas if n.name == name)
+    try:
+        async with connect(node) as conn:
+            changed = await conn.fetchval("SELECT changed_at FROM shardd_node_state")
+    except Exception:
+        return False
+    return bool(changed is not None and changed >= fenced_at)
 
 
 async def force_promotion(catalog_dsn: str, shard_name: str, *, lease: float) -> Outcome:
@@ -346,16 +404,30 @@ async def force_promotion(catalog_dsn: str, shard_name: str, *, lease: float) ->
 
 
 async def _caught_up(
-    replicas: Sequence[Node], target: int, *, wait_seconds: float, resuming: bool
+    replicas: Sequence[Node], target: int, *, wait_seconds: float, fenced_at: datetime | None
 ) -> Candidate:
-    """The best replica once it has replayed up to ``target`` (resuming a switchover: a
-    replica it already promoted)."""
+    """The best replica once it has replayed up to ``target``.
+
+    Resuming a switchover fenced at ``fenced_at``: a replica the dead process promoted
+    (it replayed the fence, so its own fence row changed at or after it) is the only
+    one that may be; and every replica must answer, since one that does not may be it.
+    """
     deadline = time.monotonic() + wait_seconds
     while True:
         found = await positions(replicas)
-        if resuming and (promoted := [c for c in found if c.promoted]):
-            # The dead switchover promoted it already: it is the only one that may be.
-            return promoted[0]
+        if fenced_at is not None:
+            promoted = [c for c in found if c.promoted]
+            for candidate in promoted:
+                if await _promoted_since(replicas, candidate.name, fenced_at):
+                    return candidate
+            if promoted or len(found) < len(replicas):
+                if time.monotonic() > deadline:
+                    raise Undecided(
+                        "resuming a switchover: a replica did not answer, or one is out of"
+                        " recovery since before the fence; the primary stays fenced"
+                    )
+                await asyncio.sleep(0.1)
+                continue
         best = choose_candidate([c for c in found if not c.promoted])
         if best is not None and best.position is not None and best.position >= target:
             return best

@@ -107,7 +107,8 @@ class Mover:
     @contextlib.asynccontextmanager
     async def _sides(self, source: str, target: str) -> AsyncIterator[Sides]:
         """Connections to the catalog and to the source's and target's primaries."""
-        async with admin.connect(self.catalog_dsn) as cat:
+        # Catalog statements are short: bounded, so a hung catalog fails the step.
+        async with admin.connect(self.catalog_dsn, command_timeout=60.0) as cat:
             topo = await catalog.load_topology(cat)
             shards = []
             for name in (source, target):
@@ -409,7 +410,9 @@ class Mover:
         await fencing.set_slot_states(src, slots, SlotState.MOVED)
         async with cat.transaction():
             # The flip is published only if both primaries are still the ones that took
-            # the states above (a lock on the shard rows holds promotions back meanwhile).
+            # the states above (a lock on the shard rows holds promotions back meanwhile;
+            # a mover that stalls here lets go of it after a few seconds).
+            await cat.execute("SET LOCAL idle_in_transaction_session_timeout = '10s'")
             await cat.execute(
                 "SELECT 1 FROM shardd_shards WHERE name = ANY($1::text[]) FOR SHARE",
                 [move.source, move.target],

@@ -193,8 +193,16 @@ def test_a_switchover_that_died_after_its_fence_is_finished_by_the_monitor(
         assert put(api, f"pre-fence-{n}", n=n)[0] in (200, 201)
     # What a `shardctl failover` leaves when it dies right after its first step: the
     # primary fenced on its node, the catalog still naming it.  Writes are refused...
-    pr.sql(primary, "UPDATE shardd_node_state SET fenced = true, reason = 'switchover'")
-    # ...until the monitor finishes the switchover: the caught-up replica is promoted.
+    pr.sql(
+        primary,
+        "UPDATE shardd_node_state SET fenced = true, reason = 'switchover', changed_at = now(),"
+        " expires_at = now() + interval '3 seconds'",
+    )
+    # ...and while the switchover could still be alive (its deadline is ahead), the
+    # monitor leaves it alone...
+    time.sleep(1.5)
+    assert pr.primary_of("s1") == primary
+    # ...then finishes it: the caught-up replica is promoted.
     wait_for(
         lambda: pr.primary_of("s1") == replica,
         timeout=30,
