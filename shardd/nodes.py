@@ -11,6 +11,7 @@ server-side timeouts (:func:`session_settings`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -199,13 +200,28 @@ SELECT pg_is_in_recovery() AS in_recovery,
 
 
 async def check_node(pools: NodePools, node: Node, limit: float) -> NodeHealth:
+    """One health check, ``limit`` seconds at most, whatever the node or network does.
+
+    A check that fails drops its connection rather than handing it back: returning a
+    connection whose query was interrupted waits for the server to confirm the cancel,
+    which a node behind a silent network never does.
+    """
     now = time.monotonic()
+    pool = conn = None
     try:
         async with asyncio.timeout(limit):
-            async with (await pools.pool(node)).acquire() as conn:
-                row = await conn.fetchrow(_CHECK_SQL)
+            pool = await pools.pool(node)
+            conn = await pool.acquire()
+            row = await conn.fetchrow(_CHECK_SQL)
     except Exception as exc:  # any failure means "not healthy", reported with its reason
+        if conn is not None:
+            conn.terminate()
         return NodeHealth(healthy=False, error=f"{type(exc).__name__}: {exc}", checked_at=now)
+    finally:
+        if pool is not None and conn is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(limit):
+                    await pool.release(conn)
     return NodeHealth(
         healthy=True,
         in_recovery=row["in_recovery"],

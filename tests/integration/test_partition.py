@@ -12,11 +12,14 @@ primary holds nothing the new one lacks (it acknowledged nothing after the fork)
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 from collections.abc import Iterator
 
 import pytest
 
+from shardd import pgctl
 from tests.harness.cluster import Holding, Instance, RunningCluster, start_cluster, wait_for
 from tests.harness.http import Api, Response
 from tests.harness.load import Load
@@ -60,11 +63,13 @@ def part(proxy: Proxy) -> Iterator[RunningCluster]:
 
 @pytest.fixture(scope="module")
 def monitor(part: RunningCluster, proxy: Proxy) -> Iterator[Instance]:
-    """Instance M, through the proxy, made the monitor: the first instance steps down
-    (killed) while M takes the lease, then comes back as instance C."""
+    """Instance M, through the proxy, made the monitor: the first instance stops (and
+    leaves the instance registry) while M takes the lease, then comes back as C."""
     instance = part.start_instance(node_addresses=f"s1-primary=127.0.0.1:{proxy.port}")
     try:
-        part.devcluster("kill", "shardd")
+        [first] = [n["pid"] for n in part.status()["nodes"] if n["name"] == "shardd"]
+        os.kill(first, signal.SIGTERM)
+        wait_for(lambda: not pgctl.alive(first), timeout=30, what="the first instance stopping")
         wait_for(
             lambda: part.monitor().split(":")[1] == str(instance.port),
             timeout=30,
