@@ -83,6 +83,10 @@ async def _promote_and_record(
     node out of recovery and records it (see :func:`~.decisions.choose_candidate`).
     """
     new = next(node for node in shard.nodes if node.name == candidate.name)
+    if not await _holds_lock(conn, shard.name):
+        # Whoever holds it now works on this shard; the old primary stays fenced, and
+        # the monitor completes the failover or finishes the switchover.
+        raise FailoverError(f"shard {shard.name}: lost the shard's lock; nothing promoted")
     fork = await promote(new, wait_seconds=promote_timeout)
     others = [n for n in shard.replicas if n.name != new.name]
     repointed = [n for n in others if await repoint(n, new)]
@@ -339,11 +343,6 @@ async def _switch(
             if await _holds_lock(conn, shard.name):
                 await fencing.unfence_node(old_conn, "switchover undone")
             raise
-    if not await _holds_lock(conn, shard.name):
-        raise FailoverError(
-            f"shard {shard.name}: lost the shard's lock during the switchover; the primary"
-            " stays fenced and the monitor finishes the switchover"
-        )
     return await _promote_and_record(
         conn,
         shard,

@@ -114,6 +114,16 @@ class Load:
                         self.outcomes.failed_reads.append((key, read.status))
 
 
+def create_and_seed(cluster: RunningCluster, table: str, *, items: int = 2000) -> None:
+    """Create ``table`` and write ``items`` items (pk ``pre-N``) in batches of 100."""
+    api = cluster.api()
+    assert api.request("PUT", f"/v1/tables/{table}").status == 201
+    for start in range(0, items, 100):
+        puts = [{"pk": f"pre-{i}", "item": {"i": i}} for i in range(start, start + 100)]
+        written = api.request("POST", f"/v1/tables/{table}/batch/write", body={"puts": puts})
+        assert written.status == 200 and written.body["ok"], written.body
+
+
 def rows_by_shard(cluster: RunningCluster, table: str) -> dict[str, dict[str, tuple[int, str]]]:
     """shard -> pk -> (slot, doc as text), read from every shard's current primary."""
     shards = [r["name"] for r in cluster.sql("catalog", "SELECT name FROM shardd_shards")]

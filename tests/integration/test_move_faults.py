@@ -22,7 +22,7 @@ import pytest
 from shardd import admin, reshard
 from tests.harness.cluster import Instance, RunningCluster, start_cluster, wait_for
 from tests.harness.http import Api
-from tests.harness.load import Load, assert_nothing_lost
+from tests.harness.load import Load, assert_nothing_lost, create_and_seed
 
 TABLE = "mf"
 SLOTS_PER_MOVE = 512
@@ -32,12 +32,7 @@ SLOTS_PER_MOVE = 512
 def mf() -> Iterator[RunningCluster]:
     running = start_cluster(shards=2, replicas=2, sync=True, write_buffer=5.0)
     try:
-        api = running.api()
-        assert api.request("PUT", f"/v1/tables/{TABLE}").status == 201
-        for start in range(0, 2000, 100):
-            puts = [{"pk": f"pre-{i}", "item": {"i": i}} for i in range(start, start + 100)]
-            written = api.request("POST", f"/v1/tables/{TABLE}/batch/write", body={"puts": puts})
-            assert written.status == 200 and written.body["ok"], written.body
+        create_and_seed(running, TABLE)
         yield running
     finally:
         running.down()

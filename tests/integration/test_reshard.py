@@ -22,7 +22,7 @@ from shardd import admin, reshard
 from shardd.placement import slot_of
 from tests.harness.cluster import ROOT, Holding, Instance, RunningCluster, start_cluster, wait_for
 from tests.harness.http import Api
-from tests.harness.load import Load, assert_nothing_lost, rows_by_shard
+from tests.harness.load import Load, assert_nothing_lost, create_and_seed, rows_by_shard
 
 TABLE = "rs"
 SLOTS = 4096
@@ -32,12 +32,7 @@ SLOTS = 4096
 def rs() -> Iterator[RunningCluster]:
     running = start_cluster(shards=3, failover=False)
     try:
-        api = running.api()
-        assert api.request("PUT", f"/v1/tables/{TABLE}").status == 201
-        for start in range(0, 2000, 100):
-            puts = [{"pk": f"pre-{i}", "item": {"i": i}} for i in range(start, start + 100)]
-            written = api.request("POST", f"/v1/tables/{TABLE}/batch/write", body={"puts": puts})
-            assert written.status == 200 and written.body["ok"], written.body
+        create_and_seed(running, TABLE)
         yield running
     finally:
         running.down()
@@ -411,10 +406,16 @@ def test_an_eventual_scan_across_a_move_with_lagging_replicas_sees_each_item_onc
     replicas = [r for shard in ("s1", "s2", "s3") for r in rs.replicas_of(shard)]
     try:
         api = Api(lenient.port, token=rs.api("read").token)
-        expected = set(all_rows(rs))
+        expected = {
+            (row["pk"], row["sk"])
+            for shard in ("s1", "s2", "s3")
+            for row in rs.sql(
+                rs.primary_of(shard), "SELECT pk, sk FROM shardd_items WHERE tbl = $1", TABLE
+            )
+        }
         for replica in replicas:
             rs.sql(replica, "SELECT pg_wal_replay_pause()")
-        seen: list[str] = []
+        seen: list[tuple[str, str]] = []
         served: set[str] = set()
         cursor, pages = "", 0
         while True:
@@ -430,7 +431,7 @@ def test_an_eventual_scan_across_a_move_with_lagging_replicas_sees_each_item_onc
                 "GET", f"/v1/tables/{TABLE}/scan?limit=100&consistency=eventual&cursor={cursor}"
             )
             assert page.status == 200, page.body
-            seen += [item["pk"] for item in page.body["items"]]
+            seen += [(item["pk"], item["sk"]) for item in page.body["items"]]
             served.update((page.header("shardd-served-by") or "").split(", "))
             pages += 1
             if page.body["cursor"] is None:
