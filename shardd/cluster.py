@@ -47,7 +47,7 @@ import asyncpg
 from . import catalog, config, errors, metrics, router
 from .config import Settings
 from .monitor import Monitor
-from .nodes import HealthMonitor, NodePools, session_settings
+from .nodes import UNREPLICATED, HealthMonitor, NodePools, session_settings
 from .placement import slot_of
 from .topology import Node, Shard, Topology, set_routes
 
@@ -130,6 +130,7 @@ class Cluster:
         self._refresh_lock = asyncio.Lock()
         self._new_topology = asyncio.Event()
         self._writes_in_flight: collections.Counter[str] = collections.Counter()  # by node
+        self._reported: Topology | None = None  # the topology last drained and reported
         self._write_ended = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
@@ -248,10 +249,14 @@ class Cluster:
                     loaded = current
                 else:
                     loaded = await catalog.load_topology(conn)
-                    if current is None or loaded.epoch != current.epoch:
-                        self._install(current, loaded)
-                        await self._drain(current, loaded)
-                        await self._report(conn, loaded.epoch)
+                    self._install(current, loaded)
+                if self._reported is not loaded:
+                    # Also when an earlier refresh installed it but was cut short before
+                    # its report (a request's deadline): the report always follows a
+                    # complete drain.
+                    await self._drain(loaded)
+                    await self._report(conn, loaded.epoch)
+                    self._reported = loaded
         except Exception as exc:  # fail closed: whatever went wrong, nothing is confirmed
             self.catalog_ok = False
             self._refresh_failed_at = time.monotonic()
@@ -279,7 +284,7 @@ class Cluster:
         self.topology = loaded
         metrics.TOPOLOGY_EPOCH.set(loaded.epoch)
 
-    async def _drain(self, current: Topology | None, loaded: Topology) -> None:
+    async def _drain(self, loaded: Topology) -> None:
         """Before reporting ``loaded`` to the catalog, wait for the writes still in
         flight to a node that is no longer a primary in it.
 
@@ -290,9 +295,9 @@ class Cluster:
         The shard ends every statement within ``statement_timeout``, so waiting that
         long from now is enough even when this instance never hears back.
         """
-        if current is None:
-            return
-        gone = current.primaries - loaded.primaries
+        gone = [
+            n for n, count in self._writes_in_flight.items() if count and n not in loaded.primaries
+        ]
         until = time.monotonic() + self.settings.statement_timeout
         while any(self._writes_in_flight[name] for name in gone):
             left = until - time.monotonic()
@@ -352,9 +357,10 @@ class Cluster:
         while True:
             try:
                 await self._ensure_listener()
-                topology = await self.refresh()
-                async with self.catalog_connection() as conn:
-                    await self._report(conn, topology.epoch)
+                await self.refresh()
+                if self._reported is not None:  # a heartbeat; only a drained epoch
+                    async with self.catalog_connection() as conn:
+                        await self._report(conn, self._reported.epoch)
             except Exception as exc:
                 self.catalog_ok = False
                 log.warning("catalog poll failed: %s", exc)
@@ -376,6 +382,7 @@ class Cluster:
         started = time.perf_counter()
         pool = conn = None
         cancelled = sending = False
+        sent_at = 0.0
         # One timer for the whole call; ``conn`` tells whether the work was already sent.
         try:
             async with asyncio.timeout(remaining):
@@ -387,10 +394,17 @@ class Cluster:
                     # Counted, then checked, with no await between: either _drain sees
                     # this write, or this write sees the topology _drain installed.
                     self._writes_in_flight[node.name] += 1
-                    sending = True
+                    sending, sent_at = True, time.monotonic()
                     if not self._still_primary(node):
                         raise PrimaryReplaced
-                return await work(conn)
+                result = await work(conn)
+                if writing and conn in UNREPLICATED:
+                    UNREPLICATED.discard(conn)
+                    raise errors.OutcomeUnknown(
+                        f"{node.name} committed the write locally, but its synchronous standby"
+                        " did not confirm it in time; it may be lost by a failover"
+                    )
+                return result
         except (TimeoutError, *errors.CONNECT_ERRORS, *errors.LOST_CONNECTION_ERRORS) as exc:
             if conn is None:
                 metrics.QUERY_ERRORS.labels(shard, node.name, "connect").inc()
@@ -408,6 +422,15 @@ class Cluster:
                 with contextlib.suppress(Exception):  # the pool may have dropped it already
                     conn.terminate()
             if writing:
+                if sending:
+                    # It may still commit on the shard until statement_timeout after it
+                    # was sent: it counts as in flight (for _drain) until then.
+                    asyncio.get_running_loop().call_later(
+                        max(0.0, sent_at + self.settings.statement_timeout - time.monotonic()),
+                        self._write_done,
+                        node.name,
+                    )
+                    sending = False
                 raise errors.OutcomeUnknown(
                     f"the connection to {node.name} failed before the commit was confirmed;"
                     " the write may or may not have been applied"
@@ -425,6 +448,8 @@ class Cluster:
         finally:
             if sending:
                 self._write_done(node.name)
+            if writing and conn is not None:
+                UNREPLICATED.discard(conn)
             if conn is not None and pool is not None:
                 metrics.QUERY_SECONDS.labels(shard, node.name).observe(
                     time.perf_counter() - started
@@ -584,7 +609,10 @@ class Cluster:
                 result = await self._run(shard.name, primary, work, writing=True, deadline=deadline)
                 return result, Served(shard.name, primary.name)
             except NotSent:  # route again under the topology now current
-                shard = self.require_topology().shards.get(shard.name, shard)
+                fresh = self.require_topology().shards.get(shard.name)
+                if fresh is None:
+                    raise errors.StaleMap(f"shard {shard.name} is gone") from None
+                shard = fresh
                 continue
             except errors.ShardUnavailable as exc:  # nothing was written: wait for a primary
                 if buffer_until is None:

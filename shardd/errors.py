@@ -16,9 +16,12 @@ is a replica (``25006``).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 
 import asyncpg
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -183,30 +186,39 @@ LOST_CONNECTION_ERRORS = (
 )
 
 
+def _message(exc: asyncpg.PostgresError) -> str:
+    """The server's primary message only: DETAIL, HINT, SQL text and host names stay in
+    the log, never in a response."""
+    message = getattr(exc, "message", None)
+    return str(message).splitlines()[0] if message else type(exc).__name__
+
+
 def _precondition_failed(exc: asyncpg.PostgresError) -> Exception:
     detail = getattr(exc, "detail", None)
     current = int(detail) if detail and detail.isdigit() and detail != "0" else None
-    return PreconditionFailed(str(exc), current_version=current)
+    return PreconditionFailed(_message(exc), current_version=current)
 
 
 # SQLSTATE -> how to treat it.  Connection-level failures are handled by the callers,
 # which know whether a write was in flight (ambiguous) or not.
 _BY_SQLSTATE: dict[str, Callable[[asyncpg.PostgresError], Exception]] = {
-    "SD001": lambda exc: StaleMap(str(exc)),  # the shard does not own the slot
-    "SD002": lambda exc: StaleMap(str(exc)),  # a fenced former primary
-    "25006": lambda exc: StaleMap(str(exc)),  # a replica (read-only transaction)
+    "SD001": lambda exc: StaleMap(_message(exc)),  # the shard does not own the slot
+    "SD002": lambda exc: StaleMap(_message(exc)),  # a fenced former primary
+    "25006": lambda exc: StaleMap(_message(exc)),  # a replica (read-only transaction)
     "SD412": _precondition_failed,
-    "SD413": lambda exc: PayloadTooLarge(str(exc), code="item_too_large"),
-    "SD410": lambda exc: TableDeleting(str(exc)),
+    "SD413": lambda exc: PayloadTooLarge(_message(exc), code="item_too_large"),
+    "SD410": lambda exc: TableDeleting(_message(exc)),
     # Server-side timeouts of shardd's sessions: the statement was rolled back.
-    "57014": lambda exc: Timeout(f"the shard cancelled the statement; nothing was applied: {exc}"),
+    "57014": lambda exc: Timeout(
+        f"the shard cancelled the statement; nothing was applied: {_message(exc)}"
+    ),
     "55P03": lambda exc: ApiError(
-        f"a lock on the shard was not granted in time; nothing was applied: {exc}",
+        f"a lock on the shard was not granted in time; nothing was applied: {_message(exc)}",
         status=503,
         code="lock_timeout",
         headers={"Retry-After": "1"},
     ),
-    **dict.fromkeys(TRANSIENT_SQLSTATES, lambda exc: ConflictRetry(f"retry: {exc}")),
+    **dict.fromkeys(TRANSIENT_SQLSTATES, lambda exc: ConflictRetry(f"retry: {_message(exc)}")),
 }
 
 
@@ -221,4 +233,5 @@ def from_postgres(exc: asyncpg.PostgresError) -> Exception:
     translate = _BY_SQLSTATE.get(sqlstate or "")
     if translate is not None:
         return translate(exc)
-    return ApiError(f"shard error {sqlstate}: {exc}")
+    log.error("shard error %s: %s", sqlstate, exc)
+    return ApiError(f"the shard failed the request (SQLSTATE {sqlstate})")

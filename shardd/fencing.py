@@ -125,7 +125,8 @@ async def fence_node(
             await conn.execute("SET LOCAL synchronous_commit = local")
         await conn.execute(
             "UPDATE shardd_node_state SET fenced = true, reason = $1, changed_at = now(),"
-            " expires_at = now() + make_interval(secs => $2)",
+            " expires_at = clock_timestamp() + make_interval(secs => $2),"
+            " token = gen_random_uuid()",
             reason,
             expires_in,
         )

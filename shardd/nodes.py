@@ -28,7 +28,20 @@ from .topology import Node, Topology
 log = logging.getLogger(__name__)
 
 
+# Connections on which a commit stopped waiting for its synchronous standby: the server
+# then says so in a WARNING and reports success, although only the primary has the write
+# (statement_timeout fired during the wait).  Such a write is reported as ambiguous
+# (shardd/cluster.py, Cluster._run), never as acknowledged.
+UNREPLICATED: set[object] = set()
+
+
+def _on_notice(conn: object, message: object) -> None:
+    if "wait for synchronous replication" in str(getattr(message, "message", "")):
+        UNREPLICATED.add(conn)
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
+    conn.add_log_listener(_on_notice)
     # Documents come back as pre-serialized JSON fragments: a read never parses and
     # re-serializes the item, it splices the bytes Postgres sent into the response.
     await conn.set_type_codec(

@@ -3,3 +3,6 @@
 -- moment was left by a process that died: the monitor finishes the switchover (see
 -- shardd/failover/steps.py, finish_switchover).  NULL for any other fence.
 ALTER TABLE shardd_node_state ADD COLUMN expires_at timestamptz;
+-- A fresh value with every fence, kept by an unfence: a replica whose row carries the
+-- fenced primary's token has replayed that fence (no clocks compared).
+ALTER TABLE shardd_node_state ADD COLUMN token uuid;

@@ -6,6 +6,8 @@ the auth check and the OpenAPI document all read that table.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import logging
 import re
@@ -19,11 +21,11 @@ from aiohttp import web
 from .. import errors, metrics
 from ..cluster import Cluster
 from ..config import Settings
+from ..logs import AccessLog
 from . import handlers, openapi
 from .auth import TokenTable
-from .keys import CLUSTER, SETTINGS, TOKENS
+from .keys import ACCESS_LOG, CLUSTER, SETTINGS, TOKENS
 
-access_log = logging.getLogger("shardd.access")
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -161,10 +163,13 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise
         response = _render(_http_error(exc), request_id)
     except (*errors.CONNECT_ERRORS, *errors.LOST_CONNECTION_ERRORS) as exc:
-        log.warning("backend connection failed: %s", exc)
+        # Which backend and why go to the log, not to the client.
+        log.warning(
+            "backend connection failed: %s", exc, extra={"fields": {"request_id": request_id}}
+        )
         response = _render(
             errors.ApiError(
-                f"a backend connection failed: {exc}",
+                "a backend connection failed",
                 status=503,
                 code="backend_unavailable",
                 headers={"Retry-After": "1"},
@@ -179,17 +184,14 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     metrics.REQUESTS.labels(route_name, request.method, response.status).inc()
     metrics.REQUEST_SECONDS.labels(route_name, request.method).observe(elapsed)
     if request.app[SETTINGS].access_log:
-        access_log.info(
-            "request",
-            extra={
-                "fields": {
-                    "request_id": request_id,
-                    "method": request.method,
-                    "path": request.path,
-                    "status": response.status,
-                    "ms": round(elapsed * 1000, 3),
-                }
-            },
+        request.app[ACCESS_LOG].record(
+            {
+                "request_id": request_id,
+                "method": request.method,
+                "path": request.path,
+                "status": response.status,
+                "ms": round(elapsed * 1000, 3),
+            }
         )
     return response
 
@@ -208,13 +210,20 @@ def make_app(settings: Settings, cluster: Cluster | None = None) -> web.Applicat
     app[SETTINGS] = settings
     app[TOKENS] = TokenTable.parse(settings.tokens)
     app[CLUSTER] = cluster or Cluster(settings)
+    app[ACCESS_LOG] = AccessLog()
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)
 
     async def run_cluster(app: web.Application) -> AsyncIterator[None]:
         await app[CLUSTER].start()
-        yield
-        await app[CLUSTER].close()
+        writer = asyncio.get_running_loop().create_task(app[ACCESS_LOG].run())
+        try:
+            yield
+        finally:
+            writer.cancel()  # writes what is left
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+            await app[CLUSTER].close()
 
     app.cleanup_ctx.append(run_cluster)
     return app

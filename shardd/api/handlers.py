@@ -85,12 +85,15 @@ async def _table(request: web.Request) -> str:
     return name
 
 
+def _key_path(request: web.Request) -> str:
+    """The raw (percent-encoded) rest of /v1/tables/{table}/{items|partitions}/..., cut by
+    segment, so that a table may be named ``items`` or ``partitions`` too."""
+    return request.rel_url.raw_path.split("/", 5)[5]
+
+
 def _item_keys(request: web.Request) -> tuple[str, str]:
     _, settings = _ctx(request)
-    raw_path = request.rel_url.raw_path
-    marker = "/items/"
-    rest = raw_path[raw_path.index(marker) + len(marker) :]
-    return validate.item_keys(rest, max_bytes=settings.max_key_bytes)
+    return validate.item_keys(_key_path(request), max_bytes=settings.max_key_bytes)
 
 
 async def _body(request: web.Request) -> bytes:
@@ -319,8 +322,7 @@ async def get_item(request: web.Request) -> web.Response:
 async def query_partition(request: web.Request) -> web.Response:
     cluster, settings = _ctx(request)
     table = await _table(request)
-    raw_pk = request.rel_url.raw_path.rsplit("/partitions/", 1)[1]
-    pk = validate.decode_segment(raw_pk, what="pk", max_bytes=settings.max_key_bytes)
+    pk = validate.decode_segment(_key_path(request), what="pk", max_bytes=settings.max_key_bytes)
     prefix = request.query.get("prefix")
     after = request.query.get("after")
     for name, value in (("prefix", prefix), ("after", after)):

@@ -6,8 +6,10 @@ from aiohttp import web
 
 from ..cluster import Cluster
 from ..config import Settings
+from ..logs import AccessLog
 from .auth import TokenTable
 
 CLUSTER = web.AppKey("cluster", Cluster)
 SETTINGS = web.AppKey("settings", Settings)
 TOKENS = web.AppKey("tokens", TokenTable)
+ACCESS_LOG = web.AppKey("access_log", AccessLog)

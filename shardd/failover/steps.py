@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from uuid import UUID
 
 import asyncpg
 
@@ -317,12 +318,12 @@ async def _switch(
     async with connect(old) as old_conn:
         if resuming:
             state = await old_conn.fetchrow(
-                "SELECT changed_at FROM shardd_node_state WHERE fenced"
-                " AND reason = 'switchover' AND expires_at < now()"
+                "SELECT token FROM shardd_node_state WHERE fenced"
+                " AND reason = 'switchover' AND expires_at < clock_timestamp()"
             )
             if state is None:
                 return None  # not fenced, or by a switchover that may still be alive
-            fenced_at: datetime | None = state["changed_at"]
+            fence: UUID | None = state["token"]
             log.warning("shard %s: finishing the switchover of %s", shard.name, old.name)
         else:
             await fencing.fence_node(
@@ -331,11 +332,11 @@ async def _switch(
                 wait_for_writes=True,
                 expires_in=catch_up_timeout + promote_timeout + 10.0,
             )
-            fenced_at = None
+            fence = None
         target = int(await old_conn.fetchval("SELECT pg_current_wal_lsn()"))
         try:
             candidate = await _caught_up(
-                replicas, target, wait_seconds=catch_up_timeout, fenced_at=fenced_at
+                replicas, target, wait_seconds=catch_up_timeout, resuming=resuming, fence=fence
             )
         except Undecided:
             raise
@@ -373,14 +374,14 @@ async def _holds_lock(conn: asyncpg.Connection, shard: str) -> bool:
         return False
 
 
-async def _promoted_since(replicas: Sequence[Node], name: str, fenced_at: datetime) -> bool:
+async def _replayed_fence(replicas: Sequence[Node], name: str, fence: UUID) -> bool:
     node = next(n for n in replicas if n.name == name)
     try:
         async with connect(node) as conn:
-            changed = await conn.fetchval("SELECT changed_at FROM shardd_node_state")
+            token = await conn.fetchval("SELECT token FROM shardd_node_state")
     except Exception:
         return False
-    return bool(changed is not None and changed >= fenced_at)
+    return bool(token == fence)
 
 
 async def force_promotion(catalog_dsn: str, shard_name: str, *, lease: float) -> Outcome:
@@ -403,21 +404,27 @@ async def force_promotion(catalog_dsn: str, shard_name: str, *, lease: float) ->
 
 
 async def _caught_up(
-    replicas: Sequence[Node], target: int, *, wait_seconds: float, fenced_at: datetime | None
+    replicas: Sequence[Node],
+    target: int,
+    *,
+    wait_seconds: float,
+    resuming: bool,
+    fence: UUID | None,
 ) -> Candidate:
     """The best replica once it has replayed up to ``target``.
 
-    Resuming a switchover fenced at ``fenced_at``: a replica the dead process promoted
-    (it replayed the fence, so its own fence row changed at or after it) is the only
-    one that may be; and every replica must answer, since one that does not may be it.
+    Resuming a switchover whose fence carries the token ``fence``: a replica the dead
+    process promoted (it replayed the fence, so its fence row carries the same token)
+    is the only one that may be; and every replica must answer, since one that does not
+    may be it.
     """
     deadline = time.monotonic() + wait_seconds
     while True:
         found = await positions(replicas)
-        if fenced_at is not None:
+        if resuming:
             promoted = [c for c in found if c.promoted]
             for candidate in promoted:
-                if await _promoted_since(replicas, candidate.name, fenced_at):
+                if fence is not None and await _replayed_fence(replicas, candidate.name, fence):
                     return candidate
             if promoted or len(found) < len(replicas):
                 if time.monotonic() > deadline:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
+import pytest
+
 from tests.harness.http import Api
 
 
@@ -76,6 +78,8 @@ def test_if_match_and_if_none_match(api: Api, table: str) -> None:
     assert api.request("DELETE", path, headers={"If-Match": '"2"'}).status == 204
     absent = api.request("PUT", path, body={"v": 3}, headers={"If-Match": '"2"'})
     assert absent.status == 412
+    # The server's message only: no Postgres DETAIL, SQL or host in a response.
+    assert absent.body["error"]["message"] == "expected version 2, item is at absent"
     assert api.request("GET", path + "?consistency=strong").status == 404
 
 
@@ -134,3 +138,28 @@ def test_unknown_table_is_404(api: Api) -> None:
     response = api.request("GET", item_path("no_such_table", "x"))
     assert response.status == 404
     assert response.body["error"]["code"] == "table_not_found"
+
+
+@pytest.mark.parametrize("name", ["items", "partitions", "scan", "batch", "views"])
+def test_a_table_may_be_named_like_a_path_segment(api: Api, name: str) -> None:
+    api.request("DELETE", f"/v1/tables/{name}?force=true")
+    assert api.request("PUT", f"/v1/tables/{name}").status == 201
+    try:
+        for pk, sk in ((name, ""), ("alice", name), (name, name)):
+            created = api.request("PUT", item_path(name, pk, sk or None), body={"k": [pk, sk]})
+            assert created.status == 201, created.body
+            assert (created.body["pk"], created.body["sk"]) == (pk, sk)
+        got = api.request("GET", item_path(name, "alice", name) + "?consistency=strong")
+        assert got.status == 200 and got.body["item"] == {"k": ["alice", name]}
+        partition = api.request("GET", f"/v1/tables/{name}/partitions/{name}?consistency=strong")
+        assert partition.status == 200
+        assert [(i["pk"], i["sk"]) for i in partition.body["items"]] == [(name, ""), (name, name)]
+        batch = api.request(
+            "POST", f"/v1/tables/{name}/batch/get", body={"keys": [{"pk": name, "sk": name}]}
+        )
+        assert batch.status == 200, batch.body
+        assert [r["item"] for r in batch.body["results"]] == [{"k": [name, name]}]
+        scan = api.request("GET", f"/v1/tables/{name}/scan?consistency=strong")
+        assert scan.status == 200 and len(scan.body["items"]) == 3
+    finally:
+        assert api.request("DELETE", f"/v1/tables/{name}?force=true").status == 204

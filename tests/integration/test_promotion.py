@@ -196,7 +196,7 @@ def test_a_switchover_that_died_after_its_fence_is_finished_by_the_monitor(
     pr.sql(
         primary,
         "UPDATE shardd_node_state SET fenced = true, reason = 'switchover', changed_at = now(),"
-        " expires_at = now() + interval '3 seconds'",
+        " expires_at = now() + interval '3 seconds', token = gen_random_uuid()",
     )
     # ...and while the switchover could still be alive (its deadline is ahead), the
     # monitor leaves it alone...
@@ -246,3 +246,17 @@ def test_a_failed_moves_consumer_expires_and_the_change_log_is_trimmed(pr: Runni
         what="the idle consumer dropped",
     )
     wait_for(lambda: pr.sql(primary, count)[0]["n"] == 0, timeout=30, what="the log trimmed")
+
+
+def test_a_commit_its_synchronous_standby_never_confirms_is_ambiguous(pr: RunningCluster) -> None:
+    make_synchronous(pr, "degrade")
+    api = pr.api("write")
+    [replica] = pr.replicas_of("s1")
+    wait_for(lambda: put(api, "before-hang")[0] in (200, 201), timeout=30, what="a sync write")
+    # The standby hangs (its walsender still reports it streaming): the commit waits for
+    # it until statement_timeout, and the server then reports success with a WARNING
+    # although only the primary has the write.  shardd must not acknowledge that.
+    with pr.paused(replica):
+        status, code, _ = put(api, "during-hang")
+    assert (status, code) == (504, "outcome_unknown")
+    wait_for(lambda: put(api, "after-hang")[0] in (200, 201), timeout=30, what="writes resuming")

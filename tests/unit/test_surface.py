@@ -17,11 +17,19 @@ from shardd.server import is_loopback
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
-def test_every_setting_is_documented_in_the_readme() -> None:
-    text = README.read_text()
-    for name, env, _, _ in config.documentation_rows():
-        assert f"`{name}`" in text, name
-        assert f"`{env}`" in text, env
+def settings_table() -> list[str]:
+    """The README's settings table as `config` generates it."""
+    return [f"| `{n}` | `{e}` | `{d}` | {h} |" for n, e, d, h in config.documentation_rows()]
+
+
+def test_the_readme_settings_table_is_the_generated_one() -> None:
+    lines = README.read_text().splitlines()
+    start = lines.index("| setting | environment | default | meaning |") + 2
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
+    assert lines[start:end] == settings_table(), (
+        "the README's settings table is stale: regenerate it from tests.unit.test_surface"
+        ".settings_table()"
+    )
 
 
 def test_settings_precedence(tmp_path: Path) -> None:
