@@ -54,13 +54,15 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
-    """Pool reset hook: nothing to undo.
+    """Pool reset hook: nothing to undo but the notice listener to put back.
 
     asyncpg's default reset costs a round trip per release (advisory unlock, CLOSE ALL,
     UNLISTEN, RESET ALL).  shardd leaves no session state on pooled connections: locks
     are transaction-scoped, nothing LISTENs or SETs, and asyncpg itself still rolls back
-    a connection returned inside a transaction.
+    a connection returned inside a transaction.  asyncpg drops a connection's log
+    listeners on every release, so the one that spots unreplicated commits comes back.
     """
+    conn.add_log_listener(_on_notice)
 
 
 async def _initialized(pool: asyncpg.Pool) -> asyncpg.Pool:
