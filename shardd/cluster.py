@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # Seconds a connection whose query the deadline interrupted may wait for the shard to
 # confirm the cancel before it is dropped.
+RETRY_BUDGET = 0.5  # seconds a retry after a refused slot needs left before the deadline
 CANCEL_WAIT = 1.0
 Work = Callable[[asyncpg.Connection], Awaitable[T]]
 
@@ -489,7 +490,9 @@ class Cluster:
         fresh = await self.refresh(seen_epoch=topology.epoch, deadline=deadline)
         if fresh.epoch == topology.epoch:
             pause = min(0.1, 0.005 * 2**attempt)
-            if time.monotonic() + pause >= deadline:
+            # A retry that the deadline would cut short gains nothing: a write would end
+            # ambiguous (504) instead of cleanly refused (503).
+            if time.monotonic() + pause + RETRY_BUDGET >= deadline:
                 raise errors.ShardUnavailable(
                     shard, "the slot is changing owner; retry", retry_after=1
                 )

@@ -25,7 +25,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NoReturn
 
 import asyncpg
@@ -41,6 +41,10 @@ COLUMNS = ("tbl", "pk", "sk", "slot", "version", "doc", "updated_at")
 
 
 Progress = Callable[[Move], None]
+# What a move reports to its progress callback between verifying its copy and
+# publishing the flip: the target owns the slots, the source has handed them over, the
+# catalog does not say so yet.  Never recorded in the catalog (the row stays 'frozen').
+FLIPPING = "flipping"
 
 
 class PrimaryChanged(Exception):
@@ -408,6 +412,7 @@ class Mover:
         await self._check_terms(sides, move)
         await fencing.set_slot_states(dst, slots, SlotState.OWNED)
         await fencing.set_slot_states(src, slots, SlotState.MOVED)
+        self.progress(replace(move, phase=FLIPPING))
         async with cat.transaction():
             # The flip is published only if both primaries are still the ones that took
             # the states above (a lock on the shard rows holds promotions back meanwhile;

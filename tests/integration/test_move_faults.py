@@ -114,8 +114,9 @@ def synchronous(cluster: RunningCluster) -> bool:
 FAULTS = {"switchover": switch_over, "kill": kill_and_fail_over}
 
 
-# Every fault on every side at every phase: sixteen cases.
-PHASES = ("copying", "catching_up", "frozen", "flipped")
+# Every fault on every side at every phase (``flipping``: the target owns the slots, the
+# source handed them over, the catalog flip is not published yet): twenty cases.
+PHASES = ("copying", "catching_up", "frozen", reshard.mover.FLIPPING, "flipped")
 CASES = [(f, s, p) for f in sorted(FAULTS) for s in ("source", "target") for p in PHASES]
 
 
