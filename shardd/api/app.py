@@ -117,10 +117,12 @@ def error_body(exc: errors.ApiError, request_id: str) -> bytes:
 
 def _http_error(exc: web.HTTPException) -> errors.ApiError:
     codes = {404: "route_not_found", 405: "method_not_allowed", 413: "body_too_large"}
+    allow = exc.headers.get("Allow")  # a 405 says which methods the route takes
     return errors.ApiError(
         exc.reason,
         status=exc.status,
         code=codes.get(exc.status, exc.reason.lower().replace(" ", "_")),
+        headers={"Allow": allow} if allow else None,
     )
 
 

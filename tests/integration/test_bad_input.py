@@ -173,4 +173,10 @@ def test_bad_batch_write_writes_nothing(
 
 def test_unknown_route_and_method(api: Api) -> None:
     assert_error(api.request("GET", "/v2/nothing"), 404, "route_not_found")
-    assert_error(api.request("POST", "/v1/tables"), 405, "method_not_allowed")
+    not_allowed = api.request("POST", "/v1/tables")
+    assert_error(not_allowed, 405, "method_not_allowed")
+    assert not_allowed.header("Allow") == "GET"
+    traced = api.request("TRACE", "/v1/tables/t/items/k")
+    assert_error(traced, 405, "method_not_allowed")
+    allowed = {method.strip() for method in traced.header("Allow").split(",")}
+    assert allowed == {"DELETE", "GET", "PATCH", "PUT"}
