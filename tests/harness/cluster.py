@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -24,9 +25,11 @@ from typing import Any, TypeVar
 import asyncpg
 
 from shardd import pgctl
+from shardd.placement import slot_of
 from tests.harness.http import Api
 
 ROOT = Path(__file__).resolve().parents[2]
+SLOTS = 4096  # the slot count of every test cluster (shardd's default)
 DEVCLUSTER = ROOT / "tools" / "devcluster"
 T = TypeVar("T")
 
@@ -128,6 +131,16 @@ class RunningCluster:
         """slot -> owning shard, as the catalog records it now."""
         rows = self.sql("catalog", "SELECT slot, shard FROM shardd_slot_map")
         return {row["slot"]: row["shard"] for row in rows}
+
+    def keys_on(self, shard: str, prefix: str, count: int) -> list[str]:
+        """``count`` keys ``{prefix}-{n}`` whose slots the catalog maps to ``shard`` now."""
+        slot_map = self.slot_map()
+        keys = (f"{prefix}-{i}" for i in range(100_000))
+        found = list(
+            itertools.islice((k for k in keys if slot_map[slot_of(k, SLOTS)] == shard), count)
+        )
+        assert len(found) == count, f"not {count} keys with prefix {prefix} on {shard}"
+        return found
 
     def primary_of(self, shard: str) -> str:
         """The shard's primary as the catalog records it now."""

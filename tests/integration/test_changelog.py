@@ -8,21 +8,15 @@ import asyncpg
 
 from shardd import changelog
 from shardd.placement import slot_of
-from tests.harness.cluster import RunningCluster
+from tests.harness.cluster import SLOTS, RunningCluster
 from tests.harness.http import Api
 from tests.integration.test_items import item_path
-
-
-def keys_on(cluster: RunningCluster, shard: str, prefix: str, count: int) -> list[str]:
-    slot_map = cluster.slot_map()
-    keys = (f"{prefix}-{i}" for i in range(100_000))
-    return [k for k in keys if slot_map[slot_of(k, 4096)] == shard][:count]
 
 
 def test_batches_follow_commits_not_sequence_numbers(
     cluster: RunningCluster, api: Api, table: str
 ) -> None:
-    late, *others = keys_on(cluster, "s1", "log", 6)
+    late, *others = cluster.keys_on("s1", "log", 6)
     dsn = cluster.node_dsn("s1-primary")
 
     async def scenario() -> tuple[list[changelog.Change], list[changelog.Change], int, int]:
@@ -34,7 +28,7 @@ def test_batches_follow_commits_not_sequence_numbers(
             await long_txn.start()
             await writer.execute(
                 "SELECT shardd_put($1, $2, $3, '', '{\"late\": 1}'::jsonb, NULL)",
-                slot_of(late, 4096),
+                slot_of(late, SLOTS),
                 table,
                 late,
             )
@@ -77,7 +71,7 @@ def test_batches_follow_commits_not_sequence_numbers(
 def test_deletes_are_logged_and_apply_is_idempotent(
     cluster: RunningCluster, api: Api, table: str
 ) -> None:
-    [key] = keys_on(cluster, "s2", "apply", 1)
+    [key] = cluster.keys_on("s2", "apply", 1)
     dsn = cluster.node_dsn("s2-primary")
 
     async def scenario() -> tuple[list[changelog.Change], int]:
@@ -88,7 +82,7 @@ def test_deletes_are_logged_and_apply_is_idempotent(
                 await asyncio.to_thread(api.request, "PUT", item_path(table, key), body=body)
             await asyncio.to_thread(api.request, "DELETE", item_path(table, key))
             await asyncio.to_thread(api.request, "PUT", item_path(table, key), body={"v": 3})
-            changes, _ = await changelog.next_batch(conn, start, slots=[slot_of(key, 4096)])
+            changes, _ = await changelog.next_batch(conn, start, slots=[slot_of(key, SLOTS)])
             mine = [c for c in changes if c.tbl == table]
             await conn.execute(
                 "CREATE TEMP TABLE shardd_items (LIKE public.shardd_items INCLUDING DEFAULTS)"

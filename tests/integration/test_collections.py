@@ -5,7 +5,7 @@ from __future__ import annotations
 from urllib.parse import quote
 
 from shardd.placement import slot_of
-from tests.harness.cluster import RunningCluster
+from tests.harness.cluster import SLOTS, RunningCluster
 from tests.harness.http import Api
 from tests.integration.test_items import item_path
 
@@ -88,10 +88,12 @@ def test_batch_write_then_batch_get_across_shards(
 def test_batch_write_is_atomic_per_shard(cluster: RunningCluster, api: Api, table: str) -> None:
     """A shard whose batch fails keeps none of it (a failing row aborts the whole group)."""
     slot_map = cluster.slot_map()
-    on_s1 = [k for k in (f"atom-{i}" for i in range(500)) if slot_map[slot_of(k, 4096)] == "s1"][:3]
+    on_s1 = [k for k in (f"atom-{i}" for i in range(500)) if slot_map[slot_of(k, SLOTS)] == "s1"][
+        :3
+    ]
     # Make the third key's slot refuse writes on s1 only long enough to see the rollback:
     # mark it 'frozen' so the shard raises inside the batch transaction.
-    frozen = slot_of(on_s1[2], 4096)
+    frozen = slot_of(on_s1[2], SLOTS)
     cluster.sql("s1-primary", "UPDATE shardd_slots SET state = 'frozen' WHERE slot = $1", frozen)
     try:
         response = api.request(

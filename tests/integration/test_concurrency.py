@@ -4,18 +4,10 @@ from __future__ import annotations
 
 import threading
 
-from shardd.placement import slot_of
 from tests.harness.cluster import RunningCluster
 from tests.harness.http import Api, Response
 
 ROUNDS = 40
-
-
-def _keys(cluster: RunningCluster, shard: str, count: int) -> list[str]:
-    """``count`` keys on one shard, so both batches meet in one transaction each."""
-    slot_map = cluster.slot_map()
-    keys = (f"conc-{i}" for i in range(10_000))
-    return [k for k in keys if slot_map[slot_of(k, 4096)] == shard][:count]
 
 
 def _race(api: Api, table: str, bodies: tuple[list[dict[str, object]], ...]) -> list[Response]:
@@ -43,7 +35,7 @@ def _race(api: Api, table: str, bodies: tuple[list[dict[str, object]], ...]) -> 
 def test_reversed_concurrent_batch_puts_never_fail(
     cluster: RunningCluster, api: Api, table: str
 ) -> None:
-    keys = _keys(cluster, "s1", 20) + _keys(cluster, "s2", 5)
+    keys = cluster.keys_on("s1", "conc", 20) + cluster.keys_on("s2", "conc", 5)
     forward = {"puts": [{"pk": k, "item": {"by": "forward"}} for k in keys]}
     backward = {"puts": [{"pk": k, "item": {"by": "backward"}} for k in reversed(keys)]}
 
@@ -64,7 +56,7 @@ def test_reversed_concurrent_puts_and_deletes_never_fail(
 ) -> None:
     """Each batch puts the keys the other deletes, in the opposite order: row locks are
     taken in key order whatever the mix of puts and deletes."""
-    keys = _keys(cluster, "s3", 16)
+    keys = cluster.keys_on("s3", "conc", 16)
     first, second = keys[:8], keys[8:]
     one = {
         "puts": [{"pk": k, "item": {"n": 1}} for k in first],

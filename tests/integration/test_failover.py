@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 
 from shardd.placement import slot_of
-from tests.harness.cluster import Instance, RunningCluster, start_cluster, wait_for
+from tests.harness.cluster import SLOTS, Instance, RunningCluster, start_cluster, wait_for
 from tests.harness.http import Api
 from tests.harness.load import Load, assert_nothing_lost
 
@@ -52,16 +52,6 @@ def healed(ha: RunningCluster, second: Instance) -> RunningCluster:
 
 def apis(cluster: RunningCluster, instance: Instance) -> list[Api]:
     return [cluster.api("write"), Api(instance.port, token=cluster.api("write").token)]
-
-
-def keys_on(cluster: RunningCluster, shard: str, prefix: str, count: int) -> list[str]:
-    slot_map = cluster.slot_map()
-    found = [
-        k
-        for k in (f"{prefix}-{i}" for i in range(count * 10))
-        if slot_map[slot_of(k, 4096)] == shard
-    ]
-    return found[:count]
 
 
 def kill_primary_and_wait(cluster: RunningCluster, load: Load, shard: str) -> str:
@@ -105,7 +95,7 @@ def test_killed_primaries_lose_no_acknowledged_write(
 def test_a_batch_sent_while_its_shard_has_no_primary_waits_for_the_new_one(
     healed: RunningCluster,
 ) -> None:
-    keys = keys_on(healed, "s1", "batch-s1", 5) + keys_on(healed, "s2", "batch-s2", 5)
+    keys = healed.keys_on("s1", "batch-s1", 5) + healed.keys_on("s2", "batch-s2", 5)
     old = healed.primary_of("s2")
     healed.devcluster("kill", old)
     response = healed.api("write").request(
@@ -135,7 +125,7 @@ def test_a_restarted_old_primary_takes_no_write_and_rejoins(
         timeout=30,
         what="old primary fenced on the node",
     )
-    keys = keys_on(healed, "s1", "after-failover", 20)
+    keys = healed.keys_on("s1", "after-failover", 20)
     for n, key in enumerate(keys):
         target = api if n % 2 else Api(second.port, token=api.token)
         response = target.request("PUT", f"/v1/tables/{TABLE}/items/{key}", body={"n": n})
@@ -151,7 +141,7 @@ def test_a_restarted_old_primary_takes_no_write_and_rejoins(
         healed.sql(
             old,
             "CALL shardd_write('put', $1, $2, $3, '', '{}'::jsonb, NULL, NULL)",
-            slot_of(keys[0], 4096),
+            slot_of(keys[0], SLOTS),
             TABLE,
             keys[0],
         )
@@ -214,7 +204,7 @@ def test_the_monitor_dies_and_another_instance_fails_over(
         healed.devcluster("kill", old)
         wait_for(lambda: healed.primary_of("s1") not in ("", old), timeout=30, what="failover")
         api = Api(survivor, token=healed.api("write").token)
-        key = keys_on(healed, "s1", "after-monitor", 1)[0]
+        key = healed.keys_on("s1", "after-monitor", 1)[0]
         assert api.request("PUT", f"/v1/tables/{TABLE}/items/{key}", body={}).status == 201
     finally:
         if monitor_port == healed.port:

@@ -7,7 +7,7 @@ import os
 import subprocess
 
 from shardd.placement import slot_of
-from tests.harness.cluster import ROOT, RunningCluster, wait_for
+from tests.harness.cluster import ROOT, SLOTS, RunningCluster, wait_for
 from tests.harness.http import Api
 from tests.integration.test_bad_input import assert_error
 from tests.integration.test_items import item_path
@@ -41,9 +41,9 @@ def test_metrics_expose_requests_shards_pools_and_lag(api: Api, table: str) -> N
 
 def test_topology_endpoint(api: Api) -> None:
     topo = api.request("GET", "/v1/topology").body
-    assert topo["slot_count"] == 4096
+    assert topo["slot_count"] == SLOTS
     assert [s["name"] for s in topo["shards"]][:3] == ["s1", "s2", "s3"]
-    assert sum(s["slots"] for s in topo["shards"]) == 4096
+    assert sum(s["slots"] for s in topo["shards"]) == SLOTS
     roles = {n["name"]: n["role"] for s in topo["shards"] for n in s["nodes"]}
     assert roles["s1-primary"] == "primary" and roles["s1-replica1"] == "replica"
 
@@ -53,7 +53,7 @@ def test_shardctl_status_json(cluster: RunningCluster, api: Api, table: str) -> 
     status = json.loads(cluster.shardctl("status", "--json").stdout)
     assert set(status) >= {"epoch", "shards"}
     shards = {s["name"]: s for s in status["shards"]}
-    assert sum(s["slots"] for s in shards.values()) == 4096
+    assert sum(s["slots"] for s in shards.values()) == SLOTS
     assert sum(s["items"] for s in shards.values()) >= 1
     node = shards["s1"]["nodes"][0]
     assert set(node) >= {"name", "role", "host", "port", "healthy", "lag_bytes"}
@@ -78,7 +78,7 @@ def test_a_down_shard_is_503_naming_it_and_others_keep_working(
     slot_map = cluster.slot_map()
     on = {
         shard: next(
-            f"down-{i}" for i in range(1000) if slot_map[slot_of(f"down-{i}", 4096)] == shard
+            f"down-{i}" for i in range(1000) if slot_map[slot_of(f"down-{i}", SLOTS)] == shard
         )
         for shard in ("s2", "s3")
     }

@@ -6,7 +6,7 @@ import threading
 import time
 
 from shardd.placement import slot_of
-from tests.harness.cluster import RunningCluster, wait_for
+from tests.harness.cluster import SLOTS, RunningCluster, wait_for
 from tests.harness.http import Api
 from tests.integration.test_items import item_path
 
@@ -15,7 +15,7 @@ def test_killing_a_replica_under_read_load_fails_no_read(
     cluster: RunningCluster, api: Api, table: str
 ) -> None:
     slot_map = cluster.slot_map()
-    keys = [k for k in (f"rk-{i}" for i in range(400)) if slot_map[slot_of(k, 4096)] == "s1"][:20]
+    keys = [k for k in (f"rk-{i}" for i in range(400)) if slot_map[slot_of(k, SLOTS)] == "s1"][:20]
     for key in keys:
         assert api.request("PUT", item_path(table, key), body={"k": key}).status == 201
     wait_for(

@@ -20,12 +20,19 @@ import pytest
 
 from shardd import admin, reshard
 from shardd.placement import slot_of
-from tests.harness.cluster import ROOT, Holding, Instance, RunningCluster, start_cluster, wait_for
+from tests.harness.cluster import (
+    ROOT,
+    SLOTS,
+    Holding,
+    Instance,
+    RunningCluster,
+    start_cluster,
+    wait_for,
+)
 from tests.harness.http import Api
 from tests.harness.load import Load, assert_nothing_lost, create_and_seed, rows_by_shard
 
 TABLE = "rs"
-SLOTS = 4096
 
 
 @pytest.fixture(scope="module")

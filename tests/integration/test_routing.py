@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from shardd.placement import slot_of
-from tests.harness.cluster import RunningCluster, wait_for
+from tests.harness.cluster import SLOTS, RunningCluster, wait_for
 from tests.harness.http import Api
 from tests.integration.test_items import item_path
 
@@ -25,10 +25,10 @@ def test_every_item_sits_on_the_shard_its_slot_maps_to(
         for row in rows:
             assert row["pk"] not in found, f"{row['pk']} stored twice"
             found[row["pk"]] = shard
-            assert row["slot"] == slot_of(row["pk"], 4096)
+            assert row["slot"] == slot_of(row["pk"], SLOTS)
     assert set(found) == set(keys)
     for key, shard in found.items():
-        assert slot_map[slot_of(key, 4096)] == shard
+        assert slot_map[slot_of(key, SLOTS)] == shard
     assert len(set(found.values())) == 3
 
 
@@ -86,9 +86,10 @@ def test_stale_map_is_refused_by_the_shard_then_retried(
     pk = next(
         f"mover-{i}"
         for i in range(100000)
-        if slot_map[slot_of(f"mover-{i}", 4096)] == "s1" and slot_of(f"mover-{i}", 4096) not in used
+        if slot_map[slot_of(f"mover-{i}", SLOTS)] == "s1"
+        and slot_of(f"mover-{i}", SLOTS) not in used
     )
-    slot = slot_of(pk, 4096)
+    slot = slot_of(pk, SLOTS)
     before = _stale_retries(api)
     _move_slot_behind_shardds_back(cluster, slot, "s1", "s2")
     try:

@@ -18,7 +18,7 @@ import asyncpg
 import orjson
 
 from shardd.placement import slot_of
-from tests.harness.cluster import ROOT, TOKENS, RunningCluster, free_port_block, wait_for
+from tests.harness.cluster import ROOT, SLOTS, TOKENS, RunningCluster, free_port_block, wait_for
 from tests.harness.http import Api
 from tests.integration.test_items import item_path
 
@@ -43,7 +43,7 @@ def test_sigterm_drains_an_in_flight_request(cluster: RunningCluster, api: Api, 
         path = item_path(table, "drained")
         first = api.request("PUT", path, body={"v": 1})
         shard = first.header("Shardd-Served-By").split("/")[0]
-        slot = slot_of("drained", 4096)
+        slot = slot_of("drained", SLOTS)
         body = orjson.dumps({"v": 2})
         head = (
             f"PUT {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKENS['admin']}\r\n"
