@@ -189,6 +189,15 @@ class RunningCluster:
         for row in self.sql("catalog", "SELECT name FROM shardd_nodes WHERE fenced"):
             self.devcluster("rejoin", row["name"])
 
+    @contextlib.contextmanager
+    def instance(self, **settings: str) -> Iterator[Instance]:
+        """:meth:`start_instance`, stopped on the way out."""
+        started = self.start_instance(**settings)
+        try:
+            yield started
+        finally:
+            started.stop()
+
     def start_instance(self, **settings: str) -> Instance:
         """Another shardd instance on this cluster's catalog, on a free port; ``settings``
         override this cluster's (``max_response_bytes="4000"``)."""

@@ -35,11 +35,8 @@ def ha() -> Iterator[RunningCluster]:
 
 @pytest.fixture(scope="module")
 def second(ha: RunningCluster) -> Iterator[Instance]:
-    instance = ha.start_instance()
-    try:
+    with ha.instance() as instance:
         yield instance
-    finally:
-        instance.stop()
 
 
 @pytest.fixture

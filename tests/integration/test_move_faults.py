@@ -40,11 +40,8 @@ def mf(request: pytest.FixtureRequest) -> Iterator[RunningCluster]:
 
 @pytest.fixture(scope="module")
 def second(mf: RunningCluster) -> Iterator[Instance]:
-    instance = mf.start_instance()
-    try:
+    with mf.instance() as instance:
         yield instance
-    finally:
-        instance.stop()
 
 
 @pytest.fixture

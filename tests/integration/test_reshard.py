@@ -47,11 +47,8 @@ def rs() -> Iterator[RunningCluster]:
 
 @pytest.fixture(scope="module")
 def second(rs: RunningCluster) -> Iterator[Instance]:
-    instance = rs.start_instance()
-    try:
+    with rs.instance() as instance:
         yield instance
-    finally:
-        instance.stop()
 
 
 def apis(cluster: RunningCluster, instance: Instance) -> list[Api]:
