@@ -170,6 +170,11 @@ class StaleMap(Exception):
     """The node refused the operation for its slot or role: refresh topology and retry."""
 
 
+class NotCaughtUp(Exception):
+    """The node (a replica) has not replayed what the read needs yet: the caller's session
+    position, or the cutover that gave it the slots.  Read on another node."""
+
+
 # Transaction-level conflicts: the transaction was rolled back, so a read may run again
 # and a write wrote nothing.  40P01 deadlock; 40001 serialization failure, which is also
 # how a replica cancels a query that conflicts with the WAL it replays.

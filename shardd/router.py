@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -23,6 +24,9 @@ from .nodes import HealthSnapshot
 from .topology import Node, Shard
 
 CONSISTENCY_LEVELS = ("strong", "session", "eventual")
+_POSITION = "[a-z][a-z0-9_-]{0,30}:[0-9]{1,20}"  # a shard name (as the catalog allows) : LSN
+SESSION_TOKEN = re.compile(f"^{_POSITION}(,{_POSITION})*$")
+MAX_LSN = 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -36,15 +40,16 @@ class SessionToken:
 
     @classmethod
     def parse(cls, text: str) -> SessionToken:
+        if not SESSION_TOKEN.match(text):
+            raise BadRequest(
+                "Shardd-Session must look like shard:lsn[,shard:lsn...]",
+                code="invalid_session_token",
+            )
         positions: dict[str, int] = {}
         for part in text.split(","):
-            shard, sep, lsn = part.strip().partition(":")
-            if not sep or not shard or not lsn.isdigit() or len(lsn) > 20:
-                raise BadRequest(
-                    "Shardd-Session must look like shard:lsn[,shard:lsn...]",
-                    code="invalid_session_token",
-                )
-            positions[shard] = max(int(lsn), positions.get(shard, 0))
+            shard, _, lsn = part.partition(":")
+            # No WAL position exceeds 64 bits: a larger one asks no more than the primary.
+            positions[shard] = max(min(int(lsn), MAX_LSN), positions.get(shard, 0))
         return cls(positions)
 
     def merged(self, shard: str, lsn: int) -> SessionToken:
@@ -57,7 +62,7 @@ class SessionToken:
 
 
 def resolve_consistency(requested: str | None, token: SessionToken | None) -> str:
-    if requested is None or requested == "":
+    if requested is None:
         return "session" if token is not None else "eventual"
     if requested not in CONSISTENCY_LEVELS:
         raise BadRequest(

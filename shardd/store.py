@@ -3,7 +3,8 @@
 Every statement here is one round trip and carries its own fencing: writes go through
 ``shardd_write`` / ``shardd_put`` (slot lock + ownership check in the same transaction),
 reads through ``shardd_get`` / ``shardd_query`` / ``shardd_scan`` (slot state joined in
-the same query).  A read returns None when the node is behind the caller's session.
+the same query).  A read raises :class:`~shardd.errors.NotCaughtUp` when the node is
+behind the caller's session.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import asyncpg
 import orjson
 
 from . import errors
-from .errors import StaleMap
+from .errors import NotCaughtUp, StaleMap
 
 READABLE = ("owned", "frozen")
 READ_ATTEMPTS = 3
@@ -80,24 +81,25 @@ async def _read(conn: asyncpg.Connection, query: str, *args: Any) -> list[asyncp
     raise AssertionError("unreachable")
 
 
-def _check_state(state: str | None, slot: int) -> None:
+def _check(row: asyncpg.Record, slot: int) -> None:
+    state = row["state"]
     if state not in READABLE:
         raise StaleMap(f"slot {slot} is {state or 'not owned'} on this node")
+    if not row["caught_up"]:
+        raise NotCaughtUp
 
 
 async def get(
     conn: asyncpg.Connection, *, slot: int, table: str, pk: str, sk: str, min_lsn: int | None
-) -> tuple[Item | None] | None:
-    """(item or None,) — or None when this node is behind ``min_lsn``."""
+) -> Item | None:
+    """The item, or None when there is none."""
     (row,) = await _read(
         conn, "SELECT * FROM shardd_get($1, $2, $3, $4, $5)", slot, table, pk, sk, min_lsn
     )
-    _check_state(row["state"], slot)
-    if not row["caught_up"]:
-        return None
+    _check(row, slot)
     if row["version"] is None:
-        return (None,)
-    return (Item(pk, sk, row["version"], row["doc"]),)
+        return None
+    return Item(pk, sk, row["version"], row["doc"])
 
 
 async def get_many(
@@ -106,7 +108,7 @@ async def get_many(
     table: str,
     keys: list[tuple[int, str, str]],
     min_lsn: int | None,
-) -> list[Item | None] | None:
+) -> list[Item | None]:
     """Point reads of several (slot, pk, sk) on one shard in one query, in key order."""
     rows = await _read(
         conn,
@@ -121,9 +123,7 @@ async def get_many(
     )
     result: list[Item | None] = []
     for (_, pk, sk), row in zip(keys, rows, strict=True):
-        _check_state(row["state"], row["slot"])
-        if not row["caught_up"]:
-            return None
+        _check(row, row["slot"])
         result.append(None if row["version"] is None else Item(pk, sk, row["version"], row["doc"]))
     return result
 
@@ -138,7 +138,7 @@ async def query_partition(
     after: str | None,
     limit: int,
     min_lsn: int | None,
-) -> list[Item] | None:
+) -> list[Item]:
     rows = await _read(
         conn,
         "SELECT * FROM shardd_query($1, $2, $3, $4, $5, $6, $7)",
@@ -150,9 +150,9 @@ async def query_partition(
         limit,
         min_lsn,
     )
-    _check_state(rows[0]["state"] if rows else None, slot)
-    if not rows[0]["caught_up"]:
-        return None
+    if not rows:
+        raise StaleMap(f"slot {slot} is not owned on this node")
+    _check(rows[0], slot)
     return [Item(pk, r["sk"], r["version"], r["doc"]) for r in rows if r["version"] is not None]
 
 
@@ -164,10 +164,11 @@ async def scan(
     after: tuple[str, str] | None,
     limit: int,
     min_lsn: int | None,
-) -> list[Item] | None:
+) -> list[Item]:
     """One page of ``table`` in (pk, sk) order, of the ``slots`` the caller's topology
-    gives this shard; None when this node is behind ``min_lsn`` or is a replica that
-    does not yet answer for every one of those slots (read the page elsewhere).
+    gives this shard.  Raises NotCaughtUp when this node is behind ``min_lsn`` or is a
+    replica that does not yet answer for every one of those slots (read the page
+    elsewhere).
 
     Raises StaleMap when a primary does not answer for them: the topology is stale.
     """
@@ -184,10 +185,10 @@ async def scan(
     first = rows[0]
     if not first["covers"]:
         if first["in_recovery"]:
-            return None
+            raise NotCaughtUp
         raise StaleMap("this shard does not answer for every slot the topology gives it")
     if not first["caught_up"]:
-        return None
+        raise NotCaughtUp
     return [
         Item(r["pk"], r["sk"], r["version"], r["doc"]) for r in rows if r["version"] is not None
     ]

@@ -22,10 +22,8 @@ row.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
-from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import asyncpg
@@ -46,12 +44,12 @@ async def declare(cluster: Cluster, *, name: str, description: str) -> tuple[Tab
     A name whose earlier table was deleted is declared only after every shard has
     lifted that table's fence (503 while a shard is down, 409 while a fence is young).
     """
-    async with cluster.catalog_connection() as conn:
+    async with cluster.watcher.catalog_connection() as conn:
         dropped = await catalog.table_was_dropped(conn, name)
     if dropped:
         min_age = cluster.settings.topology_lease + cluster.settings.request_timeout
-        waits = await _on_every_primary(
-            cluster, lambda conn: store.unfence_table(conn, name, min_age=min_age)
+        waits = await cluster.data.on_every_primary(
+            lambda conn: store.unfence_table(conn, name, min_age=min_age)
         )
         if max(waits) > 0:
             seconds = math.ceil(max(waits))
@@ -59,30 +57,32 @@ async def declare(cluster: Cluster, *, name: str, description: str) -> tuple[Tab
                 f"table {name} was deleted moments ago; it can be declared again in {seconds} s",
                 headers={"Retry-After": str(seconds)},
             )
-    async with cluster.catalog_connection() as conn:
+    async with cluster.watcher.catalog_connection() as conn:
         created = await catalog.put_table(conn, name=name, description=description)
-    topology = await cluster.refresh(force=True)
+    topology = await cluster.watcher.refresh(force=True)
     return topology.tables[name], created
 
 
 async def delete(cluster: Cluster, name: str, *, force: bool) -> None:
     """Delete a table and its items (see the module note); resumes a stopped deletion."""
-    if cluster.require_topology().tables[name].state == catalog.TABLE_ACTIVE:
+    if cluster.watcher.require_topology().tables[name].state == catalog.TABLE_ACTIVE:
         if not force:
-            found = await _on_every_primary(cluster, lambda conn: store.table_has_items(conn, name))
+            found = await cluster.data.on_every_primary(
+                lambda conn: store.table_has_items(conn, name)
+            )
             if any(found):
                 raise errors.Conflict(
                     f"table {name} is not empty; use ?force=true", code="table_not_empty"
                 )
-        async with cluster.catalog_connection() as conn:
+        async with cluster.watcher.catalog_connection() as conn:
             await catalog.mark_table_deleting(conn, name)
-        await cluster.refresh(force=True)
-    deadline = cluster.deadline()
+        await cluster.watcher.refresh(force=True)
+    deadline = cluster.executor.deadline()
 
     async def fence(conn: asyncpg.Connection) -> None:
         await store.fence_table(conn, name)
 
-    await _on_every_primary(cluster, fence, deadline=deadline)
+    await cluster.data.on_every_primary(fence, deadline=deadline)
     while True:
         if time.monotonic() > deadline - BATCH_MARGIN:
             raise errors.ApiError(
@@ -91,37 +91,12 @@ async def delete(cluster: Cluster, name: str, *, force: bool) -> None:
                 code="deletion_incomplete",
                 headers={"Retry-After": "1"},
             )
-        deleted = await _on_every_primary(
-            cluster,
+        deleted = await cluster.data.on_every_primary(
             lambda conn: store.delete_table_items(conn, name, batch=DELETE_BATCH),
             deadline=deadline,
         )
         if not any(deleted):
             break
-    async with cluster.catalog_connection() as conn:
+    async with cluster.watcher.catalog_connection() as conn:
         await catalog.drop_table(conn, name)
-    await cluster.refresh(force=True)
-
-
-async def _on_every_primary(
-    cluster: Cluster,
-    work: Callable[[asyncpg.Connection], Awaitable[T]],
-    *,
-    deadline: float | None = None,
-) -> list[T]:
-    """``work`` on every shard's primary in parallel; the first failure once all ended."""
-    topology = cluster.require_topology()
-    until = cluster.deadline() if deadline is None else deadline
-    outcomes = await asyncio.gather(
-        *(
-            cluster.write_shard(topology, shard, work, deadline=until)
-            for shard in topology.shards.values()
-        ),
-        return_exceptions=True,
-    )
-    results = []
-    for outcome in outcomes:
-        if isinstance(outcome, BaseException):
-            raise outcome
-        results.append(outcome[0])
-    return results
+    await cluster.watcher.refresh(force=True)

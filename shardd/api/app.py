@@ -7,7 +7,6 @@ the auth check and the OpenAPI document all read that table.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import re
@@ -16,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+import orjson
 from aiohttp import web
 
 from .. import errors, metrics
@@ -24,7 +24,7 @@ from ..config import Settings
 from ..logs import AccessLog
 from . import handlers, openapi
 from .auth import TokenTable
-from .keys import ACCESS_LOG, CLUSTER, SETTINGS, TOKENS
+from .keys import ACCESS_LOG, CLUSTER, OPENAPI, SETTINGS, TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ class Route:
     handler: Handler
     scope: str | None  # None: no token needed
     summary: str
+    operation: str  # its entry in shardd.api.openapi.OPERATIONS
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -47,7 +48,7 @@ async def readyz(request: web.Request) -> web.Response:
     A catalog outage stops writes only (once the topology lease is used up), so a load
     balancer keeps the instance for reads; ``/readyz/writes`` is the check for writes.
     """
-    state = request.app[CLUSTER].readiness()
+    state = request.app[CLUSTER].watcher.readiness()
     if not state["reads"]:
         raise errors.NotReady("the topology has not been loaded from the catalog yet")
     return handlers.respond(state)
@@ -55,7 +56,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def readyz_writes(request: web.Request) -> web.Response:
     """200 while a write sent to this instance would be attempted, else 503."""
-    state = request.app[CLUSTER].readiness()
+    state = request.app[CLUSTER].watcher.readiness()
     if not state["reads"]:
         raise errors.NotReady("the topology has not been loaded from the catalog yet")
     if not state["writes"]:
@@ -65,51 +66,95 @@ async def readyz_writes(request: web.Request) -> web.Response:
     return handlers.respond(state)
 
 
+async def openapi_document(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[OPENAPI], content_type="application/json")
+
+
 ITEM = "/v1/tables/{table}/items/{key:.+}"
+TABLE = "/v1/tables/{table}"
 
 ROUTES: tuple[Route, ...] = (
-    Route("GET", "/healthz", handlers.healthz, None, "Liveness"),
-    Route("GET", "/readyz", readyz, None, "Readiness for reads; the body says whether writes work"),
-    Route("GET", "/readyz/writes", readyz_writes, None, "Readiness for writes (503 when not)"),
-    Route("GET", "/metrics", handlers.metrics_endpoint, None, "Prometheus metrics"),
-    Route("GET", "/v1/openapi.json", openapi.serve, None, "This OpenAPI document"),
-    Route("GET", "/v1/topology", handlers.topology, "read", "Epoch, shards, nodes, slot counts"),
-    Route("GET", "/v1/tables", handlers.list_tables, "read", "List tables"),
-    Route("PUT", "/v1/tables/{table}", handlers.put_table, "admin", "Create or update a table"),
-    Route("GET", "/v1/tables/{table}", handlers.get_table, "read", "Describe a table"),
-    Route("DELETE", "/v1/tables/{table}", handlers.delete_table, "admin", "Delete a table"),
-    Route("PUT", ITEM, handlers.put_item, "write", "Create or replace an item"),
-    Route("GET", ITEM, handlers.get_item, "read", "Read an item"),
-    Route("PATCH", ITEM, handlers.patch_item, "write", "Merge-patch an item (RFC 7396)"),
-    Route("DELETE", ITEM, handlers.delete_item, "write", "Delete an item"),
+    Route("GET", "/healthz", handlers.healthz, None, "Liveness", "plain"),
     Route(
         "GET",
-        "/v1/tables/{table}/partitions/{pk}",
+        "/readyz",
+        readyz,
+        None,
+        "Readiness for reads; the body says whether writes work",
+        "readiness",
+    ),
+    Route(
+        "GET",
+        "/readyz/writes",
+        readyz_writes,
+        None,
+        "Readiness for writes (503 when not)",
+        "readiness",
+    ),
+    Route("GET", "/metrics", handlers.metrics_endpoint, None, "Prometheus metrics", "metrics"),
+    Route("GET", "/v1/openapi.json", openapi_document, None, "This OpenAPI document", "plain"),
+    Route(
+        "GET",
+        "/v1/topology",
+        handlers.topology,
+        "read",
+        "Epoch, shards, nodes, slot counts",
+        "described",
+    ),
+    Route("GET", "/v1/tables", handlers.list_tables, "read", "List tables", "described"),
+    Route("PUT", TABLE, handlers.put_table, "admin", "Create or update a table", "put_table"),
+    Route("GET", TABLE, handlers.get_table, "read", "Describe a table", "get_table"),
+    Route(
+        "DELETE",
+        TABLE,
+        handlers.delete_table,
+        "admin",
+        "Delete a table (refuses a non-empty one without force); repeat to resume a deletion"
+        " that stopped",
+        "delete_table",
+    ),
+    Route("PUT", ITEM, handlers.put_item, "write", "Create or replace an item", "put_item"),
+    Route("GET", ITEM, handlers.get_item, "read", "Read an item", "get_item"),
+    Route(
+        "PATCH", ITEM, handlers.patch_item, "write", "Merge-patch an item (RFC 7396)", "patch_item"
+    ),
+    Route("DELETE", ITEM, handlers.delete_item, "write", "Delete an item", "delete_item"),
+    Route(
+        "GET",
+        TABLE + "/partitions/{pk}",
         handlers.query_partition,
         "read",
         "Items of one partition in sort-key order",
+        "partition",
     ),
-    Route("POST", "/v1/tables/{table}/batch/get", handlers.batch_get, "read", "Read many items"),
     Route(
         "POST",
-        "/v1/tables/{table}/batch/write",
+        TABLE + "/batch/get",
+        handlers.batch_get,
+        "read",
+        "Read many items",
+        "batch_get",
+    ),
+    Route(
+        "POST",
+        TABLE + "/batch/write",
         handlers.batch_write,
         "write",
         "Put and delete many items, atomically per shard",
+        "batch_write",
     ),
     Route(
         "GET",
-        "/v1/tables/{table}/scan",
+        TABLE + "/scan",
         handlers.scan,
         "read",
-        "Every item of a table across shards, paginated",
+        "Every item of a table across shards in (pk, sk) order, paginated",
+        "scan",
     ),
 )
 
 
 def error_body(exc: errors.ApiError, request_id: str) -> bytes:
-    import orjson
-
     return orjson.dumps(
         {"error": {"code": exc.code, "message": exc.message, "request_id": request_id}}
     )
@@ -213,19 +258,24 @@ def make_app(settings: Settings, cluster: Cluster | None = None) -> web.Applicat
     app[TOKENS] = TokenTable.parse(settings.tokens)
     app[CLUSTER] = cluster or Cluster(settings)
     app[ACCESS_LOG] = AccessLog()
+    app[OPENAPI] = orjson.dumps(openapi.document(ROUTES, settings))
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)
 
     async def run_cluster(app: web.Application) -> AsyncIterator[None]:
-        await app[CLUSTER].start()
-        writer = asyncio.get_running_loop().create_task(app[ACCESS_LOG].run())
+        cluster = app[CLUSTER]
+        await cluster.start()
+        loop = asyncio.get_running_loop()
+        writer = loop.create_task(app[ACCESS_LOG].run(), name="access-log")
+        monitor = loop.create_task(cluster.monitor.run(), name="monitor")
         try:
             yield
         finally:
+            monitor.cancel()
             writer.cancel()  # writes what is left
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
-            await app[CLUSTER].close()
+            await asyncio.gather(monitor, writer, return_exceptions=True)
+            await cluster.monitor.close()
+            await cluster.close()
 
     app.cleanup_ctx.append(run_cluster)
     return app

@@ -1,26 +1,22 @@
 """Request handlers: parse and validate, call the cluster, shape the response.
 
-Handlers stay thin: routing, fencing and retries live in shardd.cluster, SQL in
-shardd.store, input rules in shardd.api.validate.
+Handlers stay thin: the operations, routing and fan-out live in shardd.dataplane,
+node execution and retries in shardd.executor, input rules in shardd.api.validate.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-import asyncpg
 import orjson
 from aiohttp import web
 
-from .. import catalog, errors, metrics, store, tables
-from ..cluster import Cluster, Served
+from .. import errors, metrics, store, tables
+from ..cluster import Cluster
 from ..config import Settings
+from ..executor import Served
 from ..nodes import describe
-from ..placement import slot_of
 from ..router import SessionToken, resolve_consistency
-from ..topology import Shard, Topology
 from . import validate
 from .keys import CLUSTER, SETTINGS
 
@@ -37,7 +33,7 @@ def _ctx(request: web.Request) -> tuple[Cluster, Settings]:
 
 def _session(request: web.Request) -> SessionToken | None:
     raw = request.headers.get("Shardd-Session")
-    return SessionToken.parse(raw) if raw else None
+    return SessionToken.parse(raw) if raw is not None else None
 
 
 def _consistency(request: web.Request, token: SessionToken | None) -> str:
@@ -66,23 +62,14 @@ def _served_by(served: list[Served]) -> dict[str, str]:
 async def _declared_table(request: web.Request) -> str:
     """The table named in the path; 404 unless it is declared."""
     cluster, _ = _ctx(request)
-    name = validate.table_name(request.match_info["table"])
-    if name not in cluster.require_topology().tables:
-        # Created moments ago through another instance?  Look once before saying no.
-        await cluster.refresh()
-        if name not in cluster.require_topology().tables:
-            raise errors.NotFound(f"table {name} does not exist", code="table_not_found")
-    return name
+    return await cluster.data.declared_table(validate.table_name(request.match_info["table"]))
 
 
 async def _table(request: web.Request) -> str:
     """The table named in the path, for reading or writing items: 404 unless declared,
     409 while it is being deleted."""
     cluster, _ = _ctx(request)
-    name = await _declared_table(request)
-    if cluster.require_topology().tables[name].state != catalog.TABLE_ACTIVE:
-        raise errors.TableDeleting(f"table {name} is being deleted")
-    return name
+    return await cluster.data.active_table(validate.table_name(request.match_info["table"]))
 
 
 def _key_path(request: web.Request) -> str:
@@ -145,7 +132,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
     cluster, _ = _ctx(request)
-    metrics.observe_pools(cluster.pools)
+    metrics.observe_pools(cluster.executor.pools)
     body, content_type = metrics.exposition()
     response = web.Response(body=body)
     response.headers["Content-Type"] = content_type
@@ -154,7 +141,7 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 
 async def topology(request: web.Request) -> web.Response:
     cluster, _ = _ctx(request)
-    topo = cluster.require_topology()
+    topo = cluster.watcher.require_topology()
     counts = topo.slot_counts()
     health = cluster.health.snapshot
     shards = []
@@ -194,14 +181,14 @@ async def put_table(request: web.Request) -> web.Response:
 
 async def list_tables(request: web.Request) -> web.Response:
     cluster, _ = _ctx(request)
-    tables = cluster.require_topology().tables
+    tables = cluster.watcher.require_topology().tables
     return respond({"tables": [tables[name].as_json() for name in sorted(tables)]})
 
 
 async def get_table(request: web.Request) -> web.Response:
     cluster, _ = _ctx(request)
     name = await _declared_table(request)
-    return respond(cluster.require_topology().tables[name].as_json())
+    return respond(cluster.watcher.require_topology().tables[name].as_json())
 
 
 async def delete_table(request: web.Request) -> web.Response:
@@ -237,16 +224,15 @@ async def _write_item(request: web.Request, op: str) -> web.Response:
     if_version = validate.version_condition(request.headers.get("If-Match"), header="If-Match")
     if if_version == 0:
         raise errors.BadRequest("If-Match takes an ETag, not *", code="invalid_precondition")
+    none_match = None
     if op == "put":
         none_match = validate.version_condition(
             request.headers.get("If-None-Match"), header="If-None-Match"
         )
-        if none_match is not None:
-            if none_match != 0 or if_version is not None:
-                raise errors.BadRequest(
-                    "on PUT, If-None-Match only takes *", code="invalid_precondition"
-                )
-            if_version = 0
+        if none_match not in (None, 0):
+            raise errors.BadRequest(
+                "on PUT, If-None-Match only takes *", code="invalid_precondition"
+            )
     doc = None
     if op in ("put", "patch"):
         doc = validate.json_object(
@@ -254,20 +240,15 @@ async def _write_item(request: web.Request, op: str) -> web.Response:
             max_depth=settings.max_json_depth,
             what="the item" if op == "put" else "a merge patch",
         )
-    result, served = await cluster.write(
-        pk,
-        lambda conn, slot: store.write(
-            conn,
-            op=op,
-            slot=slot,
-            table=table,
-            pk=pk,
-            sk=sk,
-            doc=doc,
-            if_version=if_version,
-            max_item_bytes=settings.max_body_bytes,
-        ),
-        deadline=cluster.deadline(),
+    if none_match is not None:
+        if if_version is not None:
+            # The item cannot both exist at a version and be absent (RFC 9110 13.2.2).
+            raise errors.PreconditionFailed(
+                "If-Match and If-None-Match: * cannot both hold", current_version=None
+            )
+        if_version = 0
+    result, served = await cluster.data.write(
+        op=op, table=table, pk=pk, sk=sk, doc=doc, if_version=if_version
     )
     headers = _served_headers(served, token, result.lsn)
     if result.version is None:
@@ -298,17 +279,10 @@ async def get_item(request: web.Request) -> web.Response:
     none_match = validate.version_condition(
         request.headers.get("If-None-Match"), header="If-None-Match"
     )
-    found, served = await cluster.read(
-        pk,
-        lambda conn, slot, min_lsn: store.get(
-            conn, slot=slot, table=table, pk=pk, sk=sk, min_lsn=min_lsn
-        ),
-        consistency=consistency,
-        token=token,
-        deadline=cluster.deadline(),
+    item, served = await cluster.data.get(
+        table=table, pk=pk, sk=sk, consistency=consistency, token=token
     )
     headers = _served_headers(served)
-    item = found[0]
     if item is None:
         raise errors.NotFound(
             f"no item {pk!r}/{sk!r} in {table}", code="item_not_found", headers=headers
@@ -330,21 +304,14 @@ async def query_partition(request: web.Request) -> web.Response:
             validate.key(value, what=name, max_bytes=settings.max_key_bytes, allow_empty=True)
     limit = _limit(request, settings)
     token = _session(request)
-    items, served = await cluster.read(
-        pk,
-        lambda conn, slot, min_lsn: store.query_partition(
-            conn,
-            slot=slot,
-            table=table,
-            pk=pk,
-            prefix=prefix,
-            after=after,
-            limit=limit,
-            min_lsn=min_lsn,
-        ),
+    items, served = await cluster.data.query(
+        table=table,
+        pk=pk,
+        prefix=prefix,
+        after=after,
+        limit=limit,
         consistency=_consistency(request, token),
         token=token,
-        deadline=cluster.deadline(),
     )
     shaped = _within(settings, [_item_json(table, item) for item in items])
     more = len(shaped) < len(items) or len(items) == limit
@@ -355,75 +322,27 @@ async def query_partition(request: web.Request) -> web.Response:
 
 
 async def scan(request: web.Request) -> web.Response:
-    """One page of a table in global (pk, sk) order, merged from every shard.
-
-    The cursor is the last key returned, not a position on a shard: every page asks every
-    shard for the items after it, so slots that move between shards during a long scan
-    are neither skipped nor repeated.  Each shard is asked only for the slots this
-    instance's topology gives it, and answers only from a node that owns every one of
-    them (a replica that has not replayed a cutover passes the page on; a primary that
-    has handed slots over means the topology is stale: refresh and read the page again),
-    so at any consistency each slot is read exactly once.
-    """
+    """One page of a table in global (pk, sk) order, after the position ``after_pk`` /
+    ``after_sk`` (the ``next`` of the page before; see
+    :meth:`shardd.dataplane.DataPlane.scan`)."""
     cluster, settings = _ctx(request)
     table = await _table(request)
     limit = _limit(request, settings)
-    cursor = validate.decode_cursor(request.query.get("cursor"))
+    after_pk = validate.position(request.query.get("after_pk"), what="after_pk")
+    after_sk = validate.position(request.query.get("after_sk"), what="after_sk")
     token = _session(request)
-    consistency = _consistency(request, token)
-    deadline = cluster.deadline()
-    after = (cursor["pk"], cursor["sk"]) if cursor is not None else None
-    attempt = 0
-    while True:
-        topo = cluster.require_topology()
-        slots = _slots_by_shard(topo)
-        try:
-            pages = await asyncio.gather(
-                *(
-                    cluster.read_shard(
-                        topo.shards[name],
-                        _scan_page(table, slots.get(name, []), after, limit + 1),
-                        consistency=consistency,
-                        token=token,
-                        deadline=deadline,
-                    )
-                    for name in sorted(topo.shards)
-                )
-            )
-            break
-        except errors.StaleMap:
-            await cluster.after_stale(topo, attempt, deadline, "scan")
-            attempt += 1
-    merged: dict[tuple[str, str], store.Item] = {}
-    for page, _ in pages:
-        for item in page:
-            merged.setdefault((item.pk, item.sk), item)
-    ordered = [merged[key] for key in sorted(merged)]
-    shaped = _within(settings, [_item_json(table, item) for item in ordered[:limit]])
-    last = ordered[len(shaped) - 1] if shaped else None
-    more = len(ordered) > len(shaped)
-    next_cursor = validate.encode_cursor({"pk": last.pk, "sk": last.sk}) if more and last else None
-    return respond(
-        {"items": shaped, "cursor": next_cursor},
-        headers=_served_by([served for _, served in pages]),
+    items, served = await cluster.data.scan(
+        table=table,
+        after=(after_pk or "", after_sk or "") if after_pk or after_sk else None,
+        limit=limit,
+        consistency=_consistency(request, token),
+        token=token,
     )
-
-
-def _slots_by_shard(topo: Topology) -> dict[str, list[int]]:
-    slots: dict[str, list[int]] = {}
-    for slot, owner in enumerate(topo.slot_map):
-        if owner is not None:
-            slots.setdefault(owner, []).append(slot)
-    return slots
-
-
-def _scan_page(
-    table: str, slots: list[int], after: tuple[str, str] | None, want: int
-) -> Callable[[asyncpg.Connection, int | None], Awaitable[list[store.Item] | None]]:
-    def page(conn: asyncpg.Connection, min_lsn: int | None) -> Awaitable[list[store.Item] | None]:
-        return store.scan(conn, table=table, slots=slots, after=after, limit=want, min_lsn=min_lsn)
-
-    return page
+    shaped = _within(settings, [_item_json(table, item) for item in items[:limit]])
+    last = items[len(shaped) - 1] if shaped else None
+    more = len(items) > len(shaped)
+    following = {"pk": last.pk, "sk": last.sk} if more and last else None
+    return respond({"items": shaped, "next": following}, headers=_served_by(served))
 
 
 # -- batches ----------------------------------------------------------------------
@@ -458,50 +377,6 @@ def _batch_keys(
     return keys
 
 
-def _group(topo: Topology, keys: list[tuple[int, str, str]]) -> dict[str, list[int]]:
-    """shard name -> indexes of ``keys`` (slot, pk, sk) it owns."""
-    groups: dict[str, list[int]] = {}
-    for index, (slot, _, _) in enumerate(keys):
-        owner = topo.slot_map[slot]
-        if owner is None:
-            raise errors.ShardUnavailable("none", f"slot {slot} has no owner")
-        groups.setdefault(owner, []).append(index)
-    return groups
-
-
-async def _per_shard(
-    cluster: Cluster,
-    keys: list[tuple[int, str, str]],
-    run: Callable[[Topology, Shard, list[int]], Awaitable[None]],
-    deadline: float,
-) -> None:
-    """Run ``run`` for each shard's keys in parallel; regroup and retry refused groups."""
-    pending = list(range(len(keys)))
-    attempt = 0
-    while pending:
-        topo = cluster.require_topology()
-        groups = _group(topo, [keys[i] for i in pending])
-        outcomes = await asyncio.gather(
-            *(
-                run(topo, topo.shards[name], [pending[i] for i in idx])
-                for name, idx in groups.items()
-            ),
-            return_exceptions=True,
-        )
-        retry: list[int] = []
-        refused = []
-        for (name, idx), outcome in zip(groups.items(), outcomes, strict=True):
-            if isinstance(outcome, errors.StaleMap):
-                retry.extend(pending[i] for i in idx)
-                refused.append(name)
-            elif isinstance(outcome, BaseException):
-                raise outcome
-        pending = sorted(retry)
-        if pending:
-            await cluster.after_stale(topo, attempt, deadline, ",".join(refused))
-            attempt += 1
-
-
 async def batch_get(request: web.Request) -> web.Response:
     cluster, settings = _ctx(request)
     table = await _table(request)
@@ -514,30 +389,12 @@ async def batch_get(request: web.Request) -> web.Response:
             f"a batch holds 1 to {settings.max_batch_keys} keys", code="invalid_batch"
         )
     token = _session(request)
-    consistency = _consistency(request, token)
-    slot_count = cluster.require_topology().slot_count
-    keys = [(slot_of(pk, slot_count), pk, sk) for pk, sk, _ in entries]
-    found: list[store.Item | None] = [None] * len(keys)
-    touched: list[Served] = []
-    deadline = cluster.deadline()
-
-    async def run(topo: Topology, shard: Shard, indexes: list[int]) -> None:
-        items, served = await cluster.read_shard(
-            shard,
-            lambda conn, min_lsn: store.get_many(
-                conn, table=table, keys=[keys[i] for i in indexes], min_lsn=min_lsn
-            ),
-            consistency=consistency,
-            token=token,
-            deadline=deadline,
-        )
-        touched.append(served)
-        for i, item in zip(indexes, items, strict=True):
-            found[i] = item
-
-    await _per_shard(cluster, keys, run, deadline)
+    keys = [(pk, sk) for pk, sk, _ in entries]
+    found, served = await cluster.data.batch_get(
+        table=table, keys=keys, consistency=_consistency(request, token), token=token
+    )
     results = []
-    for (_, pk, sk), item in zip(keys, found, strict=True):
+    for (pk, sk), item in zip(keys, found, strict=True):
         if item is None:
             results.append({"pk": pk, "sk": sk, "found": False})
         else:
@@ -545,10 +402,10 @@ async def batch_get(request: web.Request) -> web.Response:
                 {"pk": pk, "sk": sk, "found": True, "version": item.version, "item": item.doc}
             )
     shaped = _within(settings, results)
-    unprocessed = [{"pk": pk, "sk": sk} for _, pk, sk in keys[len(shaped) :]]
+    unprocessed = [{"pk": pk, "sk": sk} for pk, sk in keys[len(shaped) :]]
     return respond(
         {"table": table, "results": shaped, "unprocessed": unprocessed},
-        headers=_served_by(touched),
+        headers=_served_by(served),
     )
 
 
@@ -556,7 +413,7 @@ async def batch_write(request: web.Request) -> web.Response:
     cluster, settings = _ctx(request)
     table = await _table(request)
     body = validate.json_object(await _body(request), max_depth=settings.max_json_depth + 3)
-    if not body or set(body) - {"puts", "deletes"}:
+    if set(body) - {"puts", "deletes"}:
         raise errors.BadRequest(
             'the body is {"puts": [...], "deletes": [...]}', code="invalid_batch"
         )
@@ -564,57 +421,34 @@ async def batch_write(request: web.Request) -> web.Response:
     deletes = _batch_keys(
         body.get("deletes", []), what="deletes", settings=settings, with_item=False
     )
-    total = len(puts) + len(deletes)
-    if not 1 <= total <= settings.max_batch_keys:
-        raise errors.BadRequest(
-            f"a batch holds 1 to {settings.max_batch_keys} keys", code="invalid_batch"
-        )
+    for what, entries in (("puts", puts), ("deletes", deletes)):
+        if len(entries) > settings.max_batch_keys:
+            raise errors.BadRequest(
+                f"{what} holds at most {settings.max_batch_keys} keys", code="invalid_batch"
+            )
     for _, _, item in puts:
         validate.json_object(orjson.dumps(item), max_depth=settings.max_json_depth, what="an item")
-    all_keys = [(pk, sk) for pk, sk, _ in puts + deletes]
-    if len(set(all_keys)) != len(all_keys):
-        raise errors.BadRequest("a batch names each key once", code="invalid_batch")
-    token = _session(request)
-    slot_count = cluster.require_topology().slot_count
-    keys = [(slot_of(pk, slot_count), pk, sk) for pk, sk in all_keys]
-    docs = [item for _, _, item in puts]
-    n_puts = len(puts)
-    results: list[dict[str, Any]] = [{} for _ in keys]
-    session = token or SessionToken({})
-    touched: list[Served] = []
-    deadline = cluster.deadline()
-
-    async def run(topo: Topology, shard: Shard, indexes: list[int]) -> None:
-        nonlocal session
-        ops = [store.BatchWrite(*keys[i], docs[i] if i < n_puts else None) for i in indexes]
-        try:
-            (versions, lsn), served = await cluster.write_shard(
-                topo,
-                shard,
-                lambda conn: store.write_batch(conn, table=table, ops=ops),
-                deadline=deadline,
-            )
-        except errors.ApiError as exc:
-            for i in indexes:
-                results[i] = {
-                    "status": "error",
-                    "error": {"code": exc.code, "message": exc.message},
-                }
-            return
-        session = session.merged(served.shard, lsn)
-        touched.append(served)
-        for i, version in zip(indexes, versions, strict=True):
-            if i < n_puts:
-                results[i] = {"status": "ok", "version": version}
-            else:
-                results[i] = {"status": "deleted" if version is not None else "absent"}
-
-    await _per_shard(cluster, keys, run, deadline)
+    keys = [(pk, sk) for pk, sk, _ in puts + deletes]
+    written = await cluster.data.batch_write(
+        table=table,
+        puts=puts,
+        deletes=[(pk, sk) for pk, sk, _ in deletes],
+        token=_session(request),
+    )
     shaped = []
-    for index, ((_, pk, sk), outcome) in enumerate(zip(keys, results, strict=True)):
-        shaped.append({"op": "put" if index < n_puts else "delete", "pk": pk, "sk": sk, **outcome})
+    for index, ((pk, sk), outcome) in enumerate(zip(keys, written.outcomes, strict=True)):
+        put = index < len(puts)
+        entry: dict[str, Any] = {"op": "put" if put else "delete", "pk": pk, "sk": sk}
+        if outcome.error is not None:
+            entry["status"] = "error"
+            entry["error"] = {"code": outcome.error.code, "message": outcome.error.message}
+        elif put:
+            entry.update(status="ok", version=outcome.version)
+        else:
+            entry["status"] = "deleted" if outcome.version is not None else "absent"
+        shaped.append(entry)
     ok = all(r["status"] != "error" for r in shaped)
-    headers = _served_by(touched)
-    if session.positions:
-        headers["Shardd-Session"] = str(session)
+    headers = _served_by(written.served)
+    if written.session.positions:
+        headers["Shardd-Session"] = str(written.session)
     return respond({"table": table, "ok": ok, "results": shaped}, headers=headers)

@@ -13,3 +13,4 @@ CLUSTER = web.AppKey("cluster", Cluster)
 SETTINGS = web.AppKey("settings", Settings)
 TOKENS = web.AppKey("tokens", TokenTable)
 ACCESS_LOG = web.AppKey("access_log", AccessLog)
+OPENAPI = web.AppKey("openapi", bytes)  # the document, serialized once

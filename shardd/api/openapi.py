@@ -1,70 +1,105 @@
-"""The OpenAPI 3 document for API v1 (a test checks it names every route of the app)."""
+"""The OpenAPI 3.1 document for API v1, generated from the route table and the settings.
+
+Every route of :data:`shardd.api.app.ROUTES` names its :class:`Operation` here; the
+document takes the paths, methods, summaries and scopes from the route table and every
+limit from the settings the server runs with, so what it says is what the server
+enforces: the same patterns (:mod:`shardd.api.validate` and :mod:`shardd.router` use the
+same expressions), the same lengths and counts, and every status a route can answer.
+"""
 
 from __future__ import annotations
 
-from typing import Any
-
-import orjson
-from aiohttp import web
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
+from ..config import Settings
+from ..router import CONSISTENCY_LEVELS, SESSION_TOKEN
+from . import validate
 
-ERROR = {"$ref": "#/components/schemas/Error"}
-KEY = {"type": "string", "minLength": 1, "maxLength": 256}
-TABLE = {
-    "name": "table",
-    "in": "path",
-    "required": True,
-    "schema": {"type": "string", "pattern": "^[a-z][a-z0-9_]{0,62}$"},
-}
-PK = {"name": "pk", "in": "path", "required": True, "schema": KEY}
-SK = {"name": "sk", "in": "path", "required": True, "schema": KEY}
-CONSISTENCY = {
-    "name": "consistency",
-    "in": "query",
-    "required": False,
-    "schema": {"type": "string", "enum": ["strong", "session", "eventual"]},
-}
-SESSION = {
-    "name": "Shardd-Session",
-    "in": "header",
-    "required": False,
-    "schema": {"type": "string", "pattern": "^[a-z][a-z0-9_-]*:[0-9]{1,19}$"},
-}
-IF_MATCH = {
-    "name": "If-Match",
-    "in": "header",
-    "required": False,
-    "schema": {"type": "string", "pattern": '^"[1-9][0-9]{0,8}"$'},
-}
-IF_NONE_MATCH = {
-    "name": "If-None-Match",
-    "in": "header",
-    "required": False,
-    "schema": {"type": "string", "pattern": '^("[1-9][0-9]{0,8}"|\\*)$'},
-}
-LIMIT = {
-    "name": "limit",
-    "in": "query",
-    "required": False,
-    "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
-}
-JSON_OBJECT = {"type": "object"}
+if TYPE_CHECKING:
+    from .app import Route
+
+Schema = dict[str, Any]
+ERROR: Schema = {"$ref": "#/components/schemas/Error"}
+DOCUMENT: Schema = {"$ref": "#/components/schemas/Document"}
+NO_NUL = "^[^\\u0000]*$"
+# Statuses every route behind the table path can answer: bad input, auth, no topology
+# or shard yet (503), the deadline (504), and 404 for an undeclared table.
+TABLE_ROUTE = (400, 404, 503, 504)
+WRITE_ERRORS = (409, 412, 413)
 
 
-def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
+@dataclass(frozen=True)
+class Operation:
+    """What the document says about one route besides its summary and scope."""
+
+    build: Callable[[Settings], Schema]  # parameters, requestBody and 2xx/3xx responses
+    errors: tuple[int, ...] = ()
+
+
+def _json(schema: Schema, description: str = "OK") -> Schema:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def _errors(*statuses: int) -> dict[str, Any]:
-    return {str(status): _json(ERROR, "Error") for status in statuses}
-
-
-def _body(schema: dict[str, Any], required: bool = True) -> dict[str, Any]:
+def _body(schema: Schema, *, required: bool = True) -> Schema:
     return {"required": required, "content": {"application/json": {"schema": schema}}}
 
 
-ITEM_RESPONSE = {
+def _key(settings: Settings, *, empty: bool = False) -> Schema:
+    return {
+        "type": "string",
+        "minLength": 0 if empty else 1,
+        "maxLength": settings.max_key_bytes,
+        "pattern": NO_NUL,
+        "description": f"at most {settings.max_key_bytes} bytes of UTF-8, no NUL",
+    }
+
+
+def _param(name: str, where: str, schema: Schema, *, required: bool = False) -> Schema:
+    return {"name": name, "in": where, "required": required or where == "path", "schema": schema}
+
+
+TABLE = _param("table", "path", {"type": "string", "pattern": validate.TABLE_NAME.pattern})
+CONSISTENCY = _param("consistency", "query", {"type": "string", "enum": list(CONSISTENCY_LEVELS)})
+SESSION = _param(
+    "Shardd-Session",
+    "header",
+    {"type": "string", "pattern": SESSION_TOKEN.pattern},
+)
+IF_MATCH = _param("If-Match", "header", {"type": "string", "pattern": validate.ETAG.pattern})
+IF_NONE_MATCH = _param(
+    "If-None-Match", "header", {"type": "string", "pattern": validate.ETAG_OR_ANY.pattern}
+)
+ONLY_IF_ABSENT = _param("If-None-Match", "header", {"type": "string", "enum": ["*"]})
+
+
+def _limit(settings: Settings) -> Schema:
+    return _param(
+        "limit",
+        "query",
+        {"type": "integer", "minimum": 1, "maximum": settings.max_page_size},
+    )
+
+
+def _keys(settings: Settings) -> tuple[Schema, ...]:
+    return (_param("pk", "path", _key(settings)),)
+
+
+def _key_object(settings: Settings, *, with_item: bool = False) -> Schema:
+    properties: Schema = {"pk": _key(settings), "sk": _key(settings, empty=True)}
+    if with_item:
+        properties["item"] = DOCUMENT
+    return {
+        "type": "object",
+        "required": ["pk", "item"] if with_item else ["pk"],
+        "properties": properties,
+        "additionalProperties": False,
+    }
+
+
+ITEM = {
     "type": "object",
     "required": ["table", "pk", "sk", "version", "item"],
     "properties": {
@@ -72,10 +107,10 @@ ITEM_RESPONSE = {
         "pk": {"type": "string"},
         "sk": {"type": "string"},
         "version": {"type": "integer"},
-        "item": JSON_OBJECT,
+        "item": {"type": "object"},
     },
 }
-WRITE_RESPONSE = {
+WRITTEN = {
     "type": "object",
     "required": ["pk", "sk", "version"],
     "properties": {
@@ -84,7 +119,7 @@ WRITE_RESPONSE = {
         "version": {"type": "integer"},
     },
 }
-TABLE_RESPONSE = {
+TABLE_INFO = {
     "type": "object",
     "required": ["name", "description"],
     "properties": {
@@ -95,90 +130,281 @@ TABLE_RESPONSE = {
         "updated_at": {"type": "string"},
     },
 }
-KEY_OBJECT = {
+READINESS = {
     "type": "object",
-    "required": ["pk"],
-    "properties": {"pk": KEY, "sk": {"type": "string", "maxLength": 256}},
-    "additionalProperties": False,
-}
-BATCH_GET_RESPONSE = {
-    "type": "object",
-    "required": ["table", "results", "unprocessed"],
+    "required": ["ready", "reads", "writes", "reason", "catalog", "epoch"],
     "properties": {
-        "table": {"type": "string"},
-        "results": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["pk", "sk", "found"],
-                "properties": {
-                    "pk": {"type": "string"},
-                    "sk": {"type": "string"},
-                    "found": {"type": "boolean"},
-                    "version": {"type": "integer"},
-                    "item": JSON_OBJECT,
-                },
-            },
-        },
-        # Keys past max_response_bytes, in request order: ask for them again.
-        "unprocessed": {"type": "array", "items": KEY_OBJECT},
+        "ready": {"type": "boolean"},
+        "reads": {"type": "boolean"},
+        "writes": {"type": "boolean"},
+        "reason": {"type": ["string", "null"], "example": "catalog_unavailable"},
+        "catalog": {"type": "boolean", "description": "the last catalog request succeeded"},
+        "epoch": {"type": ["integer", "null"]},
     },
 }
-COMMON = (400, 401, 403, 503, 504)
 
 
-def _item_ops(with_sk: bool) -> dict[str, Any]:
-    params = [TABLE, PK, SK] if with_sk else [TABLE, PK]
+def _page(following: Schema) -> Schema:
+    """A page of items and where the next one starts (null: this was the last)."""
     return {
-        "put": {
-            "summary": "Create or replace an item",
-            "parameters": [*params, IF_MATCH, IF_NONE_MATCH, SESSION],
-            "requestBody": _body(JSON_OBJECT),
-            "responses": {
-                "200": _json(WRITE_RESPONSE, "Replaced"),
-                "201": _json(WRITE_RESPONSE, "Created"),
-                **_errors(*COMMON, 404, 409, 412, 413),
-            },
-        },
-        "get": {
-            "summary": "Read an item",
-            "parameters": [*params, CONSISTENCY, SESSION, IF_NONE_MATCH],
-            "responses": {
-                "200": _json(ITEM_RESPONSE),
-                "304": {"description": "Unchanged"},
-                **_errors(*COMMON, 404, 409),
-            },
-        },
-        "patch": {
-            "summary": "Merge-patch an item (RFC 7396)",
-            "parameters": [*params, IF_MATCH, SESSION],
-            "requestBody": _body(JSON_OBJECT),
-            "responses": {"200": _json(ITEM_RESPONSE), **_errors(*COMMON, 404, 409, 412, 413)},
-        },
-        "delete": {
-            "summary": "Delete an item",
-            "parameters": [*params, IF_MATCH, SESSION],
-            "responses": {"204": {"description": "Deleted"}, **_errors(*COMMON, 404, 409, 412)},
-        },
-    }
-
-
-def document() -> dict[str, Any]:
-    plain = {"type": "object"}
-    readiness = {
         "type": "object",
-        "required": ["ready", "reads", "writes", "reason", "catalog", "epoch"],
+        "required": ["items", "next"],
+        "properties": {"items": {"type": "array", "items": ITEM}, "next": following},
+    }
+
+
+PLAIN = {"type": "object"}
+
+
+# -- operations -------------------------------------------------------------------
+
+
+def _plain(settings: Settings) -> Schema:
+    return {"responses": {"200": _json(PLAIN)}}
+
+
+def _readiness(settings: Settings) -> Schema:
+    return {"responses": {"200": _json(READINESS)}}
+
+
+def _metrics(settings: Settings) -> Schema:
+    return {"responses": {"200": {"description": "Prometheus text", "content": {"text/plain": {}}}}}
+
+
+def _put_table(settings: Settings) -> Schema:
+    description = {"type": "string", "maxLength": 1000, "pattern": NO_NUL}
+    return {
+        "parameters": [TABLE],
+        "requestBody": _body(
+            {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {"description": description},
+            },
+            required=False,
+        ),
+        "responses": {
+            "200": _json(TABLE_INFO, "Updated"),
+            "201": _json(TABLE_INFO, "Created"),
+        },
+    }
+
+
+def _get_table(settings: Settings) -> Schema:
+    return {"parameters": [TABLE], "responses": {"200": _json(TABLE_INFO)}}
+
+
+def _delete_table(settings: Settings) -> Schema:
+    force = _param("force", "query", {"type": "string", "enum": ["true", "false"]})
+    return {"parameters": [TABLE, force], "responses": {"204": {"description": "Deleted"}}}
+
+
+def _item_op(method: str) -> Callable[[Settings], Schema]:
+    """The item operations; each is declared for items/{pk} and items/{pk}/{sk}."""
+
+    def build(settings: Settings) -> Schema:
+        headers = {
+            "PUT": [IF_MATCH, ONLY_IF_ABSENT, SESSION],
+            "GET": [CONSISTENCY, SESSION, IF_NONE_MATCH],
+            "PATCH": [IF_MATCH, SESSION],
+            "DELETE": [IF_MATCH, SESSION],
+        }[method]
+        responses = {
+            "PUT": {"200": _json(WRITTEN, "Replaced"), "201": _json(WRITTEN, "Created")},
+            "GET": {"200": _json(ITEM), "304": {"description": "Unchanged (If-None-Match)"}},
+            "PATCH": {"200": _json(ITEM)},
+            "DELETE": {"204": {"description": "Deleted"}},
+        }[method]
+        operation: Schema = {
+            "parameters": [TABLE, *_keys(settings), *headers],
+            "responses": responses,
+        }
+        if method in ("PUT", "PATCH"):
+            operation["requestBody"] = _body(DOCUMENT)
+        return operation
+
+    return build
+
+
+def _partition(settings: Settings) -> Schema:
+    return {
+        "parameters": [
+            TABLE,
+            *_keys(settings),
+            CONSISTENCY,
+            SESSION,
+            _limit(settings),
+            _param("prefix", "query", _key(settings, empty=True)),
+            _param("after", "query", _key(settings, empty=True)),
+        ],
+        "responses": {"200": _json(_page({"type": ["string", "null"]}))},
+    }
+
+
+def _scan(settings: Settings) -> Schema:
+    position = {"type": "string", "pattern": NO_NUL}
+    return {
+        "parameters": [
+            TABLE,
+            CONSISTENCY,
+            SESSION,
+            _limit(settings),
+            _param("after_pk", "query", position),
+            _param("after_sk", "query", position),
+        ],
+        "responses": {
+            "200": _json(
+                _page(
+                    {
+                        "type": ["object", "null"],
+                        "properties": {"pk": {"type": "string"}, "sk": {"type": "string"}},
+                    }
+                )
+            )
+        },
+    }
+
+
+def _batch_get(settings: Settings) -> Schema:
+    keys = {
+        "type": "array",
+        "minItems": 1,
+        "maxItems": settings.max_batch_keys,
+        "items": _key_object(settings),
+    }
+    result = {
+        "type": "object",
+        "required": ["pk", "sk", "found"],
         "properties": {
-            "ready": {"type": "boolean"},
-            "reads": {"type": "boolean"},
-            "writes": {"type": "boolean"},
-            "reason": {"type": "string", "nullable": True, "example": "catalog_unavailable"},
-            "catalog": {"type": "boolean", "description": "the last catalog request succeeded"},
-            "epoch": {"type": "integer"},
+            "pk": {"type": "string"},
+            "sk": {"type": "string"},
+            "found": {"type": "boolean"},
+            "version": {"type": "integer"},
+            "item": {"type": "object"},
         },
     }
     return {
-        "openapi": "3.0.3",
+        "parameters": [TABLE, CONSISTENCY, SESSION],
+        "requestBody": _body(
+            {
+                "type": "object",
+                "required": ["keys"],
+                "additionalProperties": False,
+                "properties": {"keys": keys},
+            }
+        ),
+        "responses": {
+            "200": _json(
+                {
+                    "type": "object",
+                    "required": ["table", "results", "unprocessed"],
+                    "properties": {
+                        "table": {"type": "string"},
+                        "results": {"type": "array", "items": result},
+                        # Keys past max_response_bytes, in request order: ask again.
+                        "unprocessed": {"type": "array", "items": _key_object(settings)},
+                    },
+                }
+            )
+        },
+    }
+
+
+def _batch_write(settings: Settings) -> Schema:
+    def entries(with_item: bool) -> Schema:
+        return {
+            "type": "array",
+            "maxItems": settings.max_batch_keys,
+            "items": _key_object(settings, with_item=with_item),
+        }
+
+    return {
+        "parameters": [TABLE, SESSION],
+        "requestBody": _body(
+            {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {"puts": entries(True), "deletes": entries(False)},
+            }
+        ),
+        "responses": {
+            "200": _json(
+                {
+                    "type": "object",
+                    "required": ["table", "ok", "results"],
+                    "properties": {
+                        "table": {"type": "string"},
+                        "ok": {"type": "boolean"},
+                        "results": {"type": "array", "items": PLAIN},
+                    },
+                }
+            )
+        },
+    }
+
+
+OPERATIONS: dict[str, Operation] = {
+    "plain": Operation(_plain),
+    "readiness": Operation(_readiness, errors=(503,)),
+    "metrics": Operation(_metrics),
+    "described": Operation(_plain, errors=(503,)),
+    "put_table": Operation(_put_table, errors=(400, 409, 413, 503, 504)),
+    "get_table": Operation(_get_table, errors=(400, 404, 503)),
+    "delete_table": Operation(_delete_table, errors=(*TABLE_ROUTE, 409)),
+    "put_item": Operation(_item_op("PUT"), errors=(*TABLE_ROUTE, *WRITE_ERRORS)),
+    "get_item": Operation(_item_op("GET"), errors=(*TABLE_ROUTE, 409)),
+    "patch_item": Operation(_item_op("PATCH"), errors=(*TABLE_ROUTE, *WRITE_ERRORS)),
+    "delete_item": Operation(_item_op("DELETE"), errors=(*TABLE_ROUTE, 409, 412)),
+    "partition": Operation(_partition, errors=(*TABLE_ROUTE, 409)),
+    "scan": Operation(_scan, errors=(*TABLE_ROUTE, 409)),
+    "batch_get": Operation(_batch_get, errors=(*TABLE_ROUTE, 409, 413)),
+    "batch_write": Operation(_batch_write, errors=(*TABLE_ROUTE, 409, 413)),
+}
+
+
+def _paths(path: str) -> list[str]:
+    """The document's paths for a route path: the item route (one path segment or two
+    of keys) is two."""
+    if path.endswith("/{key:.+}"):
+        base = path.removesuffix("{key:.+}")
+        return [base + "{pk}", base + "{pk}/{sk}"]
+    return [path]
+
+
+def _with_sk(operation: Schema, settings: Settings) -> Schema:
+    sk = _param("sk", "path", _key(settings, empty=True))
+    params = operation["parameters"]
+    at = next(i for i, p in enumerate(params) if p["name"] == "pk") + 1
+    return {**operation, "parameters": [*params[:at], sk, *params[at:]]}
+
+
+def document(routes: Sequence[Route], settings: Settings) -> Schema:
+    paths: dict[str, dict[str, Schema]] = {}
+    for route in routes:
+        spec = OPERATIONS[route.operation]
+        built = spec.build(settings)
+        statuses = set(spec.errors)
+        if route.scope is not None:
+            statuses |= {401, 403}
+        operation: Schema = {
+            "summary": route.summary,
+            "operationId": f"{route.operation}",
+            **built,
+            "responses": {
+                **built["responses"],
+                **{str(s): _json(ERROR, "Error") for s in sorted(statuses)},
+            },
+        }
+        if route.scope is None:
+            operation["security"] = []
+        for index, path in enumerate(_paths(route.path)):
+            described = dict(operation)
+            if index:
+                described = _with_sk(described, settings)
+                described["operationId"] += "_sk"
+            paths.setdefault(path, {})[route.method.lower()] = described
+    return {
+        "openapi": "3.1.0",
         "info": {
             "title": "shardd",
             "version": __version__,
@@ -186,199 +412,48 @@ def document() -> dict[str, Any]:
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {
-                "Error": {
-                    "type": "object",
-                    "required": ["error"],
-                    "properties": {
-                        "error": {
-                            "type": "object",
-                            "required": ["code", "message", "request_id"],
-                            "properties": {
-                                "code": {"type": "string"},
-                                "message": {"type": "string"},
-                                "request_id": {"type": "string"},
-                            },
-                        }
-                    },
-                }
-            },
+            "schemas": _schemas(settings),
         },
-        "security": [{"bearer": []}, {}],
-        "paths": {
-            "/healthz": {
-                "get": {"summary": "Liveness", "security": [], "responses": {"200": _json(plain)}}
-            },
-            "/readyz": {
-                "get": {
-                    "summary": "Readiness for reads; the body says whether writes work",
-                    "security": [],
-                    "responses": {"200": _json(readiness), **_errors(503)},
-                }
-            },
-            "/readyz/writes": {
-                "get": {
-                    "summary": "Readiness for writes (503 catalog_unavailable when not)",
-                    "security": [],
-                    "responses": {"200": _json(readiness), **_errors(503)},
-                }
-            },
-            "/metrics": {
-                "get": {
-                    "summary": "Prometheus metrics",
-                    "security": [],
-                    "responses": {
-                        "200": {"description": "Prometheus text", "content": {"text/plain": {}}}
-                    },
-                }
-            },
-            "/v1/openapi.json": {
-                "get": {
-                    "summary": "This document",
-                    "security": [],
-                    "responses": {"200": _json(plain)},
-                }
-            },
-            "/v1/topology": {
-                "get": {
-                    "summary": "Epoch, shards, nodes, slot counts",
-                    "responses": {"200": _json(plain), **_errors(401, 403)},
-                }
-            },
-            "/v1/tables": {
-                "get": {
-                    "summary": "List tables",
-                    "responses": {"200": _json(plain), **_errors(401, 403)},
-                }
-            },
-            "/v1/tables/{table}": {
-                "put": {
-                    "summary": "Create or update a table",
-                    "parameters": [TABLE],
-                    "requestBody": _body(
-                        {
-                            "type": "object",
-                            "additionalProperties": False,
-                            "properties": {"description": {"type": "string", "maxLength": 1000}},
-                        },
-                        required=False,
-                    ),
-                    "responses": {
-                        "200": _json(TABLE_RESPONSE, "Updated"),
-                        "201": _json(TABLE_RESPONSE, "Created"),
-                        **_errors(*COMMON, 409, 413),
-                    },
-                },
-                "get": {
-                    "summary": "Describe a table",
-                    "parameters": [TABLE],
-                    "responses": {"200": _json(TABLE_RESPONSE), **_errors(*COMMON, 404)},
-                },
-                "delete": {
-                    "summary": "Delete a table (refuses a non-empty one without force); "
-                    "repeat to resume a deletion that stopped",
-                    "parameters": [
-                        TABLE,
-                        {
-                            "name": "force",
-                            "in": "query",
-                            "schema": {"type": "string", "enum": ["true", "false"]},
-                        },
-                    ],
-                    "responses": {"204": {"description": "Deleted"}, **_errors(*COMMON, 404, 409)},
-                },
-            },
-            "/v1/tables/{table}/items/{pk}": _item_ops(with_sk=False),
-            "/v1/tables/{table}/items/{pk}/{sk}": _item_ops(with_sk=True),
-            "/v1/tables/{table}/partitions/{pk}": {
-                "get": {
-                    "summary": "Items of one partition in sort-key order",
-                    "parameters": [
-                        TABLE,
-                        PK,
-                        CONSISTENCY,
-                        SESSION,
-                        LIMIT,
-                        {"name": "prefix", "in": "query", "schema": {"type": "string"}},
-                        {"name": "after", "in": "query", "schema": {"type": "string"}},
-                    ],
-                    "responses": {"200": _json(plain), **_errors(*COMMON, 404, 409)},
-                }
-            },
-            "/v1/tables/{table}/batch/get": {
-                "post": {
-                    "summary": "Read many items",
-                    "parameters": [TABLE, CONSISTENCY, SESSION],
-                    "requestBody": _body(
-                        {
-                            "type": "object",
-                            "required": ["keys"],
-                            "additionalProperties": False,
-                            "properties": {
-                                "keys": {
-                                    "type": "array",
-                                    "minItems": 1,
-                                    "maxItems": 100,
-                                    "items": KEY_OBJECT,
-                                }
-                            },
-                        }
-                    ),
-                    "responses": {
-                        "200": _json(BATCH_GET_RESPONSE),
-                        **_errors(*COMMON, 404, 409, 413),
-                    },
-                }
-            },
-            "/v1/tables/{table}/batch/write": {
-                "post": {
-                    "summary": "Put and delete many items, atomically per shard",
-                    "parameters": [TABLE, SESSION],
-                    "requestBody": _body(
-                        {
-                            "type": "object",
-                            "additionalProperties": False,
-                            "properties": {
-                                "puts": {
-                                    "type": "array",
-                                    "maxItems": 50,
-                                    "items": {
-                                        "type": "object",
-                                        "required": ["pk", "item"],
-                                        "additionalProperties": False,
-                                        "properties": {
-                                            "pk": KEY,
-                                            "sk": {"type": "string"},
-                                            "item": JSON_OBJECT,
-                                        },
-                                    },
-                                },
-                                "deletes": {"type": "array", "maxItems": 50, "items": KEY_OBJECT},
-                            },
-                        }
-                    ),
-                    "responses": {"200": _json(plain), **_errors(*COMMON, 404, 409, 413)},
-                }
-            },
-            "/v1/tables/{table}/scan": {
-                "get": {
-                    "summary": "Every item of a table across shards, paginated",
-                    "parameters": [
-                        TABLE,
-                        CONSISTENCY,
-                        SESSION,
-                        LIMIT,
-                        {"name": "cursor", "in": "query", "schema": {"type": "string"}},
-                    ],
-                    "responses": {"200": _json(plain), **_errors(*COMMON, 404, 409)},
-                }
-            },
-        },
+        # Without tokens the server is open (and listens on loopback only).
+        "security": [{"bearer": []}] if settings.tokens else [],
+        "paths": paths,
     }
 
 
-_DOCUMENT = orjson.dumps(document())
-
-
-async def serve(request: web.Request) -> web.Response:
-    return web.Response(body=_DOCUMENT, content_type="application/json")
+def _schemas(settings: Settings) -> Schema:
+    text = {"type": "string", "pattern": NO_NUL}
+    return {
+        "Error": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "required": ["code", "message", "request_id"],
+                    "properties": {
+                        "code": {"type": "string"},
+                        "message": {"type": "string"},
+                        "request_id": {"type": "string"},
+                    },
+                }
+            },
+        },
+        # An item: a JSON object whose strings and keys hold no NUL (jsonb cannot store
+        # it), nested at most max_json_depth deep.  (OpenAPI 3.1, for propertyNames.)
+        "Document": {
+            "type": "object",
+            "propertyNames": text,
+            "additionalProperties": {"$ref": "#/components/schemas/Value"},
+            "description": f"nested at most {settings.max_json_depth} deep",
+        },
+        "Value": {
+            "anyOf": [
+                {"type": "null"},
+                text,
+                {"type": "number"},
+                {"type": "boolean"},
+                {"type": "array", "items": {"$ref": "#/components/schemas/Value"}},
+                {"$ref": "#/components/schemas/Document"},
+            ],
+        },
+    }

@@ -9,7 +9,6 @@ than ``max_json_depth``.
 
 from __future__ import annotations
 
-import base64
 import re
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -20,6 +19,10 @@ from ..errors import BadRequest
 
 TABLE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_VERSION = "[1-9][0-9]{0,17}"
+# An entity tag as shardd issues it ("7"), weak (W/"7") or bare (7); with *, any version.
+ETAG = re.compile(f'^(?:W/)?"({_VERSION})"$|^({_VERSION})$')
+ETAG_OR_ANY = re.compile(f"^\\*$|{ETAG.pattern}")
 
 
 def table_name(name: str) -> str:
@@ -110,7 +113,7 @@ def _check_tree(value: Any, max_depth: int) -> None:
 
 
 def int_param(raw: str | None, *, name: str, default: int, low: int, high: int) -> int:
-    if raw is None or raw == "":
+    if raw is None:
         return default
     if not raw.isdigit() or len(raw) > 9:
         raise BadRequest(f"{name} must be an integer", code="invalid_parameter")
@@ -127,31 +130,14 @@ def version_condition(raw: str | None, *, header: str) -> int | None:
     text = raw.strip()
     if text == "*":
         return 0
-    if text.startswith("W/"):
-        text = text[2:]
-    text = text.strip('"')
-    if not text.isdigit() or len(text) > 18 or int(text) < 1:
+    matched = ETAG.match(text)
+    if matched is None:
         raise BadRequest(f'{header} must be an ETag like "3"', code="invalid_precondition")
-    return int(text)
+    return int(matched.group(1) or matched.group(2))
 
 
-def encode_cursor(data: dict[str, Any]) -> str:
-    return base64.urlsafe_b64encode(orjson.dumps(data)).decode("ascii").rstrip("=")
-
-
-def decode_cursor(raw: str | None) -> dict[str, Any] | None:
-    if raw is None or raw == "":
-        return None
-    try:
-        padded = raw + "=" * (-len(raw) % 4)
-        data = orjson.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
-    except (ValueError, UnicodeEncodeError, orjson.JSONDecodeError):
-        raise BadRequest("cursor is not one this service issued", code="invalid_cursor") from None
-    if not (
-        isinstance(data, dict)
-        and isinstance(data.get("pk"), str)
-        and isinstance(data.get("sk"), str)
-        and "\x00" not in data["pk"] + data["sk"]
-    ):
-        raise BadRequest("cursor is not one this service issued", code="invalid_cursor")
-    return data
+def position(raw: str | None, *, what: str) -> str | None:
+    """A scan position (a key, or any string between keys): no NUL, no other limit."""
+    if raw is not None and "\x00" in raw:
+        raise BadRequest(f"{what} must not contain NUL", code="invalid_parameter")
+    return raw

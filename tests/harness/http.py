@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import orjson
 
@@ -70,3 +71,15 @@ class Api:
                 self._conn = None
             return result
         raise AssertionError("unreachable")
+
+
+def item_path(table: str, pk: str, sk: str | None = None) -> str:
+    path = f"/v1/tables/{table}/items/{quote(pk, safe='')}"
+    return path if sk is None else f"{path}/{quote(sk, safe='')}"
+
+
+def after(position: dict[str, str] | None) -> str:
+    """The query arguments that continue a scan at a page's ``next`` ("" for the start)."""
+    if position is None:
+        return ""
+    return "&" + urlencode({"after_pk": position["pk"], "after_sk": position["sk"]})

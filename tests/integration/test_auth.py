@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tests.harness.cluster import RunningCluster
+from tests.harness.http import item_path
 from tests.integration.test_bad_input import assert_error
-from tests.integration.test_items import item_path
 
 
 def test_no_token_is_401(cluster: RunningCluster, table: str) -> None:

@@ -9,8 +9,7 @@ import orjson
 import pytest
 
 from tests.harness.cluster import TOKENS, Instance, RunningCluster
-from tests.harness.http import Api
-from tests.integration.test_items import item_path
+from tests.harness.http import Api, after, item_path
 
 CAP = 4000
 FILLER = "x" * 900  # about a quarter of CAP per item
@@ -36,27 +35,27 @@ def test_scan_and_partition_pages_are_capped_in_bytes(api: Api, capped: Api, tab
     assert api.request("POST", f"/v1/tables/{table}/batch/write", body={"puts": puts}).body["ok"]
 
     seen: list[tuple[str, str]] = []
-    cursor, pages = None, 0
+    position, pages = None, 0
     while True:
         url = f"/v1/tables/{table}/scan?limit=100&consistency=strong"
-        page = capped.request("GET", url + (f"&cursor={cursor}" if cursor else "")).body
+        page = capped.request("GET", url + after(position)).body
         assert 1 <= len(page["items"]) < 24 and _size(page["items"]) <= CAP
         seen += [(item["pk"], item["sk"]) for item in page["items"]]
-        cursor, pages = page["cursor"], pages + 1
-        if cursor is None:
+        position, pages = page["next"], pages + 1
+        if position is None:
             break
     assert seen == sorted((p["pk"], p.get("sk", "")) for p in puts)
     assert pages >= 6
 
     sks: list[str] = []
-    after = None
+    sk_after = None
     while True:
         url = f"/v1/tables/{table}/partitions/cap-part?consistency=strong"
-        page = capped.request("GET", url + (f"&after={quote(after)}" if after else "")).body
+        page = capped.request("GET", url + (f"&after={quote(sk_after)}" if sk_after else "")).body
         assert 1 <= len(page["items"]) < 12 and _size(page["items"]) <= CAP
         sks += [item["sk"] for item in page["items"]]
-        after = page["next"]
-        if after is None:
+        sk_after = page["next"]
+        if sk_after is None:
             break
     assert sks == [f"{i:02d}" for i in range(12)]
 
@@ -87,7 +86,7 @@ def test_an_item_over_the_cap_still_comes_alone(api: Api, capped: Api, table: st
     api.request("PUT", item_path(table, "big"), body={"f": "y" * (2 * CAP)})
     api.request("PUT", item_path(table, "small"), body={"f": 1})
     page = capped.request("GET", f"/v1/tables/{table}/scan?consistency=strong").body
-    assert [item["pk"] for item in page["items"]] == ["big"] and page["cursor"]
+    assert [item["pk"] for item in page["items"]] == ["big"] and page["next"]
 
 
 def test_patch_never_grows_an_item_past_the_item_limit(api: Api, table: str) -> None:

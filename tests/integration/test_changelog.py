@@ -9,8 +9,7 @@ import asyncpg
 from shardd import changelog
 from shardd.placement import slot_of
 from tests.harness.cluster import SLOTS, RunningCluster
-from tests.harness.http import Api
-from tests.integration.test_items import item_path
+from tests.harness.http import Api, item_path
 
 
 def test_batches_follow_commits_not_sequence_numbers(

@@ -6,8 +6,7 @@ from urllib.parse import quote
 
 from shardd.placement import slot_of
 from tests.harness.cluster import SLOTS, RunningCluster
-from tests.harness.http import Api
-from tests.integration.test_items import item_path
+from tests.harness.http import Api, after, item_path
 
 
 def test_partition_query_orders_by_sort_key_and_pages(api: Api, table: str) -> None:
@@ -110,6 +109,25 @@ def test_batch_write_is_atomic_per_shard(cluster: RunningCluster, api: Api, tabl
     assert stored == []
 
 
+def test_batch_writes_apply_in_order_and_may_be_empty(api: Api, table: str) -> None:
+    url = f"/v1/tables/{table}/batch/write"
+    for empty in ({}, {"puts": []}, {"puts": [], "deletes": []}):
+        done = api.request("POST", url, body=empty)
+        assert done.status == 200 and done.body["ok"] and done.body["results"] == []
+    twice = {
+        "puts": [{"pk": "dup", "item": {"n": 1}}, {"pk": "dup", "item": {"n": 2}}],
+        "deletes": [{"pk": "kept"}],
+    }
+    written = api.request("POST", url, body=twice).body
+    assert [r["version"] for r in written["results"][:2]] == [1, 2]
+    got = api.request("GET", item_path(table, "dup") + "?consistency=strong")
+    assert got.body["item"] == {"n": 2} and got.body["version"] == 2
+    gone = {"puts": [{"pk": "dup", "item": {"n": 3}}], "deletes": [{"pk": "dup"}]}
+    outcome = api.request("POST", url, body=gone).body["results"]
+    assert [r["status"] for r in outcome] == ["ok", "deleted"]
+    assert api.request("GET", item_path(table, "dup") + "?consistency=strong").status == 404
+
+
 def test_scan_returns_every_item_once_across_shards(api: Api, table: str) -> None:
     puts = [{"pk": f"scan-{i:03d}", "item": {"i": i}} for i in range(95)]
     for chunk in range(0, 95, 50):
@@ -117,18 +135,16 @@ def test_scan_returns_every_item_once_across_shards(api: Api, table: str) -> Non
             "POST", f"/v1/tables/{table}/batch/write", body={"puts": puts[chunk : chunk + 50]}
         )
     seen: list[str] = []
-    cursor = None
+    position = None
     pages = 0
     while True:
-        url = f"/v1/tables/{table}/scan?limit=20&consistency=strong"
-        if cursor:
-            url += f"&cursor={cursor}"
+        url = f"/v1/tables/{table}/scan?limit=20&consistency=strong{after(position)}"
         page = api.request("GET", url)
         assert page.status == 200, page.body
         seen += [item["pk"] for item in page.body["items"]]
-        cursor = page.body["cursor"]
+        position = page.body["next"]
         pages += 1
-        if cursor is None:
+        if position is None:
             break
     assert sorted(seen) == sorted(p["pk"] for p in puts)
     assert len(seen) == len(set(seen))

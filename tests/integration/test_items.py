@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-from urllib.parse import quote
-
 import pytest
 
-from tests.harness.http import Api
-
-
-def item_path(table: str, pk: str, sk: str | None = None) -> str:
-    path = f"/v1/tables/{table}/items/{quote(pk, safe='')}"
-    return path if sk is None else f"{path}/{quote(sk, safe='')}"
+from tests.harness.http import Api, item_path
 
 
 def test_put_get_replace_delete(api: Api, table: str) -> None:
@@ -80,6 +73,9 @@ def test_if_match_and_if_none_match(api: Api, table: str) -> None:
     assert absent.status == 412
     # The server's message only: no Postgres DETAIL, SQL or host in a response.
     assert absent.body["error"]["message"] == "expected version 2, item is at absent"
+    assert api.request("GET", path + "?consistency=strong").status == 404
+    both = {"If-Match": '"2"', "If-None-Match": "*"}  # can never hold together
+    assert api.request("PUT", path, body={"v": 4}, headers=both).status == 412
     assert api.request("GET", path + "?consistency=strong").status == 404
 
 

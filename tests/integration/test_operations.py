@@ -8,9 +8,8 @@ import subprocess
 
 from shardd.placement import slot_of
 from tests.harness.cluster import ROOT, SLOTS, RunningCluster, wait_for
-from tests.harness.http import Api
+from tests.harness.http import Api, item_path
 from tests.integration.test_bad_input import assert_error
-from tests.integration.test_items import item_path
 
 
 def test_health_ready_and_request_ids(api: Api) -> None:

@@ -7,8 +7,7 @@ import time
 
 from shardd.placement import slot_of
 from tests.harness.cluster import SLOTS, RunningCluster, wait_for
-from tests.harness.http import Api
-from tests.integration.test_items import item_path
+from tests.harness.http import Api, item_path
 
 
 def test_killing_a_replica_under_read_load_fails_no_read(

@@ -29,7 +29,7 @@ from tests.harness.cluster import (
     start_cluster,
     wait_for,
 )
-from tests.harness.http import Api
+from tests.harness.http import Api, after
 from tests.harness.load import Load, assert_nothing_lost, create_and_seed, rows_by_shard
 
 TABLE = "rs"
@@ -97,14 +97,14 @@ def set_weight(cluster: RunningCluster, shard: str, weight: int) -> None:
 
 def full_scan(api: Api) -> list[str]:
     keys: list[str] = []
-    cursor = ""
+    position = None
     while True:
-        page = api.request("GET", f"/v1/tables/{TABLE}/scan?limit=500&cursor={cursor}")
+        page = api.request("GET", f"/v1/tables/{TABLE}/scan?limit=500{after(position)}")
         assert page.status == 200, page.body
         keys += [item["pk"] for item in page.body["items"]]
-        if page.body["cursor"] is None:
+        if page.body["next"] is None:
             return keys
-        cursor = page.body["cursor"]
+        position = page.body["next"]
 
 
 def test_adding_a_shard_under_load_fails_no_request(rs: RunningCluster, second: Instance) -> None:
@@ -421,7 +421,7 @@ def test_an_eventual_scan_across_a_move_with_lagging_replicas_sees_each_item_onc
             rs.sql(replica, "SELECT pg_wal_replay_pause()")
         seen: list[tuple[str, str]] = []
         served: set[str] = set()
-        cursor, pages = "", 0
+        position, pages = None, 0
         while True:
             if pages == 3:  # mid-scan: slots that hold items change shards
                 slot_map = rs.slot_map()
@@ -432,15 +432,15 @@ def test_an_eventual_scan_across_a_move_with_lagging_replicas_sees_each_item_onc
                 slots = [s for s, o in slot_map.items() if o == source and s in used][:64]
                 assert move_now(rs, source, target, slots).phase == "done"
             page = api.request(
-                "GET", f"/v1/tables/{TABLE}/scan?limit=100&consistency=eventual&cursor={cursor}"
+                "GET", f"/v1/tables/{TABLE}/scan?limit=100&consistency=eventual{after(position)}"
             )
             assert page.status == 200, page.body
             seen += [(item["pk"], item["sk"]) for item in page.body["items"]]
             served.update((page.header("shardd-served-by") or "").split(", "))
             pages += 1
-            if page.body["cursor"] is None:
+            if page.body["next"] is None:
                 break
-            cursor = page.body["cursor"]
+            position = page.body["next"]
         assert pages > 3
         assert any("replica" in name for name in served), served  # lagging replicas answered
         assert len(seen) == len(set(seen)), "an item was returned twice"

@@ -6,8 +6,7 @@ import re
 
 from shardd.placement import slot_of
 from tests.harness.cluster import SLOTS, RunningCluster, wait_for
-from tests.harness.http import Api
-from tests.integration.test_items import item_path
+from tests.harness.http import Api, item_path
 
 
 def test_every_item_sits_on_the_shard_its_slot_maps_to(

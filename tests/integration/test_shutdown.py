@@ -19,8 +19,7 @@ import orjson
 
 from shardd.placement import slot_of
 from tests.harness.cluster import ROOT, SLOTS, TOKENS, RunningCluster, free_port_block, wait_for
-from tests.harness.http import Api
-from tests.integration.test_items import item_path
+from tests.harness.http import Api, item_path
 
 
 def test_sigterm_drains_an_in_flight_request(cluster: RunningCluster, api: Api, table: str) -> None:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from tests.harness.cluster import RunningCluster, wait_for
-from tests.harness.http import Api
-from tests.integration.test_items import item_path
+from tests.harness.http import Api, item_path
 
 
 def test_table_lifecycle(cluster: RunningCluster, api: Api) -> None:

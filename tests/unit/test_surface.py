@@ -64,7 +64,9 @@ def test_node_addresses_parse_or_fail_clearly() -> None:
 
 def test_openapi_describes_exactly_the_routes() -> None:
     spec_ops = {
-        (method.upper(), path) for path, ops in document()["paths"].items() for method in ops
+        (method.upper(), path)
+        for path, ops in document(ROUTES, config.Settings())["paths"].items()
+        for method in ops
     }
     app_ops = set()
     for route in ROUTES:
@@ -113,3 +115,19 @@ def test_error_codes_are_stable_identifiers() -> None:
 
     for cls in (errors.BadRequest, errors.NotFound, errors.Conflict, errors.OutcomeUnknown):
         assert re.fullmatch(r"[a-z_]+", cls.code)
+
+
+def test_openapi_limits_come_from_the_settings() -> None:
+    settings = config.Settings(max_key_bytes=77, max_page_size=33, max_batch_keys=9)
+    doc = document(ROUTES, settings)
+    item = doc["paths"]["/v1/tables/{table}/items/{pk}/{sk}"]["put"]
+    params = {p["name"]: p["schema"] for p in item["parameters"]}
+    assert params["pk"]["maxLength"] == 77 and params["sk"]["minLength"] == 0
+    assert {"400", "401", "403", "404", "409", "412", "413", "503", "504"} <= set(item["responses"])
+    scan = doc["paths"]["/v1/tables/{table}/scan"]["get"]
+    limit = next(p for p in scan["parameters"] if p["name"] == "limit")
+    assert limit["schema"]["maximum"] == 33
+    batch = doc["paths"]["/v1/tables/{table}/batch/get"]["post"]
+    keys = batch["requestBody"]["content"]["application/json"]["schema"]["properties"]["keys"]
+    assert keys["maxItems"] == 9
+    assert doc["paths"]["/healthz"]["get"]["security"] == []

@@ -4,7 +4,7 @@ Starts its own devcluster (3 shards x primary + replica), loads the same keys in
 shardd and into a plain table on one shard primary, then drives the same closed-loop
 load (same concurrency, same keys, after a warm-up) against:
 
-  a) shardd           GET/PUT /v1/tables/bench/items/{k}  (default settings)
+  a) shardd           GET (strong, and eventual) / PUT /v1/tables/bench/items/{k}
   b) minimal handler  aiohttp + asyncpg on one Postgres, no routing, no checks
   c) asyncpg          the same SQL straight from the load process, no HTTP
 
@@ -130,8 +130,17 @@ async def run(
                     )
                     return True
 
+                def shardd_get(consistency: str) -> Callable[[str], Awaitable[bool]]:
+                    get = http_op("GET", f"{shardd}/v1/tables/bench/items")
+
+                    async def op(key: str) -> bool:
+                        return await get(f"{key}?consistency={consistency}")
+
+                    return op
+
                 targets = [
-                    ("a) shardd GET", http_op("GET", f"{shardd}/v1/tables/bench/items")),
+                    ("a) shardd GET", shardd_get("strong")),
+                    ("a) shardd GET eventual", shardd_get("eventual")),
                     (
                         "b) minimal handler GET",
                         http_op("GET", f"http://127.0.0.1:{minimal_port}/items"),
@@ -161,7 +170,7 @@ async def run(
 
 @click.command()
 @click.option("--keys", default=10000, show_default=True)
-@click.option("--concurrency", default=16, show_default=True)
+@click.option("--concurrency", default=32, show_default=True)
 @click.option("--seconds", default=10.0, show_default=True)
 @click.option("--warmup", default=2.0, show_default=True)
 @click.option("--port", default=18400, show_default=True)
@@ -200,6 +209,11 @@ def main(
                 f"| {op} a/{base[0]} | {a.throughput / b.throughput:.2f} | "
                 f"{a.p99_ms / b.p99_ms:.2f} |"
             )
+    eventual, strong = by["a) shardd GET eventual"], by["a) shardd GET"]
+    click.echo(
+        f"| GET eventual/strong | {eventual.throughput / strong.throughput:.2f} | "
+        f"{eventual.p99_ms / strong.p99_ms:.2f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,419 @@
+"""The data-plane operations: items, batches, partitions and scans, over every shard.
+
+Each operation takes plain arguments and returns plain results; the HTTP layer
+(:mod:`shardd.api.handlers`) only parses requests and shapes responses around them.
+Here an operation is routed (a key's slot and its owner under the current topology),
+split per shard and fanned out (batches, scans, table-wide work), merged (the scan's
+global order), and run on nodes by the :class:`~shardd.executor.Executor`.
+
+When a shard refuses a slot because this instance's map is stale, the operation is
+routed again (a batch: only the refused groups, regrouped) after the executor has paced
+the retry, until the request's deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from . import catalog, errors, store
+from .config import Settings
+from .executor import Executor, Served, Work
+from .placement import slot_of
+from .router import SessionToken
+from .topology import Shard, Topology
+from .watcher import TopologyWatcher
+
+T = TypeVar("T")
+Key = tuple[str, str]  # (pk, sk)
+
+
+@dataclass(frozen=True)
+class KeyOutcome:
+    """One key of a batch write: the new version of a put, the deleted version of a
+    delete (None: it was absent), or the error that stopped its shard's group."""
+
+    version: int | None = None
+    error: errors.ApiError | None = None
+
+
+@dataclass
+class BatchWritten:
+    outcomes: list[KeyOutcome]  # in the order of puts, then deletes
+    session: SessionToken
+    served: list[Served] = field(default_factory=list)
+
+
+def _position(token: SessionToken | None, shard: Shard) -> int | None:
+    return token.positions.get(shard.name) if token is not None else None
+
+
+class DataPlane:
+    def __init__(self, settings: Settings, *, watcher: TopologyWatcher, executor: Executor):
+        self.settings = settings
+        self.watcher = watcher
+        self.executor = executor
+
+    # -- tables ------------------------------------------------------------------
+
+    async def declared_table(self, name: str) -> str:
+        """``name`` if the table is declared; 404 otherwise."""
+        if name not in self.watcher.require_topology().tables:
+            # Created moments ago through another instance?  Look once before saying no.
+            await self.watcher.refresh()
+            if name not in self.watcher.require_topology().tables:
+                raise errors.NotFound(f"table {name} does not exist", code="table_not_found")
+        return name
+
+    async def active_table(self, name: str) -> str:
+        """``name`` if its items may be read and written: 404 unless declared, 409 while
+        it is being deleted."""
+        await self.declared_table(name)
+        if self.watcher.require_topology().tables[name].state != catalog.TABLE_ACTIVE:
+            raise errors.TableDeleting(f"table {name} is being deleted")
+        return name
+
+    # -- one key -----------------------------------------------------------------
+
+    async def get(
+        self, *, table: str, pk: str, sk: str, consistency: str, token: SessionToken | None
+    ) -> tuple[store.Item | None, Served]:
+        def work(slot: int, min_lsn: int | None) -> Work[store.Item | None]:
+            return lambda conn: store.get(
+                conn, slot=slot, table=table, pk=pk, sk=sk, min_lsn=min_lsn
+            )
+
+        return await self._read_owner(pk, work, consistency=consistency, token=token)
+
+    async def write(
+        self,
+        *,
+        op: str,
+        table: str,
+        pk: str,
+        sk: str,
+        doc: Any,
+        if_version: int | None,
+    ) -> tuple[store.WriteResult, Served]:
+        """A put, patch or delete of one item (``op``), conditional on ``if_version``
+        (0: only if absent)."""
+        deadline = self.executor.deadline()
+
+        def write(shard: Shard, slot: int) -> Awaitable[tuple[store.WriteResult, Served]]:
+            return self.executor.write(
+                shard,
+                lambda conn: store.write(
+                    conn,
+                    op=op,
+                    slot=slot,
+                    table=table,
+                    pk=pk,
+                    sk=sk,
+                    doc=doc,
+                    if_version=if_version,
+                    max_item_bytes=self.settings.max_body_bytes,
+                ),
+                deadline=deadline,
+            )
+
+        return await self._on_owner(pk, write, deadline=deadline)
+
+    async def query(
+        self,
+        *,
+        table: str,
+        pk: str,
+        prefix: str | None,
+        after: str | None,
+        limit: int,
+        consistency: str,
+        token: SessionToken | None,
+    ) -> tuple[list[store.Item], Served]:
+        """Up to ``limit`` items of one partition in sort-key order, after ``after``."""
+
+        def work(slot: int, min_lsn: int | None) -> Work[list[store.Item]]:
+            return lambda conn: store.query_partition(
+                conn,
+                slot=slot,
+                table=table,
+                pk=pk,
+                prefix=prefix,
+                after=after,
+                limit=limit,
+                min_lsn=min_lsn,
+            )
+
+        return await self._read_owner(pk, work, consistency=consistency, token=token)
+
+    async def _read_owner(
+        self,
+        pk: str,
+        work: Callable[[int, int | None], Work[T]],
+        *,
+        consistency: str,
+        token: SessionToken | None,
+    ) -> tuple[T, Served]:
+        """A read of ``pk``'s slot: ``work(slot, min_lsn)`` on its owner's best node."""
+        deadline = self.executor.deadline()
+
+        def read(shard: Shard, slot: int) -> Awaitable[tuple[T, Served]]:
+            return self._read(
+                shard,
+                lambda min_lsn: work(slot, min_lsn),
+                consistency=consistency,
+                token=token,
+                deadline=deadline,
+            )
+
+        return await self._on_owner(pk, read, deadline=deadline)
+
+    def _read(
+        self,
+        shard: Shard,
+        work: Callable[[int | None], Work[T]],
+        *,
+        consistency: str,
+        token: SessionToken | None,
+        deadline: float,
+    ) -> Awaitable[tuple[T, Served]]:
+        """``work(min_lsn)`` on the best node of ``shard``, ``min_lsn`` being the position
+        the caller's session token asks of it."""
+        min_lsn = _position(token, shard)
+        return self.executor.read(
+            shard, work(min_lsn), consistency=consistency, min_lsn=min_lsn, deadline=deadline
+        )
+
+    async def _on_owner(
+        self, pk: str, run: Callable[[Shard, int], Awaitable[T]], *, deadline: float
+    ) -> T:
+        """``run(shard, slot)`` on the owner of ``pk``'s slot, following the map as it moves."""
+        attempt = 0
+        while True:
+            topology = self.watcher.require_topology()
+            slot = slot_of(pk, topology.slot_count)
+            shard = topology.shard_for_slot(slot)
+            if shard is None:
+                raise errors.ShardUnavailable("none", f"slot {slot} has no owner")
+            try:
+                return await run(shard, slot)
+            except errors.StaleMap:
+                await self.executor.after_stale(
+                    topology, attempt=attempt, deadline=deadline, shard=shard.name
+                )
+                attempt += 1
+
+    # -- every shard -------------------------------------------------------------
+
+    async def scan(
+        self,
+        *,
+        table: str,
+        after: Key | None,
+        limit: int,
+        consistency: str,
+        token: SessionToken | None,
+    ) -> tuple[list[store.Item], list[Served]]:
+        """The first ``limit`` + 1 items of ``table`` after ``after`` in global (pk, sk)
+        order, merged from every shard (one more than asked tells the caller that there
+        are more).
+
+        The cursor is a key, not a position on a shard: every page asks every shard for
+        the items after it, so slots that move between shards during a long scan are
+        neither skipped nor repeated.  Each shard is asked only for the slots this
+        instance's topology gives it, and answers only from a node that owns every one
+        of them (a replica that has not replayed a cutover passes the page on; a primary
+        that has handed slots over means the topology is stale: refresh and read the page
+        again), so at any consistency each slot is read exactly once.
+        """
+        deadline = self.executor.deadline()
+        attempt = 0
+        while True:
+            topology = self.watcher.require_topology()
+            slots = _slots_by_shard(topology)
+            try:
+                pages = await asyncio.gather(
+                    *(
+                        self._read(
+                            shard,
+                            _scan_page(table, slots.get(name, []), after, limit + 1),
+                            consistency=consistency,
+                            token=token,
+                            deadline=deadline,
+                        )
+                        for name, shard in sorted(topology.shards.items())
+                    )
+                )
+                break
+            except errors.StaleMap:
+                await self.executor.after_stale(
+                    topology, attempt=attempt, deadline=deadline, shard="scan"
+                )
+                attempt += 1
+        merged: dict[Key, store.Item] = {}
+        for page, _ in pages:
+            for item in page:
+                merged.setdefault((item.pk, item.sk), item)
+        ordered = [merged[key] for key in sorted(merged)]
+        return ordered[: limit + 1], [served for _, served in pages]
+
+    async def on_every_primary(self, work: Work[T], *, deadline: float | None = None) -> list[T]:
+        """``work`` on every shard's primary in parallel; the first failure once all ended."""
+        topology = self.watcher.require_topology()
+        until = self.executor.deadline() if deadline is None else deadline
+        outcomes = await asyncio.gather(
+            *(
+                self.executor.write(shard, work, deadline=until)
+                for shard in topology.shards.values()
+            ),
+            return_exceptions=True,
+        )
+        results = []
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            results.append(outcome[0])
+        return results
+
+    # -- batches -----------------------------------------------------------------
+
+    async def batch_get(
+        self,
+        *,
+        table: str,
+        keys: Sequence[Key],
+        consistency: str,
+        token: SessionToken | None,
+    ) -> tuple[list[store.Item | None], list[Served]]:
+        """Each key's item (None: absent) in the order of ``keys``; one query per shard."""
+        deadline = self.executor.deadline()
+        slotted = self._slotted(keys)
+        found: list[store.Item | None] = [None] * len(keys)
+        touched: list[Served] = []
+
+        async def read(shard: Shard, indexes: list[int]) -> None:
+            keys = [slotted[i] for i in indexes]
+            items, served = await self._read(
+                shard,
+                lambda min_lsn: (
+                    lambda conn: store.get_many(conn, table=table, keys=keys, min_lsn=min_lsn)
+                ),
+                consistency=consistency,
+                token=token,
+                deadline=deadline,
+            )
+            touched.append(served)
+            for i, item in zip(indexes, items, strict=True):
+                found[i] = item
+
+        await self._per_shard(slotted, read, deadline=deadline)
+        return found, touched
+
+    async def batch_write(
+        self,
+        *,
+        table: str,
+        puts: Sequence[tuple[str, str, Any]],
+        deletes: Sequence[Key],
+        token: SessionToken | None,
+    ) -> BatchWritten:
+        """Puts (pk, sk, doc) and deletes (pk, sk), atomically per shard: each shard's
+        group commits or fails as a whole, and a group's failure is its keys' outcome."""
+        deadline = self.executor.deadline()
+        slotted = self._slotted([(pk, sk) for pk, sk, _ in puts] + list(deletes))
+        docs = [doc for _, _, doc in puts]
+        outcomes = [KeyOutcome() for _ in slotted]
+        written = BatchWritten(outcomes, token or SessionToken({}))
+
+        async def write(shard: Shard, indexes: list[int]) -> None:
+            ops = [
+                store.BatchWrite(*slotted[i], docs[i] if i < len(docs) else None) for i in indexes
+            ]
+            try:
+                (versions, lsn), served = await self.executor.write(
+                    shard,
+                    lambda conn: store.write_batch(conn, table=table, ops=ops),
+                    deadline=deadline,
+                )
+            except errors.ApiError as exc:
+                for i in indexes:
+                    outcomes[i] = KeyOutcome(error=exc)
+                return
+            written.session = written.session.merged(served.shard, lsn)
+            written.served.append(served)
+            for i, version in zip(indexes, versions, strict=True):
+                outcomes[i] = KeyOutcome(version=version)
+
+        await self._per_shard(slotted, write, deadline=deadline)
+        return written
+
+    def _slotted(self, keys: Sequence[Key]) -> list[tuple[int, str, str]]:
+        slot_count = self.watcher.require_topology().slot_count
+        return [(slot_of(pk, slot_count), pk, sk) for pk, sk in keys]
+
+    async def _per_shard(
+        self,
+        keys: list[tuple[int, str, str]],
+        run: Callable[[Shard, list[int]], Awaitable[None]],
+        *,
+        deadline: float,
+    ) -> None:
+        """``run(shard, indexes)`` for each shard's share of ``keys`` (slot, pk, sk), in
+        parallel; the groups a shard refused are regrouped and run again."""
+        pending = list(range(len(keys)))
+        attempt = 0
+        while pending:
+            topology = self.watcher.require_topology()
+            groups = _group(topology, [keys[i] for i in pending])
+            outcomes = await asyncio.gather(
+                *(
+                    run(topology.shards[name], [pending[i] for i in indexes])
+                    for name, indexes in groups.items()
+                ),
+                return_exceptions=True,
+            )
+            retry: list[int] = []
+            refused = []
+            for (name, indexes), outcome in zip(groups.items(), outcomes, strict=True):
+                if isinstance(outcome, errors.StaleMap):
+                    retry.extend(pending[i] for i in indexes)
+                    refused.append(name)
+                elif isinstance(outcome, BaseException):
+                    raise outcome
+            pending = sorted(retry)
+            if pending:
+                await self.executor.after_stale(
+                    topology, attempt=attempt, deadline=deadline, shard=",".join(refused)
+                )
+                attempt += 1
+
+
+def _scan_page(
+    table: str, slots: list[int], after: Key | None, limit: int
+) -> Callable[[int | None], Work[list[store.Item]]]:
+    def work(min_lsn: int | None) -> Work[list[store.Item]]:
+        return lambda conn: store.scan(
+            conn, table=table, slots=slots, after=after, limit=limit, min_lsn=min_lsn
+        )
+
+    return work
+
+
+def _slots_by_shard(topology: Topology) -> dict[str, list[int]]:
+    slots: dict[str, list[int]] = {}
+    for slot, owner in enumerate(topology.slot_map):
+        if owner is not None:
+            slots.setdefault(owner, []).append(slot)
+    return slots
+
+
+def _group(topology: Topology, keys: list[tuple[int, str, str]]) -> dict[str, list[int]]:
+    """shard name -> indexes of ``keys`` (slot, pk, sk) it owns."""
+    groups: dict[str, list[int]] = {}
+    for index, (slot, _, _) in enumerate(keys):
+        owner = topology.slot_map[slot]
+        if owner is None:
+            raise errors.ShardUnavailable("none", f"slot {slot} has no owner")
+        groups.setdefault(owner, []).append(index)
+    return groups

@@ -1,0 +1,318 @@
+"""The executor: runs one unit of work on one node of a shard, under the request's deadline.
+
+Work is one shape everywhere: ``work(conn) -> result``, an ``async`` function of a
+connection (:data:`Work`).  The executor picks the node (the primary for writes, the
+best node for the consistency asked for reads), translates every failure into what it
+means for the caller, buffers writes while a shard has no primary, and paces the retries
+of an operation that a shard refused because this instance's map was stale.
+
+Safety notes:
+
+* Fencing is not ours to trust: the shard checks slot ownership in the same transaction
+  as the write.  An instance with an old map is refused (``StaleMap``), refreshes, and
+  retries until the request's deadline; nothing it does here can double-own a slot.
+* A write whose connection is lost or whose deadline passes after it was sent may have
+  committed: it is reported as ``OutcomeUnknown`` and never retried.
+* A write that could not reach a primary (none on record, or the connection was
+  refused) wrote nothing: it waits for a new primary up to ``write_buffer_timeout``.
+* A write goes out only under the watcher's topology lease and is counted in flight
+  until it ends (see :mod:`shardd.watcher`).
+* A query interrupted by the deadline is cancelled on the server, not left running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import asyncpg
+
+from . import errors, metrics, router
+from .config import Settings
+from .nodes import UNREPLICATED, HealthMonitor, NodePools
+from .topology import Node, Shard, Topology
+from .watcher import TopologyWatcher
+
+T = TypeVar("T")
+Work = Callable[[asyncpg.Connection], Awaitable[T]]
+RETRY_BUDGET = 0.5  # seconds a retry after a refused slot needs left before the deadline
+# Seconds a connection whose query the deadline interrupted may wait for the shard to
+# confirm the cancel before it is dropped.
+CANCEL_WAIT = 1.0
+
+
+@dataclass(frozen=True)
+class Served:
+    """Where an operation ran."""
+
+    shard: str
+    node: str
+
+    def header(self) -> str:
+        return f"{self.shard}/{self.node}"
+
+
+class NodeLost(Exception):
+    """A read's node failed before answering; another node may serve it."""
+
+
+class NotSent(Exception):
+    """A write was not sent after all: route it again under the current topology."""
+
+
+class LeaseLapsed(NotSent):
+    """Too little of the lease was left once a write had its connection."""
+
+
+class PrimaryReplaced(NotSent):
+    """A newer topology arrived while the write waited for its connection, and its node
+    is no longer a primary there."""
+
+
+class Executor:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        watcher: TopologyWatcher,
+        health: HealthMonitor,
+        pools: NodePools,
+    ) -> None:
+        self.settings = settings
+        self.watcher = watcher
+        self.health = health
+        self.pools = pools
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def close(self) -> None:
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.pools.close()
+
+    def deadline(self) -> float:
+        return time.monotonic() + self.settings.request_timeout
+
+    # -- writes ------------------------------------------------------------------
+
+    async def write(self, shard: Shard, work: Work[T], *, deadline: float) -> tuple[T, Served]:
+        """Run a write on one shard's primary, waiting for one if there is none.
+
+        A shard refusing the slots raises StaleMap: the caller re-routes (single writes)
+        or regroups (batches).
+        """
+        buffer_until: float | None = None
+        epoch = self.watcher.require_topology().epoch
+        while True:
+            await self.watcher.confirm_lease(deadline)
+            primary = shard.primary
+            if shard.write_block is not None:
+                raise errors.WritesRefused(shard.name, shard.write_block)
+            try:
+                if primary is None:
+                    raise errors.ShardUnavailable(shard.name, "it has no primary")
+                result = await self._run(shard.name, primary, work, writing=True, deadline=deadline)
+                return result, Served(shard.name, primary.name)
+            except NotSent:  # route again under the topology now current
+                fresh = self.watcher.require_topology().shards.get(shard.name)
+                if fresh is None:
+                    raise errors.StaleMap(f"shard {shard.name} is gone") from None
+                shard = fresh
+                continue
+            except errors.ShardUnavailable as exc:  # nothing was written: wait for a primary
+                if buffer_until is None:
+                    buffer_until = min(
+                        deadline - 0.05, time.monotonic() + self.settings.write_buffer_timeout
+                    )
+                await self._await_primary(epoch, exc, buffer_until)
+                topology = self.watcher.require_topology()
+                epoch = topology.epoch
+                shard = topology.shards.get(shard.name, shard)
+
+    async def _await_primary(
+        self, epoch: int, failure: errors.ShardUnavailable, until: float
+    ) -> None:
+        """Buffer a write that found no reachable primary: wait for a new topology (or a
+        moment, to try again) until ``until``; then fail with the original 503."""
+        remaining = until - time.monotonic()
+        if remaining <= 0:
+            metrics.WRITES_NO_PRIMARY.labels(failure.shard).inc()
+            raise failure
+        changed = self.watcher.changed()
+        current = self.watcher.topology
+        if current is not None and current.epoch != epoch:
+            return
+        metrics.BUFFERED_WRITES.inc()
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(remaining, 0.25)):
+                    await changed.wait()
+        finally:
+            metrics.BUFFERED_WRITES.dec()
+
+    # -- reads -------------------------------------------------------------------
+
+    async def read(
+        self,
+        shard: Shard,
+        work: Work[T],
+        *,
+        consistency: str,
+        min_lsn: int | None,
+        deadline: float,
+    ) -> tuple[T, Served]:
+        """Run a read on the best node of ``shard`` for the consistency asked.
+
+        ``work`` raises :class:`~shardd.errors.NotCaughtUp` when its node has not replayed
+        ``min_lsn`` (or a cutover): the next candidate, finally the primary, is tried.  A
+        node that fails is skipped once; raises StaleMap when the shard refuses the slot.
+        """
+        candidates = router.read_candidates(
+            shard,
+            self.health.snapshot,
+            consistency=consistency,
+            min_lsn=min_lsn,
+            max_lag_bytes=self.settings.max_replica_lag_bytes,
+            max_lag_seconds=self.settings.max_replica_lag_seconds,
+        )
+        failures = 0
+        for node in candidates:
+            try:
+                result = await self._run(shard.name, node, work, writing=False, deadline=deadline)
+            except NodeLost:
+                failures += 1
+                metrics.READ_RETRIES.inc()
+                if failures > 1:
+                    break
+                continue
+            except errors.NotCaughtUp:
+                continue
+            return result, Served(shard.name, node.name)
+        raise errors.ShardUnavailable(shard.name, "no node could serve the read")
+
+    # -- stale maps --------------------------------------------------------------
+
+    async def after_stale(
+        self, topology: Topology, *, attempt: int, deadline: float, shard: str
+    ) -> None:
+        """Refresh the map; back off a little while the catalog has nothing newer yet.
+
+        The refresh compares epochs first: while a cutover is in progress the catalog has
+        nothing newer, and reloading the whole map on every refused retry would only
+        slow the moment it does.
+        """
+        changed = self.watcher.changed()
+        fresh = await self.watcher.refresh(seen_epoch=topology.epoch, deadline=deadline)
+        if fresh.epoch == topology.epoch:
+            pause = min(0.1, 0.005 * 2**attempt)
+            # A retry that the deadline would cut short gains nothing: a write would end
+            # ambiguous (504) instead of cleanly refused (503).
+            if time.monotonic() + pause + RETRY_BUDGET >= deadline:
+                raise errors.ShardUnavailable(
+                    shard, "the slot is changing owner; retry", retry_after=1
+                )
+            # Woken early by the new topology (LISTEN) when the change is published.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pause):
+                    await changed.wait()
+
+    # -- one node ----------------------------------------------------------------
+
+    async def _run(
+        self, shard: str, node: Node, work: Work[T], *, writing: bool, deadline: float
+    ) -> T:
+        """Run ``work`` on one node, translating every failure into what it means."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise errors.Timeout("the request deadline passed")
+        started = time.perf_counter()
+        pool = conn = None
+        cancelled = sending = False
+        sent_at = 0.0
+        # One timer for the whole call; ``conn`` tells whether the work was already sent.
+        try:
+            async with asyncio.timeout(remaining):
+                pool = await self.pools.pool(node)
+                conn = await pool.acquire()
+                if writing:
+                    if not self.watcher.may_send_write():
+                        raise LeaseLapsed  # the pool was slow; the caller confirms again
+                    sending, sent_at = True, time.monotonic()
+                    if not self.watcher.write_sending(node):
+                        raise PrimaryReplaced
+                result = await work(conn)
+                if writing and conn in UNREPLICATED:
+                    UNREPLICATED.discard(conn)
+                    raise errors.OutcomeUnknown(
+                        f"{node.name} committed the write locally, but its synchronous standby"
+                        " did not confirm it in time; it may be lost by a failover"
+                    )
+                return result
+        except (TimeoutError, *errors.CONNECT_ERRORS, *errors.LOST_CONNECTION_ERRORS) as exc:
+            if conn is None:
+                metrics.QUERY_ERRORS.labels(shard, node.name, "connect").inc()
+                if not writing:
+                    raise NodeLost(str(exc)) from exc
+                raise errors.ShardUnavailable(
+                    shard, f"cannot connect to {node.name} ({type(exc).__name__}: {exc})"
+                ) from exc
+            metrics.QUERY_ERRORS.labels(shard, node.name, "lost").inc()
+            if isinstance(exc, TimeoutError):
+                # The deadline interrupted the query and asyncpg sent the server a cancel
+                # request; dropping the connection now would leave the query running.
+                cancelled = True
+            else:
+                with contextlib.suppress(Exception):  # the pool may have dropped it already
+                    conn.terminate()
+            if writing:
+                if sending:
+                    # It may still commit on the shard until statement_timeout after it
+                    # was sent: it counts as in flight (for the watcher's drain) until then.
+                    self.watcher.write_ends_by(node.name, sent_at + self.settings.statement_timeout)
+                    sending = False
+                raise errors.OutcomeUnknown(
+                    f"the connection to {node.name} failed before the commit was confirmed;"
+                    " the write may or may not have been applied"
+                ) from exc
+            if isinstance(exc, TimeoutError):
+                raise errors.Timeout(f"{node.name} did not answer before the deadline") from exc
+            raise NodeLost(str(exc)) from exc
+        except asyncpg.PostgresError as exc:
+            translated = errors.from_postgres(exc)
+            if isinstance(translated, errors.StaleMap):
+                metrics.STALE_MAP_RETRIES.inc()
+            elif type(translated) is errors.ApiError:
+                metrics.QUERY_ERRORS.labels(shard, node.name, "sql").inc()
+            raise translated from exc
+        finally:
+            if sending:
+                self.watcher.write_ended(node.name)
+            if writing and conn is not None:
+                UNREPLICATED.discard(conn)
+            if conn is not None and pool is not None:
+                metrics.QUERY_SECONDS.labels(shard, node.name).observe(
+                    time.perf_counter() - started
+                )
+                if cancelled:
+                    self._release_after_cancel(pool, conn)
+                else:
+                    with contextlib.suppress(Exception):
+                        await pool.release(conn)
+
+    def _release_after_cancel(self, pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
+        """Return a connection whose query was cancelled, without holding up the response.
+
+        asyncpg's release waits for the server to confirm the cancel (at most
+        ``CANCEL_WAIT``; then it drops the connection, and the server notices the closed
+        socket within ``client_connection_check_interval``).
+        """
+
+        async def release() -> None:
+            with contextlib.suppress(Exception):
+                await pool.release(conn, timeout=CANCEL_WAIT)
+
+        task = asyncio.get_running_loop().create_task(release())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
