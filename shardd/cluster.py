@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 
@@ -59,10 +60,18 @@ class Cluster:
         self._health_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Load the topology (or keep trying in the background) and start health checks."""
+        """Load the topology (or keep trying in the background) and check every node once
+        it is there, so that reads use replicas from the first request on."""
         await self.watcher.start()
-        await self.health.check_all()
-        self._health_task = asyncio.create_task(self.health.run(), name="health")
+        if self.watcher.topology is not None:
+            with contextlib.suppress(Exception):  # the checks go on in the background
+                await self.health.check_all()
+        self._health_task = asyncio.create_task(self._check_health(), name="health")
+
+    async def _check_health(self) -> None:
+        while self.watcher.topology is None:
+            await self.watcher.changed().wait()
+        await self.health.run()
 
     async def close(self) -> None:
         if self._health_task is not None:

@@ -121,7 +121,9 @@ class Settings:
     )
     max_key_bytes: int = _setting(1024, "Largest partition or sort key, in UTF-8 bytes.")
     max_json_depth: int = _setting(32, "Deepest nesting of arrays and objects in an item.")
-    max_batch_keys: int = _setting(100, "Most keys in one batch get or batch write.")
+    max_batch_keys: int = _setting(
+        100, "Most keys in one batch get, and most puts and most deletes in one batch write."
+    )
     max_page_size: int = _setting(1000, "Largest `limit` for partition queries and scans.")
     default_page_size: int = _setting(100, "`limit` when a query or scan gives none.")
     shutdown_timeout: float = _setting(

@@ -101,7 +101,9 @@ class DataPlane:
         (0: only if absent)."""
         deadline = self.executor.deadline()
 
-        def write(shard: Shard, slot: int) -> Awaitable[tuple[store.WriteResult, Served]]:
+        def write(
+            topology: Topology, shard: Shard, slot: int
+        ) -> Awaitable[tuple[store.WriteResult, Served]]:
             return self.executor.write(
                 shard,
                 lambda conn: store.write(
@@ -115,6 +117,7 @@ class DataPlane:
                     if_version=if_version,
                     max_item_bytes=self.settings.max_body_bytes,
                 ),
+                epoch=topology.epoch,
                 deadline=deadline,
             )
 
@@ -158,7 +161,7 @@ class DataPlane:
         """A read of ``pk``'s slot: ``work(slot, min_lsn)`` on its owner's best node."""
         deadline = self.executor.deadline()
 
-        def read(shard: Shard, slot: int) -> Awaitable[tuple[T, Served]]:
+        def read(topology: Topology, shard: Shard, slot: int) -> Awaitable[tuple[T, Served]]:
             return self._read(
                 shard,
                 lambda min_lsn: work(slot, min_lsn),
@@ -186,9 +189,10 @@ class DataPlane:
         )
 
     async def _on_owner(
-        self, pk: str, run: Callable[[Shard, int], Awaitable[T]], *, deadline: float
+        self, pk: str, run: Callable[[Topology, Shard, int], Awaitable[T]], *, deadline: float
     ) -> T:
-        """``run(shard, slot)`` on the owner of ``pk``'s slot, following the map as it moves."""
+        """``run(topology, shard, slot)`` on the owner of ``pk``'s slot, following the map
+        as it moves."""
         attempt = 0
         while True:
             topology = self.watcher.require_topology()
@@ -197,7 +201,7 @@ class DataPlane:
             if shard is None:
                 raise errors.ShardUnavailable("none", f"slot {slot} has no owner")
             try:
-                return await run(shard, slot)
+                return await run(topology, shard, slot)
             except errors.StaleMap:
                 await self.executor.after_stale(
                     topology, attempt=attempt, deadline=deadline, shard=shard.name
@@ -264,7 +268,7 @@ class DataPlane:
         until = self.executor.deadline() if deadline is None else deadline
         outcomes = await asyncio.gather(
             *(
-                self.executor.write(shard, work, deadline=until)
+                self.executor.write(shard, work, epoch=topology.epoch, deadline=until)
                 for shard in topology.shards.values()
             ),
             return_exceptions=True,
@@ -292,7 +296,7 @@ class DataPlane:
         found: list[store.Item | None] = [None] * len(keys)
         touched: list[Served] = []
 
-        async def read(shard: Shard, indexes: list[int]) -> None:
+        async def read(topology: Topology, shard: Shard, indexes: list[int]) -> None:
             keys = [slotted[i] for i in indexes]
             items, served = await self._read(
                 shard,
@@ -319,14 +323,19 @@ class DataPlane:
         token: SessionToken | None,
     ) -> BatchWritten:
         """Puts (pk, sk, doc) and deletes (pk, sk), atomically per shard: each shard's
-        group commits or fails as a whole, and a group's failure is its keys' outcome."""
+        group commits or fails as a whole, and a group's failure is its keys' outcome.
+
+        Once one group has committed, a later failure (a refused group that cannot be
+        routed again in time) is the outcome of the keys not written, never of the whole
+        request: the caller learns which keys were written.
+        """
         deadline = self.executor.deadline()
         slotted = self._slotted([(pk, sk) for pk, sk, _ in puts] + list(deletes))
         docs = [doc for _, _, doc in puts]
-        outcomes = [KeyOutcome() for _ in slotted]
-        written = BatchWritten(outcomes, token or SessionToken({}))
+        outcomes: list[KeyOutcome | None] = [None] * len(slotted)
+        written = BatchWritten([], token or SessionToken({}))
 
-        async def write(shard: Shard, indexes: list[int]) -> None:
+        async def write(topology: Topology, shard: Shard, indexes: list[int]) -> None:
             ops = [
                 store.BatchWrite(*slotted[i], docs[i] if i < len(docs) else None) for i in indexes
             ]
@@ -334,6 +343,7 @@ class DataPlane:
                 (versions, lsn), served = await self.executor.write(
                     shard,
                     lambda conn: store.write_batch(conn, table=table, ops=ops),
+                    epoch=topology.epoch,
                     deadline=deadline,
                 )
             except errors.ApiError as exc:
@@ -345,7 +355,14 @@ class DataPlane:
             for i, version in zip(indexes, versions, strict=True):
                 outcomes[i] = KeyOutcome(version=version)
 
-        await self._per_shard(slotted, write, deadline=deadline)
+        failure: errors.ApiError | None = None  # every key has its outcome without one
+        try:
+            await self._per_shard(slotted, write, deadline=deadline)
+        except errors.ApiError as exc:
+            if not written.served:
+                raise
+            failure = exc
+        written.outcomes = [KeyOutcome(error=failure) if o is None else o for o in outcomes]
         return written
 
     def _slotted(self, keys: Sequence[Key]) -> list[tuple[int, str, str]]:
@@ -355,11 +372,11 @@ class DataPlane:
     async def _per_shard(
         self,
         keys: list[tuple[int, str, str]],
-        run: Callable[[Shard, list[int]], Awaitable[None]],
+        run: Callable[[Topology, Shard, list[int]], Awaitable[None]],
         *,
         deadline: float,
     ) -> None:
-        """``run(shard, indexes)`` for each shard's share of ``keys`` (slot, pk, sk), in
+        """``run(topology, shard, indexes)`` for each shard's share of ``keys`` (slot, pk, sk), in
         parallel; the groups a shard refused are regrouped and run again."""
         pending = list(range(len(keys)))
         attempt = 0
@@ -368,7 +385,7 @@ class DataPlane:
             groups = _group(topology, [keys[i] for i in pending])
             outcomes = await asyncio.gather(
                 *(
-                    run(topology.shards[name], [pending[i] for i in indexes])
+                    run(topology, topology.shards[name], [pending[i] for i in indexes])
                     for name, indexes in groups.items()
                 ),
                 return_exceptions=True,

@@ -97,14 +97,15 @@ class Executor:
 
     # -- writes ------------------------------------------------------------------
 
-    async def write(self, shard: Shard, work: Work[T], *, deadline: float) -> tuple[T, Served]:
+    async def write(
+        self, shard: Shard, work: Work[T], *, epoch: int, deadline: float
+    ) -> tuple[T, Served]:
         """Run a write on one shard's primary, waiting for one if there is none.
 
-        A shard refusing the slots raises StaleMap: the caller re-routes (single writes)
-        or regroups (batches).
+        ``shard`` is as the topology of ``epoch`` describes it.  A shard refusing the
+        slots raises StaleMap: the caller re-routes (single writes) or regroups (batches).
         """
         buffer_until: float | None = None
-        epoch = self.watcher.require_topology().epoch
         while True:
             await self.watcher.confirm_lease(deadline)
             primary = shard.primary
@@ -166,8 +167,9 @@ class Executor:
         """Run a read on the best node of ``shard`` for the consistency asked.
 
         ``work`` raises :class:`~shardd.errors.NotCaughtUp` when its node has not replayed
-        ``min_lsn`` (or a cutover): the next candidate, finally the primary, is tried.  A
-        node that fails is skipped once; raises StaleMap when the shard refuses the slot.
+        ``min_lsn`` (or a cutover), and a replica refuses a slot it has not replayed the
+        cutover of: the next candidate, finally the primary, is tried.  A node that fails
+        is skipped once; raises StaleMap when the primary refuses the slot.
         """
         candidates = router.read_candidates(
             shard,
@@ -188,6 +190,12 @@ class Executor:
                     break
                 continue
             except errors.NotCaughtUp:
+                continue
+            except errors.StaleMap:
+                # A replica that has not replayed a cutover yet refuses the slot; its
+                # primary answers (or, if it refuses too, the map is stale).
+                if node is shard.primary:
+                    raise
                 continue
             return result, Served(shard.name, node.name)
         raise errors.ShardUnavailable(shard.name, "no node could serve the read")
@@ -239,8 +247,9 @@ class Executor:
                 if writing:
                     if not self.watcher.may_send_write():
                         raise LeaseLapsed  # the pool was slow; the caller confirms again
+                    still_primary = self.watcher.write_sending(node)
                     sending, sent_at = True, time.monotonic()
-                    if not self.watcher.write_sending(node):
+                    if not still_primary:
                         raise PrimaryReplaced
                 result = await work(conn)
                 if writing and conn in UNREPLICATED:
@@ -279,6 +288,13 @@ class Executor:
             if isinstance(exc, TimeoutError):
                 raise errors.Timeout(f"{node.name} did not answer before the deadline") from exc
             raise NodeLost(str(exc)) from exc
+        except asyncio.CancelledError:
+            if sending:
+                # Cancelled from outside (shutdown) after sending: the statement may still
+                # commit until statement_timeout after it was sent.
+                self.watcher.write_ends_by(node.name, sent_at + self.settings.statement_timeout)
+                sending = False
+            raise
         except asyncpg.PostgresError as exc:
             translated = errors.from_postgres(exc)
             if isinstance(translated, errors.StaleMap):

@@ -207,36 +207,28 @@ class BatchWrite:
 async def write_batch(
     conn: asyncpg.Connection, *, table: str, ops: list[BatchWrite]
 ) -> tuple[list[int | None], int]:
-    """All puts and deletes for one shard in one transaction, in one statement.
+    """All puts and deletes for one shard in one transaction, in one statement that also
+    commits (``shardd_write_batch``: its note says why that matters and why it cannot
+    deadlock).
 
     Returns, in the order of ``ops``, each put's new version and each delete's deleted
-    version (None: was absent), and the WAL position after the commit.
-
-    Deadlock-free: the keys are written in (slot, pk, sk) order, so every batch takes
-    its slot locks (shared) in ascending slot order, as a freeze takes them (exclusive),
-    and its row locks in key order, as every other batch does.  Volatile calls in the
-    select list run after the ORDER BY, one row at a time.
+    version (None: was absent), and the WAL position after the commit.  Two ops on the
+    same key run in the order of ``ops``.
     """
     order = sorted(range(len(ops)), key=lambda i: (ops[i].slot, ops[i].pk, ops[i].sk))
-    async with conn.transaction():
-        rows = await conn.fetch(
-            "SELECT CASE WHEN k.is_put"
-            " THEN (shardd_put(k.slot, $1, k.pk, k.sk, k.doc, NULL)).version"
-            " ELSE shardd_delete(k.slot, $1, k.pk, k.sk, NULL) END AS version"
-            " FROM unnest($2::int[], $3::text[], $4::text[], $5::jsonb[], $6::bool[])"
-            " WITH ORDINALITY AS k(slot, pk, sk, doc, is_put, ord) ORDER BY k.ord",
-            table,
-            [ops[i].slot for i in order],
-            [ops[i].pk for i in order],
-            [ops[i].sk for i in order],
-            [ops[i].doc for i in order],
-            [ops[i].doc is not None for i in order],
-        )
-    lsn: int = await conn.fetchval("SELECT pg_current_wal_lsn()")
+    row = await conn.fetchrow(
+        "CALL shardd_write_batch($1, $2::int[], $3::text[], $4::text[], $5::jsonb[], $6::bool[])",
+        table,
+        [ops[i].slot for i in order],
+        [ops[i].pk for i in order],
+        [ops[i].sk for i in order],
+        [ops[i].doc for i in order],
+        [ops[i].doc is not None for i in order],
+    )
     versions: list[int | None] = [None] * len(ops)
-    for i, row in zip(order, rows, strict=True):
-        versions[i] = row["version"]
-    return versions, lsn
+    for i, version in zip(order, row["versions"], strict=True):
+        versions[i] = version
+    return versions, row["lsn"]
 
 
 async def table_has_items(conn: asyncpg.Connection, table: str) -> bool:

@@ -74,6 +74,11 @@ class TopologyWatcher:
         self._tasks = [asyncio.create_task(self._poll_catalog(), name="catalog-poll")]
 
     async def close(self) -> None:
+        # The listener goes first: a notification must not start a refresh that reports
+        # this instance again after it was forgotten.
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.close(timeout=1)
         for task in (*self._tasks, *self._background):
             task.cancel()
         await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
@@ -81,9 +86,6 @@ class TopologyWatcher:
             async with asyncio.timeout(1):
                 async with self.catalog_connection() as conn:
                     await catalog.forget_instance(conn, self.instance)
-        if self._listener is not None:
-            with contextlib.suppress(Exception):
-                await self._listener.close(timeout=1)
         if self._catalog is not None:
             await self._catalog.close()
 

@@ -55,7 +55,9 @@ def _served_headers(
 
 
 def _served_by(served: list[Served]) -> dict[str, str]:
-    """Shardd-Served-By for a request that touched several shards."""
+    """Shardd-Served-By for a request that touched several shards (none: no header)."""
+    if not served:
+        return {}
     return {"Shardd-Served-By": ", ".join(sorted({s.header() for s in served}))}
 
 
@@ -328,6 +330,11 @@ async def scan(request: web.Request) -> web.Response:
     cluster, settings = _ctx(request)
     table = await _table(request)
     limit = _limit(request, settings)
+    if "cursor" in request.query:
+        raise errors.BadRequest(
+            "scans continue at after_pk and after_sk (the page's next), not a cursor",
+            code="invalid_parameter",
+        )
     after_pk = validate.position(request.query.get("after_pk"), what="after_pk")
     after_sk = validate.position(request.query.get("after_sk"), what="after_sk")
     token = _session(request)

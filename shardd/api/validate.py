@@ -115,7 +115,7 @@ def _check_tree(value: Any, max_depth: int) -> None:
 def int_param(raw: str | None, *, name: str, default: int, low: int, high: int) -> int:
     if raw is None:
         return default
-    if not raw.isdigit() or len(raw) > 9:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
         raise BadRequest(f"{name} must be an integer", code="invalid_parameter")
     value = int(raw)
     if not low <= value <= high:

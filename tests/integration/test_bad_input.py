@@ -127,7 +127,12 @@ def test_a_scan_position_with_nul_is_400(api: Api, table: str, name: str) -> Non
     assert_error(api.request("GET", f"/v1/tables/{table}/scan?{name}=a%00"), 400)
 
 
-@pytest.mark.parametrize("limit", ["0", "-1", "abc", "1001", "99999999999", ""])
+def test_a_scan_cursor_is_refused_not_ignored(api: Api, table: str) -> None:
+    # Ignoring it would hand an old client the first page again, forever.
+    assert_error(api.request("GET", f"/v1/tables/{table}/scan?cursor=abc"), 400)
+
+
+@pytest.mark.parametrize("limit", ["0", "-1", "abc", "1001", "99999999999", "", "%C2%B2"])
 def test_bad_limits(api: Api, table: str, limit: str) -> None:
     assert_error(api.request("GET", f"/v1/tables/{table}/scan?limit={limit}"), 400)
     assert_error(api.request("GET", f"/v1/tables/{table}/partitions/p?limit={limit}"), 400)

@@ -114,6 +114,7 @@ def test_batch_writes_apply_in_order_and_may_be_empty(api: Api, table: str) -> N
     for empty in ({}, {"puts": []}, {"puts": [], "deletes": []}):
         done = api.request("POST", url, body=empty)
         assert done.status == 200 and done.body["ok"] and done.body["results"] == []
+        assert done.header("Shardd-Served-By") is None
     twice = {
         "puts": [{"pk": "dup", "item": {"n": 1}}, {"pk": "dup", "item": {"n": 2}}],
         "deletes": [{"pk": "kept"}],

@@ -7,6 +7,7 @@ load (same concurrency, same keys, after a warm-up) against:
   a) shardd           GET (strong, and eventual) / PUT /v1/tables/bench/items/{k}
   b) minimal handler  aiohttp + asyncpg on one Postgres, no routing, no checks
   c) asyncpg          the same SQL straight from the load process, no HTTP
+  d) asyncpg          the shard's write procedure (CALL shardd_write), no HTTP
 
 and prints throughput and p50/p99 latency with the ratios a/b and a/c.
 """
@@ -33,6 +34,8 @@ ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 
 from loadgen import Result, closed_loop, table  # noqa: E402
+
+from shardd.placement import slot_of  # noqa: E402
 
 
 def devcluster(*args: str, env: dict[str, str] | None = None) -> str:
@@ -138,6 +141,30 @@ async def run(
 
                     return op
 
+                # The shard's own write procedure, called like shardd calls it, for the
+                # keys whose slots the same primary owns: what fencing, the table fence
+                # and the change log cost in Postgres alone.
+                catalog = await asyncpg.connect(f"postgresql://shardd@127.0.0.1:{port + 1}/shardd")
+                slot_count = await catalog.fetchval("SELECT slot_count FROM shardd_cluster")
+                await catalog.close()
+                owned = {
+                    row[0]
+                    for row in await pool.fetch(
+                        "SELECT slot FROM shardd_slots WHERE state = 'owned'"
+                    )
+                }
+                local = [k for k in names if slot_of(k, slot_count) in owned]
+
+                async def procedure_put(key: str) -> bool:
+                    await pool.fetchrow(
+                        "CALL shardd_write('put', $1, 'bench', $2, '', $3::jsonb, NULL, $4)",
+                        slot_of(key, slot_count),
+                        key,
+                        body.decode(),
+                        1 << 20,
+                    )
+                    return True
+
                 targets = [
                     ("a) shardd GET", shardd_get("strong")),
                     ("a) shardd GET eventual", shardd_get("eventual")),
@@ -152,11 +179,17 @@ async def run(
                         http_op("PUT", f"http://127.0.0.1:{minimal_port}/items"),
                     ),
                     ("c) asyncpg PUT", direct_put),
+                    ("d) asyncpg shardd_write PUT", procedure_put),
                 ]
                 for name, op in targets:
                     results.append(
                         await closed_loop(
-                            name, op, names, concurrency=concurrency, seconds=seconds, warmup=warmup
+                            name,
+                            op,
+                            local if name.startswith("d)") else names,
+                            concurrency=concurrency,
+                            seconds=seconds,
+                            warmup=warmup,
                         )
                     )
                 await pool.close()
@@ -209,6 +242,8 @@ def main(
                 f"| {op} a/{base[0]} | {a.throughput / b.throughput:.2f} | "
                 f"{a.p99_ms / b.p99_ms:.2f} |"
             )
+    d, c = by["d) asyncpg shardd_write PUT"], by["c) asyncpg PUT"]
+    click.echo(f"| PUT d/c | {d.throughput / c.throughput:.2f} | {d.p99_ms / c.p99_ms:.2f} |")
     eventual, strong = by["a) shardd GET eventual"], by["a) shardd GET"]
     click.echo(
         f"| GET eventual/strong | {eventual.throughput / strong.throughput:.2f} | "
