@@ -308,9 +308,7 @@ class Executor:
             if writing and conn is not None:
                 UNREPLICATED.discard(conn)
             if conn is not None and pool is not None:
-                metrics.QUERY_SECONDS.labels(shard, node.name).observe(
-                    time.perf_counter() - started
-                )
+                metrics.observe_query(shard, node.name, time.perf_counter() - started)
                 if cancelled:
                     self._release_after_cancel(pool, conn)
                 else:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
@@ -29,6 +29,29 @@ QUERY_SECONDS = Histogram(
     ["shard", "node"],
     buckets=LATENCY_BUCKETS,
 )
+# Labelled children by label values, looked up once per label set rather than on every
+# request (the label sets are few: routes x methods x statuses, shards x nodes).
+_request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+_query_children: dict[tuple[str, str], Any] = {}
+
+
+def observe_request(route: str, method: str, status: int, seconds: float) -> None:
+    key = (route, method, status)
+    children = _request_children.get(key)
+    if children is None:
+        children = (REQUESTS.labels(route, method, status), REQUEST_SECONDS.labels(route, method))
+        _request_children[key] = children
+    children[0].inc()
+    children[1].observe(seconds)
+
+
+def observe_query(shard: str, node: str, seconds: float) -> None:
+    child = _query_children.get((shard, node))
+    if child is None:
+        child = _query_children[(shard, node)] = QUERY_SECONDS.labels(shard, node)
+    child.observe(seconds)
+
+
 QUERY_ERRORS = Counter(
     "shardd_shard_query_errors_total",
     "Failed queries to shard nodes by kind",

@@ -55,11 +55,11 @@ class Shard:
     write_block: str | None = None  # why writes are refused at once (see catalog 0004)
     degraded: bool = False  # running asynchronously although the cluster is synchronous
 
-    @property
+    @functools.cached_property
     def primary(self) -> Node | None:
         return next((node for node in self.nodes if node.is_primary), None)
 
-    @property
+    @functools.cached_property
     def replicas(self) -> tuple[Node, ...]:
         return tuple(n for n in self.nodes if n.role == "replica" and not n.fenced)
 

@@ -228,8 +228,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = _render(errors.ApiError("internal error"), request_id)
     response.headers["X-Request-Id"] = request_id
     elapsed = time.perf_counter() - started
-    metrics.REQUESTS.labels(route_name, request.method, response.status).inc()
-    metrics.REQUEST_SECONDS.labels(route_name, request.method).observe(elapsed)
+    metrics.observe_request(route_name, request.method, response.status, elapsed)
     if request.app[SETTINGS].access_log:
         request.app[ACCESS_LOG].record(
             {

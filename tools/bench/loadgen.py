@@ -67,6 +67,16 @@ class Result:
     def p99_ms(self) -> float:
         return self.percentile(0.99) * 1000
 
+    def __add__(self, other: Result) -> Result:
+        """Two measurements of the same target as one (e.g. rounds of one run)."""
+        return Result(
+            self.name,
+            self.requests + other.requests,
+            self.errors + other.errors,
+            self.seconds + other.seconds,
+            self.latencies + other.latencies,
+        )
+
 
 async def closed_loop(
     name: str,
