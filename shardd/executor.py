@@ -33,7 +33,7 @@ import asyncpg
 
 from . import errors, metrics, router
 from .config import Settings
-from .nodes import UNREPLICATED, HealthMonitor, NodePools
+from .nodes import UNREPLICATED, HealthMonitor, NodePools, on_notice
 from .topology import Node, Shard, Topology
 from .watcher import TopologyWatcher
 
@@ -245,6 +245,7 @@ class Executor:
                 pool = await self.pools.pool(node)
                 conn = await pool.acquire()
                 if writing:
+                    conn.add_log_listener(on_notice)  # a commit not confirmed by the standby
                     if not self.watcher.may_send_write():
                         raise LeaseLapsed  # the pool was slow; the caller confirms again
                     still_primary = self.watcher.write_sending(node)
@@ -307,6 +308,8 @@ class Executor:
                 self.watcher.write_ended(node.name)
             if writing and conn is not None:
                 UNREPLICATED.discard(conn)
+                with contextlib.suppress(Exception):
+                    conn.remove_log_listener(on_notice)
             if conn is not None and pool is not None:
                 metrics.observe_query(shard, node.name, time.perf_counter() - started)
                 if cancelled:

@@ -31,17 +31,17 @@ log = logging.getLogger(__name__)
 # Connections on which a commit stopped waiting for its synchronous standby: the server
 # then says so in a WARNING and reports success, although only the primary has the write
 # (statement_timeout fired during the wait).  Such a write is reported as ambiguous
-# (shardd/cluster.py, Cluster._run), never as acknowledged.
+# (shardd/executor.py, Executor._run, which listens with ``on_notice`` while it writes),
+# never as acknowledged.
 UNREPLICATED: set[object] = set()
 
 
-def _on_notice(conn: object, message: object) -> None:
+def on_notice(conn: object, message: object) -> None:
     if "wait for synchronous replication" in str(getattr(message, "message", "")):
         UNREPLICATED.add(conn)
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
-    conn.add_log_listener(_on_notice)
     # Documents come back as pre-serialized JSON fragments: a read never parses and
     # re-serializes the item, it splices the bytes Postgres sent into the response.
     await conn.set_type_codec(
@@ -54,15 +54,14 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
-    """Pool reset hook: nothing to undo but the notice listener to put back.
+    """Pool reset hook: there is nothing to undo.
 
     asyncpg's default reset costs a round trip per release (advisory unlock, CLOSE ALL,
     UNLISTEN, RESET ALL).  shardd leaves no session state on pooled connections: locks
-    are transaction-scoped, nothing LISTENs or SETs, and asyncpg itself still rolls back
-    a connection returned inside a transaction.  asyncpg drops a connection's log
-    listeners on every release, so the one that spots unreplicated commits comes back.
+    are transaction-scoped, nothing LISTENs or SETs, a write's notice listener is removed
+    before the release, and asyncpg itself still rolls back a connection returned inside
+    a transaction.
     """
-    conn.add_log_listener(_on_notice)
 
 
 async def _initialized(pool: asyncpg.Pool) -> asyncpg.Pool:
