@@ -9,8 +9,8 @@ import orjson
 from aiohttp import web
 
 
-async def make_app(dsn: str) -> web.Application:
-    pool = await asyncpg.create_pool(dsn, min_size=4, max_size=10)
+async def make_app(dsn: str, pool_size: int) -> web.Application:
+    pool = await asyncpg.create_pool(dsn, min_size=4, max_size=pool_size)
 
     async def get(request: web.Request) -> web.Response:
         row = await pool.fetchrow(
@@ -41,5 +41,9 @@ async def make_app(dsn: str) -> web.Application:
 
 if __name__ == "__main__":
     web.run_app(
-        make_app(sys.argv[1]), host="127.0.0.1", port=int(sys.argv[2]), access_log=None, print=None
+        make_app(sys.argv[1], int(sys.argv[3])),
+        host="127.0.0.1",
+        port=int(sys.argv[2]),
+        access_log=None,
+        print=None,
     )

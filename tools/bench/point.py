@@ -37,6 +37,12 @@ from loadgen import Result, closed_loop, table  # noqa: E402
 
 from shardd.placement import slot_of  # noqa: E402
 
+# The minimal handler's pool: its connections into Postgres.  shardd gets the same
+# budget by default, spread over the shards' primaries (3 x 4 = 12 connections): on a
+# small machine more backends than cores only add contention, for both alike.
+MINIMAL_POOL = 10
+SHARDS = 3
+
 
 def devcluster(*args: str, env: dict[str, str] | None = None) -> str:
     return subprocess.run(
@@ -72,6 +78,7 @@ async def run(
     warmup: float,
     port: int,
     access_log: bool,
+    pool_size: int,
 ) -> list[Result]:
     names = [f"key-{i}" for i in range(keys)]
     doc = {"name": "benchmark item", "n": 12345, "tags": ["a", "b", "c"]}
@@ -80,7 +87,11 @@ async def run(
     minimal_port = port + 50
     with tempfile.TemporaryDirectory(prefix="shardd-bench-") as tmp:
         os.chmod(tmp, 0o755)
-        env = {**os.environ, "SHARDD_ACCESS_LOG": str(access_log).lower()}
+        env = {
+            **os.environ,
+            "SHARDD_ACCESS_LOG": str(access_log).lower(),
+            "SHARDD_POOL_SIZE": str(pool_size),
+        }
         devcluster("up", "--dir", tmp, "--port", str(port), env=env)
         minimal = None
         try:
@@ -96,7 +107,7 @@ async def run(
             )
             await conn.close()
             minimal = subprocess.Popen(  # noqa: ASYNC220 - started once, before timing
-                [sys.executable, str(HERE / "minimal.py"), pg, str(minimal_port)]
+                [sys.executable, str(HERE / "minimal.py"), pg, str(minimal_port), str(MINIMAL_POOL)]
             )
             await wait_http(f"http://127.0.0.1:{minimal_port}/items/x")
             results: list[Result] = []
@@ -225,6 +236,12 @@ async def run(
     show_default=True,
     help="shardd's per-request JSON log line (on by default in shardd).",
 )
+@click.option(
+    "--pool-size",
+    default=-(-MINIMAL_POOL // SHARDS),
+    show_default=True,
+    help="shardd's pool_size per node (default: the minimal handler's pool over the shards).",
+)
 def main(
     keys: int,
     concurrency: int,
@@ -233,6 +250,7 @@ def main(
     warmup: float,
     port: int,
     access_log: bool,
+    pool_size: int,
 ) -> None:
     results = asyncio.run(
         run(
@@ -243,13 +261,15 @@ def main(
             warmup=warmup,
             port=port,
             access_log=access_log,
+            pool_size=pool_size,
         )
     )
     by = {r.name: r for r in results}
     click.echo(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}; keys={keys} concurrency={concurrency} "
-        f"seconds={seconds} rounds={rounds} access_log={access_log}\n"
+        f"seconds={seconds} rounds={rounds} access_log={access_log} shardd pool_size={pool_size}"
+        f" (x{SHARDS} primaries), minimal handler pool={MINIMAL_POOL}\n"
     )
     click.echo(table(results))
     click.echo("\n| ratio | throughput | p99 |\n|---|---:|---:|")
