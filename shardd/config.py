@@ -117,7 +117,8 @@ class Settings:
     max_response_bytes: int = _setting(
         4 * 1024 * 1024,
         "Most bytes of items in one scan, partition-query or batch-get response; the rest "
-        "comes with a cursor (batch get: as unprocessed keys). One item is always returned.",
+        "comes with the next page's position (batch get: as unprocessed keys). One item is always"
+        " returned.",
     )
     max_key_bytes: int = _setting(1024, "Largest partition or sort key, in UTF-8 bytes.")
     max_json_depth: int = _setting(32, "Deepest nesting of arrays and objects in an item.")

@@ -223,7 +223,7 @@ class DataPlane:
         order, merged from every shard (one more than asked tells the caller that there
         are more).
 
-        The cursor is a key, not a position on a shard: every page asks every shard for
+        The position is a key, not a place on a shard: every page asks every shard for
         the items after it, so slots that move between shards during a long scan are
         neither skipped nor repeated.  Each shard is asked only for the slots this
         instance's topology gives it, and answers only from a node that owns every one

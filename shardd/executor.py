@@ -298,6 +298,14 @@ class Executor:
             raise
         except asyncpg.PostgresError as exc:
             translated = errors.from_postgres(exc)
+            if writing and isinstance(translated, errors.Timeout):
+                # The shard holds a cancel back while it records a commit and delivers it
+                # at the next statement of the call: a write cancelled by statement_timeout
+                # may have committed just before.
+                translated = errors.OutcomeUnknown(
+                    f"{node.name} cancelled the write at its statement_timeout; it may have"
+                    " committed just before"
+                )
             if isinstance(translated, errors.StaleMap):
                 metrics.STALE_MAP_RETRIES.inc()
             elif type(translated) is errors.ApiError:

@@ -7,10 +7,11 @@ ALTER TABLE shardd_items SET (fillfactor = 80);
 
 -- The write fence with one look at both states instead of two.  Safety is unchanged:
 -- the node's lock (-1) and then the slot's are taken shared first, in the order every
--- writer takes them; a fence of the node or a freeze of the slot takes its lock
--- exclusively, changes the state and commits; and this statement's snapshot is taken
--- after both locks were granted, so it sees every fence and every freeze that
--- committed before this write could go on.
+-- writer takes them; a freeze of the slot, and a node fence that waits for the writes in
+-- flight, take the lock exclusively, change the state and commit; and this statement's
+-- snapshot is taken after both locks were granted, so it sees every fence and every
+-- freeze that committed before this write could go on.  Without its one row of node
+-- state the node counts as fenced (fail closed).
 CREATE OR REPLACE FUNCTION shardd_fence_write(p_slot integer) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -20,8 +21,10 @@ BEGIN
     PERFORM pg_advisory_xact_lock_shared(shardd_slot_lock_class(), -1);
     PERFORM pg_advisory_xact_lock_shared(shardd_slot_lock_class(), p_slot);
     SELECT n.fenced, s.state INTO is_fenced, st
-    FROM shardd_node_state n LEFT JOIN shardd_slots s ON s.slot = p_slot;
-    IF is_fenced THEN
+    FROM (SELECT 1) AS one
+    LEFT JOIN shardd_node_state n ON true
+    LEFT JOIN shardd_slots s ON s.slot = p_slot;
+    IF is_fenced IS NOT FALSE THEN
         RAISE EXCEPTION USING
             ERRCODE = 'SD002',
             MESSAGE = 'this node is fenced: it is no longer the primary of its shard';
