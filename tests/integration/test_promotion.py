@@ -259,7 +259,12 @@ def test_a_commit_its_synchronous_standby_never_confirms_is_ambiguous(pr: Runnin
     # The standby hangs (its walsender still reports it streaming): the commit waits for
     # it until statement_timeout, and the server then reports success with a WARNING
     # although only the primary has the write.  shardd must not acknowledge that.
+    batch = {"puts": [{"pk": key, "item": {}} for key in pr.keys_on("s1", "hung-batch", 2)]}
     with pr.paused(replica):
         status, code, _ = put(api, "during-hang")
+        batched = api.request("POST", f"/v1/tables/{TABLE}/batch/write", body=batch)
     assert (status, code) == (504, "outcome_unknown")
+    # A batch commits inside its one statement as well: its keys are ambiguous, not ok.
+    assert batched.status == 200 and not batched.body["ok"], batched.body
+    assert {r["error"]["code"] for r in batched.body["results"]} == {"outcome_unknown"}
     wait_for(lambda: put(api, "after-hang")[0] in (200, 201), timeout=30, what="writes resuming")
