@@ -138,6 +138,10 @@ class Settings:
     )
     log_level: str = _setting("info", "Log level: debug, info, warning or error.")
     access_log: bool = _setting(True, "Log one JSON line per request.")
+    coalesce_reads: bool = _setting(
+        True,
+        "Concurrent eventual reads of the same item on one instance share one query.",
+    )
 
     @classmethod
     def fields(cls) -> tuple[dataclasses.Field[Any], ...]:

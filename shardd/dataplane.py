@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from . import catalog, errors, store
+from .coalesce import SingleFlight
 from .config import Settings
 from .executor import Executor, Served, Work
 from .placement import slot_of
@@ -55,6 +56,10 @@ class DataPlane:
         self.settings = settings
         self.watcher = watcher
         self.executor = executor
+        # (table, pk, sk) -> the eventual read of that item in flight
+        self._item_reads: SingleFlight[tuple[str, str, str], tuple[store.Item | None, Served]] = (
+            SingleFlight()
+        )
 
     # -- tables ------------------------------------------------------------------
 
@@ -80,12 +85,20 @@ class DataPlane:
     async def get(
         self, *, table: str, pk: str, sk: str, consistency: str, token: SessionToken | None
     ) -> tuple[store.Item | None, Served]:
+        """One item (None: absent); concurrent eventual reads of it share one query
+        (``coalesce_reads``, see :mod:`shardd.coalesce`)."""
+
         def work(slot: int, min_lsn: int | None) -> Work[store.Item | None]:
             return lambda conn: store.get(
                 conn, slot=slot, table=table, pk=pk, sk=sk, min_lsn=min_lsn
             )
 
-        return await self._read_owner(pk, work, consistency=consistency, token=token)
+        def read() -> Awaitable[tuple[store.Item | None, Served]]:
+            return self._read_owner(pk, work, consistency=consistency, token=token)
+
+        if consistency == "eventual" and self.settings.coalesce_reads:
+            return await self._item_reads.run((table, pk, sk), read)
+        return await read()
 
     async def write(
         self,

@@ -57,6 +57,10 @@ QUERY_ERRORS = Counter(
     "Failed queries to shard nodes by kind",
     ["shard", "node", "kind"],
 )
+READS_COALESCED = Counter(
+    "shardd_reads_coalesced_total",
+    "Eventual point reads answered by the same read already in flight on this instance",
+)
 STALE_MAP_RETRIES = Counter(
     "shardd_stale_map_retries_total", "Operations refused by a shard for a stale map, retried"
 )

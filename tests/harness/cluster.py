@@ -132,6 +132,15 @@ class RunningCluster:
         rows = self.sql("catalog", "SELECT slot, shard FROM shardd_slot_map")
         return {row["slot"]: row["shard"] for row in rows}
 
+    def metric(self, name: str, **labels: str) -> float | None:
+        """The value of one sample of this instance's /metrics, or None when absent."""
+        for line in self.api(None).request("GET", "/metrics").raw.decode().splitlines():
+            sample, _, value = line.rpartition(" ")
+            metric, _, rest = sample.partition("{")
+            if metric == name and all(f'{k}="{v}"' in rest for k, v in labels.items()):
+                return float(value)
+        return None
+
     def keys_on(self, shard: str, prefix: str, count: int) -> list[str]:
         """``count`` keys ``{prefix}-{n}`` whose slots the catalog maps to ``shard`` now."""
         slot_map = self.slot_map()

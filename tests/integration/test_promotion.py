@@ -46,14 +46,6 @@ def put(api: Api, key: str, **doc: object) -> tuple[int, str, float]:
     return response.status, code, time.monotonic() - started
 
 
-def metric(cluster: RunningCluster, name: str, **labels: str) -> float | None:
-    """The value of one sample of /metrics, or None when it is absent."""
-    for line in cluster.api(None).request("GET", "/metrics").raw.decode().splitlines():
-        if line.startswith(f"{name}{{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    return None
-
-
 def test_a_replica_that_stopped_streaming_is_not_promoted_until_forced(pr: RunningCluster) -> None:
     api = pr.api("write")
     primary, [replica] = pr.primary_of("s1"), pr.replicas_of("s1")
@@ -90,7 +82,7 @@ def test_a_replica_that_stopped_streaming_is_not_promoted_until_forced(pr: Runni
     assert read.status == 200 and read.body["item"] == {"n": 3}
     shard = json.loads(pr.shardctl("status", "--json").stdout)["shards"][0]
     assert shard["write_block"] == "no_failover_candidate"
-    assert metric(pr, "shardd_shard_writes_blocked", shard="s1") == 1.0
+    assert pr.metric("shardd_shard_writes_blocked", shard="s1") == 1.0
     assert pr.sql("catalog", "SELECT count(*) AS n FROM shardd_failovers")[0]["n"] == 0
 
     # The operator forces it: the replica is promoted, the loss reported.
@@ -152,7 +144,7 @@ def test_degrade_mode_runs_asynchronously_while_the_only_replica_is_down(
         )
         shard = json.loads(pr.shardctl("status", "--json").stdout)["shards"][0]
         assert shard["degraded"] is True and shard["write_block"] is None
-        assert metric(pr, "shardd_shard_degraded", shard="s1") == 1.0
+        assert pr.metric("shardd_shard_degraded", shard="s1") == 1.0
     finally:
         pr.devcluster("start", replica)
     wait_for(

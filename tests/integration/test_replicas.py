@@ -63,3 +63,35 @@ def test_killing_a_replica_under_read_load_fails_no_read(
         timeout=30,
         what="the replica back in rotation",
     )
+
+
+def test_concurrent_eventual_reads_of_one_item_share_one_query(
+    cluster: RunningCluster, api: Api, table: str
+) -> None:
+    [key] = cluster.keys_on("s2", "coalesced", 1)
+    path = item_path(table, key) + "?consistency=eventual"
+    assert api.request("PUT", item_path(table, key), body={"v": 1}).status == 201
+    wait_for(lambda: api.request("GET", path).status == 200, timeout=10, what="replica caught up")
+    [replica] = cluster.replicas_of("s2")
+    before = cluster.metric("shardd_reads_coalesced_total") or 0.0
+    responses = []
+
+    def read() -> None:
+        responses.append(cluster.api("read").request("GET", path))
+
+    readers = [threading.Thread(target=read) for _ in range(8)]
+    with cluster.paused(replica):  # the first read waits on the replica; the rest join it
+        for reader in readers:
+            reader.start()
+        wait_for(
+            lambda: (cluster.metric("shardd_reads_coalesced_total") or 0.0) - before >= 7,
+            timeout=10,
+            what="seven reads joining the one in flight",
+        )
+    for reader in readers:
+        reader.join(timeout=30)
+    assert [r.status for r in responses] == [200] * 8
+    assert {r.body["version"] for r in responses} == {1}
+    # A strong read never joins another: it must see every write acknowledged before it.
+    strong = api.request("GET", item_path(table, key) + "?consistency=strong")
+    assert strong.status == 200 and strong.header("Shardd-Served-By") == "s2/s2-primary"
