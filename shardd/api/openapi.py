@@ -388,7 +388,7 @@ def document(routes: Sequence[Route], settings: Settings) -> Schema:
             statuses |= {401, 403}
         operation: Schema = {
             "summary": route.summary,
-            "operationId": f"{route.operation}",
+            "operationId": route.operation,
             **built,
             "responses": {
                 **built["responses"],

@@ -23,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -242,34 +243,14 @@ async def run(
     show_default=True,
     help="shardd's pool_size per node (default: the minimal handler's pool over the shards).",
 )
-def main(
-    keys: int,
-    concurrency: int,
-    seconds: float,
-    rounds: int,
-    warmup: float,
-    port: int,
-    access_log: bool,
-    pool_size: int,
-) -> None:
-    results = asyncio.run(
-        run(
-            keys=keys,
-            concurrency=concurrency,
-            seconds=seconds,
-            rounds=rounds,
-            warmup=warmup,
-            port=port,
-            access_log=access_log,
-            pool_size=pool_size,
-        )
-    )
+def main(**options: Any) -> None:
+    results = asyncio.run(run(**options))
     by = {r.name: r for r in results}
     click.echo(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}; keys={keys} concurrency={concurrency} "
-        f"seconds={seconds} rounds={rounds} access_log={access_log} shardd pool_size={pool_size}"
-        f" (x{SHARDS} primaries), minimal handler pool={MINIMAL_POOL}\n"
+        f"Python {platform.python_version()}; "
+        + " ".join(f"{name}={value}" for name, value in options.items())
+        + f" (shardd pool_size per primary, x{SHARDS}), minimal handler pool={MINIMAL_POOL}\n"
     )
     click.echo(table(results))
     click.echo("\n| ratio | throughput | p99 |\n|---|---:|---:|")
