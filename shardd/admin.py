@@ -144,7 +144,7 @@ async def status(catalog_dsn: str) -> dict[str, Any]:
         async def count(node: Node | None) -> int | None:
             if node is None or not (h := health.get(node.name)) or not h.healthy:
                 return None
-            async with (await pools.pool(node)).acquire() as conn:
+            async with pools.connection(node) as conn:
                 return await store.item_count(conn)
 
         counts = await asyncio.gather(*(count(s.primary) for s in topo.shards.values()))

@@ -35,7 +35,8 @@ async def load_topology(conn: asyncpg.Connection) -> Topology:
         )
         slot_rows = await conn.fetch("SELECT slot, shard FROM shardd_slot_map")
         table_rows = await conn.fetch(
-            "SELECT name, description, state, created_at, updated_at FROM shardd_tables"
+            "SELECT name, description, state, created_at, updated_at, cache, cache_ttl, max_age"
+            " FROM shardd_tables"
         )
     nodes: dict[str, list[Node]] = {}
     for row in node_rows:
@@ -61,6 +62,9 @@ async def load_topology(conn: asyncpg.Connection) -> Topology:
             row["created_at"].isoformat(),
             row["updated_at"].isoformat(),
             row["state"],
+            row["cache"],
+            row["cache_ttl"],
+            row["max_age"],
         )
         for row in table_rows
     }
@@ -142,7 +146,15 @@ TABLE_ACTIVE = "active"
 TABLE_DELETING = "deleting"
 
 
-async def put_table(conn: asyncpg.Connection, *, name: str, description: str) -> bool:
+async def put_table(
+    conn: asyncpg.Connection,
+    *,
+    name: str,
+    description: str,
+    cache: str = "hot",
+    cache_ttl: float = 1.0,
+    max_age: int = 0,
+) -> bool:
     """Create or update a table declaration; True when it was created.
 
     Refused (409) while the table is being deleted.  Creating forgets that the name was
@@ -150,12 +162,18 @@ async def put_table(conn: asyncpg.Connection, *, name: str, description: str) ->
     """
     async with conn.transaction():
         row = await conn.fetchrow(
-            "INSERT INTO shardd_tables AS t (name, description) VALUES ($1, $2)"
+            "INSERT INTO shardd_tables AS t (name, description, cache, cache_ttl, max_age)"
+            " VALUES ($1, $2, $4, $5, $6)"
             " ON CONFLICT (name) DO UPDATE SET description = excluded.description,"
-            " updated_at = now() WHERE t.state = $3 RETURNING (xmax = 0) AS created",
+            " cache = excluded.cache, cache_ttl = excluded.cache_ttl,"
+            " max_age = excluded.max_age, updated_at = now()"
+            " WHERE t.state = $3 RETURNING (xmax = 0) AS created",
             name,
             description,
             TABLE_ACTIVE,
+            cache,
+            cache_ttl,
+            max_age,
         )
         if row is None:
             raise errors.TableDeleting(f"table {name} is being deleted")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 import asyncpg
 
@@ -43,6 +44,7 @@ class Change:
     slot: int
     version: int
     doc: str | None  # JSON text
+    at: datetime | None = None  # when the change was written
 
 
 async def position(conn: asyncpg.Connection) -> str:
@@ -58,10 +60,7 @@ async def next_batch(
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         new = await position(conn)
         rows = await conn.fetch(_BATCH, after, new, list(slots) if slots is not None else None)
-    changes = [
-        Change(r["seq"], r["op"], r["tbl"], r["pk"], r["sk"], r["slot"], r["version"], r["doc"])
-        for r in rows
-    ]
+    changes = [Change(**dict(r)) for r in rows]
     return changes, new
 
 

@@ -5,8 +5,12 @@
 * :class:`~shardd.nodes.HealthMonitor` checks every node on connections of its own;
 * :class:`~shardd.executor.Executor` runs work on nodes over the request pools;
 * :class:`~shardd.dataplane.DataPlane` is what the HTTP handlers call;
+* :class:`~shardd.hotkeys.Reporter` reports this instance's traffic and keeps the merged
+  hot-key view; :class:`~shardd.cache.Invalidator` follows the change logs for the item
+  cache;
 * :class:`~shardd.monitor.Monitor` is the control loop (failover, switchovers,
-  housekeeping); the application starts it once the data plane serves.
+  housekeeping); the application starts it, the reporter and the invalidator once the
+  data plane serves.
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ import os
 import socket
 
 from . import config
+from .cache import Cache, Invalidator
 from .config import Settings
 from .dataplane import DataPlane
 from .executor import Executor
+from .hotkeys import Reporter, Traffic
 from .monitor import Monitor
 from .nodes import HealthMonitor, NodePools, session_settings
 from .topology import set_routes
@@ -55,7 +61,33 @@ class Cluster:
                 server_settings=sessions,
             ),
         )
-        self.data = DataPlane(settings, watcher=self.watcher, executor=self.executor)
+        self.traffic = (
+            Traffic(capacity=settings.hotkeys_capacity, window=settings.hotkeys_window)
+            if settings.hotkeys
+            else None
+        )
+        self.reporter = (
+            Reporter(settings, self.watcher, self.traffic) if self.traffic is not None else None
+        )
+        self.cache = Cache(settings) if settings.cache_backend != "off" else None
+        self.invalidator = (
+            Invalidator(
+                settings,
+                self.cache,
+                topology=lambda: self.watcher.topology,
+                connection=self.executor.pools.connection,
+            )
+            if self.cache is not None
+            else None
+        )
+        self.data = DataPlane(
+            settings,
+            watcher=self.watcher,
+            executor=self.executor,
+            traffic=self.traffic,
+            reporter=self.reporter,
+            cache=self.cache,
+        )
         self.monitor = Monitor(settings, self.instance, self.health, lambda: self.watcher.topology)
         self._health_task: asyncio.Task[None] | None = None
 
@@ -77,6 +109,10 @@ class Cluster:
         if self._health_task is not None:
             self._health_task.cancel()
             await asyncio.gather(self._health_task, return_exceptions=True)
+        if self.reporter is not None:
+            await self.reporter.close()
         await self.watcher.close()
+        if self.cache is not None:
+            await self.cache.close()
         await self.executor.close()
         await self._health_pools.close()

@@ -23,6 +23,12 @@ from typing import Any
 ENV_PREFIX = "SHARDD_"
 
 
+CHOICES = {
+    "cache_backend": ("local", "redis", "off"),
+    "cache_policy": ("lru", "lfu", "fifo"),
+}
+
+
 def _setting(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
@@ -142,6 +148,49 @@ class Settings:
         True,
         "Concurrent eventual reads of the same item on one instance share one query.",
     )
+    hotkeys: bool = _setting(
+        True, "Count requests per key, slot and shard and report them (hot-key detection)."
+    )
+    hotkeys_capacity: int = _setting(
+        1000,
+        "Counters of the per-instance Space-Saving summary of keys (memory bound: about "
+        "200 bytes each); every key above 1/capacity of the traffic is in it.",
+    )
+    hotkeys_window: float = _setting(
+        2.0, "Time constant in seconds over which request counts decay into rates."
+    )
+    hotkeys_report_interval: float = _setting(
+        0.5, "Seconds between an instance's traffic reports to the catalog."
+    )
+    hot_key_share: float = _setting(
+        0.05,
+        "Share of all traffic above which a key is hot: logged, counted, cached by tables "
+        "with cache = hot, and read from every node of its shard.",
+    )
+    cache_backend: str = _setting(
+        "local",
+        "Where the item cache keeps entries: local (in process), redis (shared, at "
+        "redis_url) or off. Tables choose what is cached (cache = off | hot | all).",
+    )
+    cache_policy: str = _setting("lru", "Eviction policy of the local cache: lru, lfu or fifo.")
+    cache_max_entries: int = _setting(100_000, "Most entries in the local cache.")
+    cache_max_bytes: int = _setting(
+        64 * 1024 * 1024, "Most bytes (documents, keys and overhead) in the local cache."
+    )
+    cache_invalidation_interval: float = _setting(
+        0.1,
+        "Seconds between reads of every shard's change log for cache invalidation (the "
+        "staleness bound for writes through other instances).",
+    )
+    redis_url: str = _setting("redis://127.0.0.1:6379/0", "Redis for cache_backend = redis.")
+    redis_timeout: float = _setting(
+        0.05, "Seconds a Redis operation may take before the read goes to Postgres instead."
+    )
+
+    def __post_init__(self) -> None:
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"setting {name}: expected one of {', '.join(allowed)}")
 
     @classmethod
     def fields(cls) -> tuple[dataclasses.Field[Any], ...]:

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import click
 
-from . import admin, catalog, config, failover, pgctl, reshard
+from . import admin, catalog, config, failover, hotkeys, pgctl, reshard
 
 T = TypeVar("T")
 
@@ -241,6 +241,46 @@ def tables(ctx: Context, as_json: bool) -> None:
             click.echo(f"{row['name']:<32} {row['description']}")
 
     emit(data, as_json, render)
+
+
+@main.command()
+@click.option("--limit", default=10, show_default=True, help="Keys and slots shown.")
+@json_option
+@pass_ctx
+def hot(ctx: Context, limit: int, as_json: bool) -> None:
+    """The hottest keys, slots and shards over every instance, live (hot-key reports)."""
+
+    async def load() -> dict[str, Any]:
+        async with admin.connect(ctx.dsn, command_timeout=ctx.settings.catalog_timeout) as conn:
+            topology = await catalog.load_topology(conn)
+            view = await hotkeys.load_view(conn, topology, ctx.settings)
+        return view.as_json(limit=limit)
+
+    def render(view: dict[str, Any]) -> None:
+        click.echo(
+            f"{view['requests_per_s']:.1f} requests/s through {len(view['instances'])}"
+            f" instance(s), over the last ~{view['window_seconds']:g} s"
+        )
+        click.echo("keys (share of all traffic):")
+        for key in view["keys"]:
+            click.echo(
+                f"  {100 * key['share']:5.1f}%  {key['table']}/{key['pk']}  slot {key['slot']}"
+                f" on {key['shard']}  {key['reads_per_s']:.1f} reads/s"
+                f" {key['writes_per_s']:.1f} writes/s"
+            )
+        click.echo("slots:")
+        for slot in view["slots"]:
+            click.echo(
+                f"  {100 * slot['share']:5.1f}%  slot {slot['slot']} on {slot['shard']}"
+                f"  {slot['requests_per_s']:.1f} requests/s"
+            )
+        click.echo("shards (requests/s, x mean):")
+        for shard in view["shards"]:
+            click.echo(
+                f"  {shard['name']:<12} {shard['requests_per_s']:10.1f}  {shard['vs_mean']:.2f}x"
+            )
+
+    emit(run(load()), as_json, render)
 
 
 @main.command()

@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from . import catalog, errors, store
+from .cache import Cache, Entry, entry_size
 from .coalesce import SingleFlight
 from .config import Settings
 from .executor import Executor, Served, Work
+from .hotkeys import Reporter, Traffic
 from .placement import slot_of
 from .router import SessionToken
 from .topology import Shard, Topology
@@ -29,6 +31,7 @@ from .watcher import TopologyWatcher
 
 T = TypeVar("T")
 Key = tuple[str, str]  # (pk, sk)
+CACHE_NODE = "cache"  # Served.node of an answer from the item cache
 
 
 @dataclass(frozen=True)
@@ -52,10 +55,22 @@ def _position(token: SessionToken | None, shard: Shard) -> int | None:
 
 
 class DataPlane:
-    def __init__(self, settings: Settings, *, watcher: TopologyWatcher, executor: Executor):
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        watcher: TopologyWatcher,
+        executor: Executor,
+        traffic: Traffic | None = None,
+        reporter: Reporter | None = None,
+        cache: Cache | None = None,
+    ):
         self.settings = settings
         self.watcher = watcher
         self.executor = executor
+        self.traffic = traffic  # hot-key counting (None: off)
+        self.reporter = reporter  # the merged view and its hot set
+        self.cache = cache
         # (table, pk, sk) -> the eventual read of that item in flight
         self._item_reads: SingleFlight[tuple[str, str, str], tuple[store.Item | None, Served]] = (
             SingleFlight()
@@ -85,19 +100,69 @@ class DataPlane:
     async def get(
         self, *, table: str, pk: str, sk: str, consistency: str, token: SessionToken | None
     ) -> tuple[store.Item | None, Served]:
-        """One item (None: absent); concurrent eventual reads of it share one query
-        (``coalesce_reads``, see :mod:`shardd.coalesce`)."""
+        """One item (None: absent).
+
+        Every read is counted for hot-key detection.  Reads that allow it are answered
+        from the item cache when the table caches this key (:mod:`shardd.cache`);
+        concurrent eventual reads of one item share one query (``coalesce_reads``, see
+        :mod:`shardd.coalesce`), and eventual reads of a hot key spread over every node
+        of its shard, the primary included.
+        """
+        topology = self.watcher.require_topology()
+        slot = slot_of(pk, topology.slot_count)
+        if self.traffic is not None:
+            self.traffic.record(table, pk, slot)
+        hot = self.reporter is not None and (table, pk) in self.reporter.hot
+        key = (table, pk, sk)
+        info = topology.tables.get(table)
+        cached = (
+            self.cache is not None
+            and consistency != "strong"
+            and info is not None
+            and (info.cache == "all" or (info.cache == "hot" and hot))
+        )
+        if cached:
+            assert self.cache is not None and info is not None
+            entry = await self.cache.lookup(key)
+            if entry is not None and entry.serves(
+                consistency=consistency, shard=topology.slot_map[slot], token=token
+            ):
+                return entry.item, Served(entry.shard, CACHE_NODE)
 
         def work(slot: int, min_lsn: int | None) -> Work[store.Item | None]:
             return lambda conn: store.get(
                 conn, slot=slot, table=table, pk=pk, sk=sk, min_lsn=min_lsn
             )
 
-        def read() -> Awaitable[tuple[store.Item | None, Served]]:
-            return self._read_owner(pk, work, consistency=consistency, token=token)
+        async def read() -> tuple[store.Item | None, Served]:
+            if not cached:
+                return await self._read_owner(
+                    pk, work, consistency=consistency, token=token, spread=hot
+                )
+            assert self.cache is not None and info is not None
+            lease = self.cache.lease(key)
+            try:
+                item, served = await self._read_owner(
+                    pk, work, consistency=consistency, token=token, spread=hot
+                )
+                await self.cache.fill(
+                    key,
+                    lease,
+                    Entry(
+                        item,
+                        served.shard,
+                        self.executor.position_of(served.node),
+                        self.cache.clock() + info.cache_ttl,
+                        entry_size(key, item),
+                    ),
+                    ttl=info.cache_ttl,
+                )
+            finally:
+                self.cache.release(key, lease)
+            return item, served
 
         if consistency == "eventual" and self.settings.coalesce_reads:
-            return await self._item_reads.run((table, pk, sk), read)
+            return await self._item_reads.run(key, read)
         return await read()
 
     async def write(
@@ -134,7 +199,14 @@ class DataPlane:
                 deadline=deadline,
             )
 
-        return await self._on_owner(pk, write, deadline=deadline)
+        if self.traffic is not None:
+            slot = slot_of(pk, self.watcher.require_topology().slot_count)
+            self.traffic.record(table, pk, slot, write=True)
+        try:
+            return await self._on_owner(pk, write, deadline=deadline)
+        finally:
+            if self.cache is not None:
+                await self.cache.invalidate([(table, pk, sk)], source="write")
 
     async def query(
         self,
@@ -148,6 +220,8 @@ class DataPlane:
         token: SessionToken | None,
     ) -> tuple[list[store.Item], Served]:
         """Up to ``limit`` items of one partition in sort-key order, after ``after``."""
+        if self.traffic is not None:
+            self.traffic.record(table, pk, slot_of(pk, self.watcher.require_topology().slot_count))
 
         def work(slot: int, min_lsn: int | None) -> Work[list[store.Item]]:
             return lambda conn: store.query_partition(
@@ -170,8 +244,10 @@ class DataPlane:
         *,
         consistency: str,
         token: SessionToken | None,
+        spread: bool = False,
     ) -> tuple[T, Served]:
-        """A read of ``pk``'s slot: ``work(slot, min_lsn)`` on its owner's best node."""
+        """A read of ``pk``'s slot: ``work(slot, min_lsn)`` on its owner's best node
+        (``spread``: on any of its nodes the consistency allows, primary included)."""
         deadline = self.executor.deadline()
 
         def read(topology: Topology, shard: Shard, slot: int) -> Awaitable[tuple[T, Served]]:
@@ -181,6 +257,7 @@ class DataPlane:
                 consistency=consistency,
                 token=token,
                 deadline=deadline,
+                spread=spread,
             )
 
         return await self._on_owner(pk, read, deadline=deadline)
@@ -193,12 +270,18 @@ class DataPlane:
         consistency: str,
         token: SessionToken | None,
         deadline: float,
+        spread: bool = False,
     ) -> Awaitable[tuple[T, Served]]:
         """``work(min_lsn)`` on the best node of ``shard``, ``min_lsn`` being the position
         the caller's session token asks of it."""
         min_lsn = _position(token, shard)
         return self.executor.read(
-            shard, work(min_lsn), consistency=consistency, min_lsn=min_lsn, deadline=deadline
+            shard,
+            work(min_lsn),
+            consistency=consistency,
+            min_lsn=min_lsn,
+            deadline=deadline,
+            spread=spread,
         )
 
     async def _on_owner(
@@ -306,6 +389,7 @@ class DataPlane:
         """Each key's item (None: absent) in the order of ``keys``; one query per shard."""
         deadline = self.executor.deadline()
         slotted = self._slotted(keys)
+        self._record(table, slotted, write=False)
         found: list[store.Item | None] = [None] * len(keys)
         touched: list[Served] = []
 
@@ -344,6 +428,7 @@ class DataPlane:
         """
         deadline = self.executor.deadline()
         slotted = self._slotted([(pk, sk) for pk, sk, _ in puts] + list(deletes))
+        self._record(table, slotted, write=True)
         docs = [doc for _, _, doc in puts]
         outcomes: list[KeyOutcome | None] = [None] * len(slotted)
         written = BatchWritten([], token or SessionToken({}))
@@ -375,8 +460,18 @@ class DataPlane:
             if not written.served:
                 raise
             failure = exc
+        finally:
+            if self.cache is not None:
+                await self.cache.invalidate(
+                    [(table, pk, sk) for _, pk, sk in slotted], source="write"
+                )
         written.outcomes = [KeyOutcome(error=failure) if o is None else o for o in outcomes]
         return written
+
+    def _record(self, table: str, keys: list[tuple[int, str, str]], *, write: bool) -> None:
+        if self.traffic is not None:
+            for slot, pk, _ in keys:
+                self.traffic.record(table, pk, slot, write=write)
 
     def _slotted(self, keys: Sequence[Key]) -> list[tuple[int, str, str]]:
         slot_count = self.watcher.require_topology().slot_count

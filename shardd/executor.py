@@ -95,6 +95,12 @@ class Executor:
     def deadline(self) -> float:
         return time.monotonic() + self.settings.request_timeout
 
+    def position_of(self, node: str) -> int:
+        """A WAL position ``node`` had reached at its last health check (0: unknown): a
+        read it answered since saw at least that much."""
+        state = self.health.snapshot.get(node)
+        return state.lsn if state is not None and state.lsn is not None else 0
+
     # -- writes ------------------------------------------------------------------
 
     async def write(
@@ -163,8 +169,10 @@ class Executor:
         consistency: str,
         min_lsn: int | None,
         deadline: float,
+        spread: bool = False,
     ) -> tuple[T, Served]:
-        """Run a read on the best node of ``shard`` for the consistency asked.
+        """Run a read on the best node of ``shard`` for the consistency asked (``spread``:
+        an eventual read takes turns over the primary too, for hot keys).
 
         ``work`` raises :class:`~shardd.errors.NotCaughtUp` when its node has not replayed
         ``min_lsn`` (or a cutover), and a replica refuses a slot it has not replayed the
@@ -178,6 +186,7 @@ class Executor:
             min_lsn=min_lsn,
             max_lag_bytes=self.settings.max_replica_lag_bytes,
             max_lag_seconds=self.settings.max_replica_lag_seconds,
+            spread=spread,
         )
         failures = 0
         for node in candidates:

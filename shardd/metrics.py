@@ -61,6 +61,56 @@ READS_COALESCED = Counter(
     "shardd_reads_coalesced_total",
     "Eventual point reads answered by the same read already in flight on this instance",
 )
+SHARD_REQUEST_RATE = Gauge(
+    "shardd_shard_requests_per_second",
+    "Requests per second to each shard through all instances (merged hot-key reports)",
+    ["shard"],
+)
+SHARD_IMBALANCE = Gauge(
+    "shardd_shard_imbalance_ratio", "The busiest shard's request rate over the mean shard's"
+)
+TOP_KEY_SHARE = Gauge(
+    "shardd_hot_key_top_share", "Share of all traffic taken by the single busiest key"
+)
+HOT_KEYS = Gauge("shardd_hot_keys", "Keys whose share of all traffic is at least hot_key_share")
+HOT_KEY_DETECTIONS = Counter(
+    "shardd_hot_key_detections_total", "Keys that crossed hot_key_share (counted by one instance)"
+)
+TRAFFIC_REPORT_FAILURES = Counter(
+    "shardd_traffic_report_failures_total",
+    "Hot-key reports that could not be written to or read from the catalog",
+)
+CACHE_LOOKUPS = Counter("shardd_cache_lookups_total", "Item cache lookups by result", ["result"])
+CACHE_FILLS = Counter(
+    "shardd_cache_fills_total",
+    "Item cache fills: stored, or refused because the key was invalidated during the read",
+    ["result"],
+)
+CACHE_EVICTIONS = Counter(
+    "shardd_cache_evictions_total", "Item cache entries evicted, by reason", ["reason"]
+)
+CACHE_INVALIDATIONS = Counter(
+    "shardd_cache_invalidations_total",
+    "Item cache keys invalidated, by source (write: this instance; changelog: any)",
+    ["source"],
+)
+CACHE_INVALIDATION_LAG = Histogram(
+    "shardd_cache_invalidation_lag_seconds",
+    "From a change's commit on its shard to its invalidation in this instance's cache (the"
+    " staleness bound across instances)",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
+)
+CACHE_ENTRIES = Gauge("shardd_cache_entries", "Entries in this instance's item cache")
+CACHE_BYTES = Gauge("shardd_cache_bytes", "Approximate bytes of this instance's item cache")
+CACHE_BACKEND_ERRORS = Counter(
+    "shardd_cache_backend_errors_total",
+    "Redis operations that failed or timed out (the read went to Postgres)",
+)
+CACHE_BACKEND_UP = Gauge("shardd_cache_backend_up", "1 while the last Redis operation worked")
+CACHE_FOLLOW_FAILURES = Counter(
+    "shardd_cache_follow_failures_total",
+    "Rounds in which a shard's change log could not be followed (local entries dropped)",
+)
 STALE_MAP_RETRIES = Counter(
     "shardd_stale_map_retries_total", "Operations refused by a shard for a stale map, retried"
 )

@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -132,6 +132,12 @@ class NodePools:
             self._ready[node.name] = asyncio.ensure_future(_initialized(pool))
         await self._ready[node.name]
         return self._pools[node.name]
+
+    @contextlib.asynccontextmanager
+    async def connection(self, node: Node) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection to ``node`` for the block."""
+        async with (await self.pool(node)).acquire() as conn:
+            yield conn
 
     def usage(self) -> dict[str, tuple[int, int]]:
         """node -> (open connections, connections in use)."""

@@ -83,8 +83,11 @@ def read_candidates(
     min_lsn: int | None,
     max_lag_bytes: int,
     max_lag_seconds: float,
+    spread: bool = False,
 ) -> tuple[Node, ...]:
-    """Nodes to try for a read, best first; the primary is always the last resort."""
+    """Nodes to try for a read, best first; the primary is always the last resort, but
+    with ``spread`` an eventual read takes turns over the primary as over the replicas
+    (a hot key's reads use every node of its shard)."""
     primary = shard.primary
     tail = (primary,) if primary is not None else ()
     if consistency == "strong":
@@ -102,6 +105,9 @@ def read_candidates(
         return state.lag_bytes is None or state.lag_bytes <= max_lag_bytes
 
     replicas = [node for node in shard.replicas if usable(node)]
+    if spread and consistency == "eventual" and primary is not None:
+        replicas.append(primary)
+        tail = ()
     if replicas:
         turn = next(_spread) % len(replicas)
         replicas = replicas[turn:] + replicas[:turn]

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TypeVar
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -38,7 +39,9 @@ DELETE_BATCH = 2000
 BATCH_MARGIN = 1.0
 
 
-async def declare(cluster: Cluster, *, name: str, description: str) -> tuple[TableInfo, bool]:
+async def declare(
+    cluster: Cluster, *, name: str, description: str, options: Mapping[str, Any]
+) -> tuple[TableInfo, bool]:
     """Create or update a table; True when it was created.
 
     A name whose earlier table was deleted is declared only after every shard has
@@ -58,7 +61,7 @@ async def declare(cluster: Cluster, *, name: str, description: str) -> tuple[Tab
                 headers={"Retry-After": str(seconds)},
             )
     async with cluster.watcher.catalog_connection() as conn:
-        created = await catalog.put_table(conn, name=name, description=description)
+        created = await catalog.put_table(conn, name=name, description=description, **options)
     topology = await cluster.watcher.refresh(force=True)
     return topology.tables[name], created
 

@@ -11,6 +11,7 @@ import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -71,12 +72,18 @@ class TableInfo:
     created_at: str
     updated_at: str
     state: str = "active"  # 'deleting' while its items are being deleted
+    cache: str = "hot"  # what the item cache keeps: off | hot | all
+    cache_ttl: float = 1.0  # seconds an entry lives
+    max_age: int = 0  # Cache-Control max-age of item reads
 
-    def as_json(self) -> dict[str, str]:
+    def as_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "description": self.description,
             "state": self.state,
+            "cache": self.cache,
+            "cache_ttl": self.cache_ttl,
+            "max_age": self.max_age,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
         }

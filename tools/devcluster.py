@@ -57,6 +57,24 @@ def pg_bindir() -> Path:
     return bindir
 
 
+def redis_server() -> str:
+    """The redis-server binary; installed with apt-get when missing and root."""
+    found = shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
+    )
+    if found is None and os.geteuid() == 0:
+        click.echo("redis-server not found; installing with apt-get ...", err=True)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-q"], check=True, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-q", "redis-server"], check=True, env=env)
+        found = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if found is None or not Path(found).exists():
+        raise click.ClickException(
+            "redis-server not found. Install it with:\n    sudo apt-get install -y redis-server"
+        )
+    return found
+
+
 def as_pg_user(cmd: list[str]) -> list[str]:
     return pgctl.as_user(cmd, PG_USER)
 
@@ -293,9 +311,17 @@ class Cluster:
         return int(pid) if pid and pgctl.alive(int(pid)) else None
 
     def shardd_env(self) -> dict[str, str]:
-        """shardd's environment: the SHARDD_* settings given to `up`, then the cluster's."""
+        """shardd's environment: the cache on this cluster's Redis (if it has one), the
+        SHARDD_* settings given to `up`, then the cluster's."""
+        redis = {}
+        if self.state.get("redis_port"):
+            redis = {
+                "SHARDD_CACHE_BACKEND": "redis",
+                "SHARDD_REDIS_URL": f"redis://127.0.0.1:{self.state['redis_port']}/0",
+            }
         return {
             **os.environ,
+            **redis,
             **self.state.get("shardd_settings", {}),
             "SHARDD_CATALOG_DSN": self.catalog_dsn,
             "SHARDD_PORT": str(self.state["port"]),
@@ -330,6 +356,60 @@ class Cluster:
                         return
             time.sleep(0.1)
         raise click.ClickException(f"shardd not ready after 30s; see {self.dir / 'shardd.log'}")
+
+    # -- Redis (the shared cache tier, with `up --redis`)
+
+    def redis_pid(self) -> int | None:
+        """redis-server's own pid (from its pidfile; as root it runs under runuser)."""
+        with contextlib.suppress(OSError, ValueError):
+            pid = int((self.dir / "redis" / "redis.pid").read_text().strip())
+            return pid if pgctl.alive(pid) else None
+        return None
+
+    def start_redis(self) -> None:
+        port = self.state.get("redis_port")
+        if not port or self.redis_pid() is not None:
+            return
+        data = self.dir / "redis"
+        own_dir(data)
+        log = open(self.dir / "redis.log", "ab")
+        cmd = [
+            redis_server(),
+            "--port", str(port),
+            "--bind", "127.0.0.1",
+            "--dir", str(data),
+            "--pidfile", str(data / "redis.pid"),
+            "--save", "",
+            "--appendonly", "no",
+            "--maxmemory", "256mb",
+            "--maxmemory-policy", "allkeys-lru",
+        ]  # fmt: skip
+        proc = subprocess.Popen(
+            as_pg_user(cmd),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise click.ClickException(f"redis-server exited; see {self.dir / 'redis.log'}")
+            with contextlib.suppress(OSError):
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return
+            time.sleep(0.05)
+        raise click.ClickException(f"redis-server not ready after 15s; see {self.dir}/redis.log")
+
+    def stop_redis(self) -> None:
+        pid = self.redis_pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and self.redis_pid() is not None:
+                time.sleep(0.05)
 
     def stop_shardd(self) -> None:
         pid = self.shardd_pid()
@@ -379,6 +459,11 @@ def cli() -> None:
 @click.option("--pg-port", type=int, default=None, help="First Postgres port [port+1].")
 @click.option("--sync", is_flag=True, help="Synchronous replication (ANY 1).")
 @click.option("--slots", default=4096, show_default=True, help="Slot count of a new cluster.")
+@click.option(
+    "--redis",
+    is_flag=True,
+    help="Also run redis-server (on --port + 1000) and use it as shardd's shared cache.",
+)
 def up(
     directory: Path,
     shards: int,
@@ -387,6 +472,7 @@ def up(
     pg_port: int | None,
     sync: bool,
     slots: int,
+    redis: bool,
 ) -> None:
     """Create (first time) or start the cluster and shardd; idempotent."""
     cluster = Cluster(directory)
@@ -416,6 +502,10 @@ def up(
     else:
         for node in cluster.nodes:
             cluster.start_node(node)
+    if redis and not cluster.state.get("redis_port"):
+        cluster.state["redis_port"] = cluster.state["port"] + 1000
+        cluster.save()
+    cluster.start_redis()
     cluster.start_shardd()
     url = f"http://127.0.0.1:{cluster.state['port']}"
     click.echo(f"shardd is up at {url} (cluster in {cluster.dir})\n")
@@ -434,6 +524,7 @@ def down(directory: Path, purge: bool) -> None:
     """Stop shardd and every Postgres node."""
     cluster = Cluster(directory)
     cluster.stop_shardd()
+    cluster.stop_redis()
     for node in reversed(cluster.nodes):
         with contextlib.suppress(click.ClickException):
             cluster.stop_node(node)
@@ -506,9 +597,14 @@ def _live_roles(cluster: Cluster) -> dict[str, str]:
 @dir_option
 @click.argument("node")
 def kill(directory: Path, node: str) -> None:
-    """SIGKILL a node's postmaster (or shardd), for fault tests."""
+    """SIGKILL a node's postmaster (or shardd, or redis), for fault tests."""
     cluster = Cluster(directory)
-    pid = cluster.shardd_pid() if node == "shardd" else cluster.pid(cluster.node(node))
+    if node == "shardd":
+        pid = cluster.shardd_pid()
+    elif node == "redis":
+        pid = cluster.redis_pid()
+    else:
+        pid = cluster.pid(cluster.node(node))
     if pid is None:
         raise click.ClickException(f"{node} is not running")
     os.kill(pid, signal.SIGKILL)
@@ -519,10 +615,12 @@ def kill(directory: Path, node: str) -> None:
 @dir_option
 @click.argument("node")
 def start(directory: Path, node: str) -> None:
-    """Start a node (or shardd) again."""
+    """Start a node (or shardd, or redis) again."""
     cluster = Cluster(directory)
     if node == "shardd":
         cluster.start_shardd()
+    elif node == "redis":
+        cluster.start_redis()
     else:
         cluster.start_node(cluster.node(node))
     click.echo(f"started {node}")

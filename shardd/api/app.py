@@ -101,6 +101,14 @@ ROUTES: tuple[Route, ...] = (
         "Epoch, shards, nodes, slot counts",
         "described",
     ),
+    Route(
+        "GET",
+        "/v1/admin/hotkeys",
+        handlers.hotkeys,
+        "admin",
+        "The hottest keys, slots and shards over all instances",
+        "hotkeys",
+    ),
     Route("GET", "/v1/tables", handlers.list_tables, "read", "List tables", "described"),
     Route("PUT", TABLE, handlers.put_table, "admin", "Create or update a table", "put_table"),
     Route("GET", TABLE, handlers.get_table, "read", "Describe a table", "get_table"),
@@ -266,13 +274,18 @@ def make_app(settings: Settings, cluster: Cluster | None = None) -> web.Applicat
         await cluster.start()
         loop = asyncio.get_running_loop()
         writer = loop.create_task(app[ACCESS_LOG].run(), name="access-log")
-        monitor = loop.create_task(cluster.monitor.run(), name="monitor")
+        loops = [loop.create_task(cluster.monitor.run(), name="monitor")]
+        if cluster.reporter is not None:
+            loops.append(loop.create_task(cluster.reporter.run(), name="traffic-reports"))
+        if cluster.invalidator is not None:
+            loops.append(loop.create_task(cluster.invalidator.run(), name="cache-invalidation"))
         try:
             yield
         finally:
-            monitor.cancel()
+            for task in loops:
+                task.cancel()
             writer.cancel()  # writes what is left
-            await asyncio.gather(monitor, writer, return_exceptions=True)
+            await asyncio.gather(*loops, writer, return_exceptions=True)
             await cluster.monitor.close()
             await cluster.close()
 

@@ -15,6 +15,7 @@ from .. import errors, metrics, store, tables
 from ..cluster import Cluster
 from ..config import Settings
 from ..executor import Served
+from ..hotkeys import load_view as hotkeys_view
 from ..nodes import describe
 from ..router import SessionToken, resolve_consistency
 from . import validate
@@ -167,7 +168,7 @@ async def put_table(request: web.Request) -> web.Response:
     name = validate.table_name(request.match_info["table"])
     body = await _body(request)
     spec = validate.json_object(body, max_depth=settings.max_json_depth) if body else {}
-    unknown = set(spec) - {"description"}
+    unknown = set(spec) - {"description", *validate.TABLE_OPTIONS}
     if unknown:
         raise errors.BadRequest(
             f"unknown table fields: {', '.join(sorted(unknown))}", code="invalid_table_spec"
@@ -177,8 +178,22 @@ async def put_table(request: web.Request) -> web.Response:
         raise errors.BadRequest(
             "description must be a string of at most 1000 characters", code="invalid_table_spec"
         )
-    info, created = await tables.declare(cluster, name=name, description=description)
+    options = validate.table_options(spec)
+    info, created = await tables.declare(
+        cluster, name=name, description=description, options=options
+    )
     return respond(info.as_json(), status=201 if created else 200)
+
+
+async def hotkeys(request: web.Request) -> web.Response:
+    cluster, settings = _ctx(request)
+    limit = validate.int_param(
+        request.query.get("limit"), name="limit", default=20, low=1, high=1000
+    )
+    topology = cluster.watcher.require_topology()
+    async with cluster.watcher.catalog_connection() as conn:
+        view = await hotkeys_view(conn, topology, settings)
+    return respond(view.as_json(limit=limit))
 
 
 async def list_tables(request: web.Request) -> web.Response:
@@ -290,6 +305,7 @@ async def get_item(request: web.Request) -> web.Response:
             f"no item {pk!r}/{sk!r} in {table}", code="item_not_found", headers=headers
         )
     headers["ETag"] = _etag(item.version)
+    headers["Cache-Control"] = f"max-age={cluster.watcher.require_topology().tables[table].max_age}"
     if none_match is not None and (none_match == 0 or none_match == item.version):
         return web.Response(status=304, headers=headers)
     return respond(_item_json(table, item), headers=headers)

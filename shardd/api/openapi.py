@@ -126,6 +126,9 @@ TABLE_INFO = {
         "name": {"type": "string"},
         "description": {"type": "string"},
         "state": {"type": "string", "enum": ["active", "deleting"]},
+        "cache": {"type": "string", "enum": list(validate.CACHE_MODES)},
+        "cache_ttl": {"type": "number"},
+        "max_age": {"type": "integer"},
         "created_at": {"type": "string"},
         "updated_at": {"type": "string"},
     },
@@ -179,7 +182,27 @@ def _put_table(settings: Settings) -> Schema:
             {
                 "type": "object",
                 "additionalProperties": False,
-                "properties": {"description": description},
+                "properties": {
+                    "description": description,
+                    "cache": {
+                        "type": "string",
+                        "enum": list(validate.CACHE_MODES),
+                        "description": "what the item cache keeps: nothing, hot keys, every"
+                        " item read",
+                    },
+                    "cache_ttl": {
+                        "type": "number",
+                        "exclusiveMinimum": 0,
+                        "maximum": validate.MAX_CACHE_TTL,
+                        "description": "seconds a cache entry lives",
+                    },
+                    "max_age": {
+                        "type": "integer",
+                        "minimum": 0,
+                        "maximum": validate.MAX_AGE,
+                        "description": "Cache-Control max-age of item reads",
+                    },
+                },
             },
             required=False,
         ),
@@ -211,7 +234,18 @@ def _item_op(method: str) -> Callable[[Settings], Schema]:
         }[method]
         responses = {
             "PUT": {"200": _json(WRITTEN, "Replaced"), "201": _json(WRITTEN, "Created")},
-            "GET": {"200": _json(ITEM), "304": {"description": "Unchanged (If-None-Match)"}},
+            "GET": {
+                "200": {
+                    **_json(ITEM),
+                    "headers": {
+                        "Cache-Control": {
+                            "description": "max-age: the table's max_age setting",
+                            "schema": {"type": "string"},
+                        }
+                    },
+                },
+                "304": {"description": "Unchanged (If-None-Match)"},
+            },
             "PATCH": {"200": _json(ITEM)},
             "DELETE": {"204": {"description": "Deleted"}},
         }[method]
@@ -343,7 +377,61 @@ def _batch_write(settings: Settings) -> Schema:
     }
 
 
+HOT_KEY = {
+    "type": "object",
+    "required": ["table", "pk", "slot", "shard", "reads_per_s", "writes_per_s", "share"],
+    "properties": {
+        "table": {"type": "string"},
+        "pk": {"type": "string"},
+        "slot": {"type": "integer"},
+        "shard": {"type": ["string", "null"]},
+        "reads_per_s": {"type": "number"},
+        "writes_per_s": {"type": "number"},
+        "share": {"type": "number", "description": "of all traffic through all instances"},
+    },
+}
+HOT_VIEW = {
+    "type": "object",
+    "required": ["window_seconds", "instances", "requests_per_s", "keys", "slots", "shards"],
+    "properties": {
+        "window_seconds": {"type": "number"},
+        "instances": {"type": "array", "items": {"type": "string"}},
+        "requests_per_s": {"type": "number"},
+        "keys": {"type": "array", "items": HOT_KEY, "description": "by share, highest first"},
+        "slots": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "slot": {"type": "integer"},
+                    "shard": {"type": ["string", "null"]},
+                    "requests_per_s": {"type": "number"},
+                    "share": {"type": "number"},
+                },
+            },
+        },
+        "shards": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string"},
+                    "requests_per_s": {"type": "number"},
+                    "vs_mean": {"type": "number"},
+                },
+            },
+        },
+    },
+}
+
+
+def _hotkeys(settings: Settings) -> Schema:
+    limit = _param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 1000})
+    return {"parameters": [limit], "responses": {"200": _json(HOT_VIEW)}}
+
+
 OPERATIONS: dict[str, Operation] = {
+    "hotkeys": Operation(_hotkeys, errors=(400, 503, 504)),
     "plain": Operation(_plain),
     "readiness": Operation(_readiness, errors=(503,)),
     "metrics": Operation(_metrics),

@@ -25,6 +25,34 @@ ETAG = re.compile(f'^(?:W/)?"({_VERSION})"$|^({_VERSION})$')
 ETAG_OR_ANY = re.compile(f"^\\*$|{ETAG.pattern}")
 
 
+CACHE_MODES = ("off", "hot", "all")
+MAX_CACHE_TTL = 3600.0
+MAX_AGE = 86400
+TABLE_OPTIONS = ("cache", "cache_ttl", "max_age")
+
+
+def table_options(spec: dict[str, Any]) -> dict[str, Any]:
+    """A table's cache options from its declaration (defaults for the ones left out)."""
+    cache = spec.get("cache", "hot")
+    if cache not in CACHE_MODES:
+        raise BadRequest(
+            f"cache must be one of {', '.join(CACHE_MODES)}", code="invalid_table_spec"
+        )
+    ttl = spec.get("cache_ttl", 1.0)
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl <= MAX_CACHE_TTL:
+        raise BadRequest(
+            f"cache_ttl must be a number of seconds above 0 and at most {MAX_CACHE_TTL:g}",
+            code="invalid_table_spec",
+        )
+    max_age = spec.get("max_age", 0)
+    if isinstance(max_age, bool) or not isinstance(max_age, int) or not 0 <= max_age <= MAX_AGE:
+        raise BadRequest(
+            f"max_age must be a whole number of seconds from 0 to {MAX_AGE}",
+            code="invalid_table_spec",
+        )
+    return {"cache": cache, "cache_ttl": float(ttl), "max_age": max_age}
+
+
 def table_name(name: str) -> str:
     if not TABLE_NAME.match(name):
         raise BadRequest("table names match ^[a-z][a-z0-9_]{0,62}$", code="invalid_table_name")

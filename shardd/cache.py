@@ -1,0 +1,425 @@
+"""The item cache: cache-aside for eventual and session point reads.
+
+What is cached, per table (``PUT /v1/tables/{t}`` with ``cache``): nothing (``off``), the
+items of hot keys (``hot``, the default: keys whose share of all traffic is at least
+``hot_key_share``, see :mod:`shardd.hotkeys`), or every item read (``all``); each entry
+lives at most the table's ``cache_ttl``.  ``strong`` reads never use the cache.
+
+An entry is (the item or its absence, the shard it was read from, a WAL position the
+node had reached before the read).  ``eventual`` reads take any live entry; a
+``session`` read takes one only from its key's current shard and at least as new as its
+token's position there.
+
+Consistency (the memcache lease scheme, kept on each instance):
+
+* A read that misses takes a **lease** on the key before it reads; its fill lands only
+  if the lease is still there.  Invalidating a key drops its entry and its lease, so a
+  read that started before a write can never put the old value back after it.
+* Writes through this instance invalidate their keys at once (when they end, whatever
+  the outcome, so an ambiguous write invalidates too).  Writes through other instances
+  arrive from the shards' change logs (:class:`Invalidator`, every
+  ``cache_invalidation_interval``); the delay from commit to invalidation is measured
+  (``shardd_cache_invalidation_lag_seconds``).  Staleness is therefore bounded by that
+  delay plus the replica lag an eventual read allows anyway, and never exceeds the TTL.
+* In Redis (``cache_backend = redis``, shared by every instance), a fill is ``SET NX``:
+  it never replaces an entry another instance put there, and every instance deletes the
+  keys its change-log follower sees.  Redis that does not answer within
+  ``redis_timeout`` is skipped (reads go to Postgres) for a second at a time and counted
+  (``shardd_cache_backend_errors_total``); it never fails a request.
+
+Eviction in process is by ``cache_policy`` (``lru``, ``lfu`` or ``fifo``) within
+``cache_max_entries`` and ``cache_max_bytes``; Redis evicts by its own ``maxmemory-policy``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import asyncpg
+import orjson
+
+from . import changelog, errors, metrics, store
+from .config import Settings
+from .router import SessionToken
+
+log = logging.getLogger(__name__)
+Key = tuple[str, str, str]  # (table, pk, sk)
+ENTRY_OVERHEAD = 200  # bytes an entry costs besides its document and keys
+BACKEND_RETRY = 1.0  # seconds a failed Redis is left alone
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    item: store.Item | None  # None: the item was absent
+    shard: str
+    position: int  # a WAL position the node had reached before the read (0: unknown)
+    expires: float  # time.monotonic() deadline (in Redis: its own TTL)
+    size: int
+
+    def serves(self, *, consistency: str, shard: str | None, token: SessionToken | None) -> bool:
+        """May this entry answer a read at ``consistency`` of a key ``shard`` owns now?"""
+        if consistency == "eventual":
+            return True
+        if consistency != "session" or shard != self.shard:
+            return False
+        wanted = token.positions.get(shard) if token is not None else None
+        return wanted is None or self.position >= wanted
+
+
+def entry_size(key: Key, item: store.Item | None) -> int:
+    doc = len(orjson.dumps(item.doc)) if item is not None else 0
+    return ENTRY_OVERHEAD + doc + sum(len(part) for part in key)
+
+
+# -- eviction policies -------------------------------------------------------------------
+
+
+class Policy(Protocol):
+    def add(self, key: Hashable) -> None: ...
+    def touch(self, key: Hashable) -> None: ...
+    def remove(self, key: Hashable) -> None: ...
+    def victim(self) -> Hashable: ...
+
+
+class FIFO:
+    """Evicts the oldest entry; hits change nothing."""
+
+    def __init__(self) -> None:
+        self.order: OrderedDict[Hashable, None] = OrderedDict()
+
+    def add(self, key: Hashable) -> None:
+        self.order[key] = None
+
+    def touch(self, key: Hashable) -> None:
+        pass
+
+    def remove(self, key: Hashable) -> None:
+        self.order.pop(key, None)
+
+    def victim(self) -> Hashable:
+        return next(iter(self.order))
+
+
+class LRU(FIFO):
+    """Evicts the entry used longest ago."""
+
+    def touch(self, key: Hashable) -> None:
+        self.order.move_to_end(key)
+
+
+class LFU:
+    """Evicts the entry with the fewest hits (the oldest of those on a tie), in O(1):
+    keys are kept in buckets by hit count."""
+
+    def __init__(self) -> None:
+        self.counts: dict[Hashable, int] = {}
+        self.buckets: dict[int, OrderedDict[Hashable, None]] = {}
+        self.lowest = 0
+
+    def add(self, key: Hashable) -> None:
+        self.counts[key] = 1
+        self.buckets.setdefault(1, OrderedDict())[key] = None
+        self.lowest = 1
+
+    def touch(self, key: Hashable) -> None:
+        count = self.counts[key]
+        self._unlink(key, count)
+        self.counts[key] = count + 1
+        self.buckets.setdefault(count + 1, OrderedDict())[key] = None
+
+    def remove(self, key: Hashable) -> None:
+        count = self.counts.pop(key, None)
+        if count is not None:
+            self._unlink(key, count)
+
+    def _unlink(self, key: Hashable, count: int) -> None:
+        bucket = self.buckets[count]
+        del bucket[key]
+        if not bucket:
+            del self.buckets[count]
+            if self.lowest == count:
+                self.lowest = count + 1
+
+    def victim(self) -> Hashable:
+        if self.lowest not in self.buckets:
+            self.lowest = min(self.buckets)
+        return next(iter(self.buckets[self.lowest]))
+
+
+POLICIES: dict[str, Callable[[], Policy]] = {"lru": LRU, "lfu": LFU, "fifo": FIFO}
+
+
+class LocalStore:
+    """Entries in this process, bounded by count and bytes, evicted by a policy."""
+
+    def __init__(
+        self,
+        *,
+        policy: str,
+        max_entries: int,
+        max_bytes: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.policy: Policy = POLICIES[policy]()
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.clock = clock
+        self.entries: dict[Hashable, Entry] = {}
+        self.bytes = 0
+
+    def get(self, key: Hashable) -> Entry | None:
+        entry = self.entries.get(key)
+        if entry is None:
+            return None
+        if entry.expires <= self.clock():
+            self.remove(key)
+            metrics.CACHE_EVICTIONS.labels("expired").inc()
+            return None
+        self.policy.touch(key)
+        return entry
+
+    def put(self, key: Hashable, entry: Entry) -> None:
+        if entry.size > self.max_bytes:
+            return
+        self.remove(key)
+        while self.entries and (
+            len(self.entries) >= self.max_entries or self.bytes + entry.size > self.max_bytes
+        ):
+            self.remove(self.policy.victim())
+            metrics.CACHE_EVICTIONS.labels("capacity").inc()
+        self.entries[key] = entry
+        self.bytes += entry.size
+        self.policy.add(key)
+
+    def remove(self, key: Hashable) -> None:
+        entry = self.entries.pop(key, None)
+        if entry is not None:
+            self.bytes -= entry.size
+            self.policy.remove(key)
+
+    def clear(self) -> None:
+        for key in list(self.entries):
+            self.remove(key)
+
+
+# -- the shared backend -------------------------------------------------------------------
+
+
+class RedisStore:
+    """Entries in Redis shared by every instance (``redis_url``); failures are misses."""
+
+    def __init__(self, url: str, *, timeout: float) -> None:
+        import redis.asyncio
+
+        self.client = redis.asyncio.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+        self._down_until = 0.0
+
+    @staticmethod
+    def name(key: Key) -> str:
+        return "shardd:item:" + orjson.dumps(key).decode()
+
+    async def _call(self, run: Callable[[], Any]) -> Any:
+        if time.monotonic() < self._down_until:
+            return None
+        try:
+            result = await run()
+        except Exception as exc:  # any failure of Redis is a miss, never a failed read
+            self._down_until = time.monotonic() + BACKEND_RETRY
+            metrics.CACHE_BACKEND_ERRORS.inc()
+            metrics.CACHE_BACKEND_UP.set(0)
+            log.debug("redis failed: %s", exc)
+            return None
+        metrics.CACHE_BACKEND_UP.set(1)
+        return result
+
+    async def get(self, key: Key) -> Entry | None:
+        raw = await self._call(lambda: self.client.get(self.name(key)))
+        if raw is None:
+            return None
+        pk, sk, version, doc, shard, position = orjson.loads(raw)
+        item = None if version is None else store.Item(pk, sk, version, orjson.Fragment(doc))
+        return Entry(item, shard, position, float("inf"), len(raw))
+
+    async def put(self, key: Key, entry: Entry, *, ttl: float) -> None:
+        item = entry.item
+        value = orjson.dumps(
+            [
+                key[1],
+                key[2],
+                None if item is None else item.version,
+                None if item is None else orjson.dumps(item.doc).decode(),
+                entry.shard,
+                entry.position,
+            ]
+        )
+        name = self.name(key)
+        await self._call(lambda: self.client.set(name, value, px=max(1, int(ttl * 1000)), nx=True))
+
+    async def remove(self, keys: Iterable[Key]) -> None:
+        names = [self.name(key) for key in keys]
+        if names:
+            await self._call(lambda: self.client.delete(*names))
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.client.aclose()
+
+
+# -- the cache -----------------------------------------------------------------------------
+
+
+class Cache:
+    """Lookups, leases, fills and invalidations over the configured backend."""
+
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.local = LocalStore(
+            policy=settings.cache_policy,
+            max_entries=settings.cache_max_entries,
+            max_bytes=settings.cache_max_bytes,
+            clock=clock,
+        )
+        self.redis = (
+            RedisStore(settings.redis_url, timeout=settings.redis_timeout)
+            if settings.cache_backend == "redis"
+            else None
+        )
+        self._leases: dict[Key, int] = {}
+        self._tokens = itertools.count(1)
+        # Fills wait until the invalidator follows every shard's change log.
+        self.ready = False
+
+    async def lookup(self, key: Key) -> Entry | None:
+        entry = self.local.get(key) if self.redis is None else await self.redis.get(key)
+        metrics.CACHE_LOOKUPS.labels("hit" if entry is not None else "miss").inc()
+        return entry
+
+    def lease(self, key: Key) -> int | None:
+        """A lease for filling ``key`` (None: another read holds one and will fill it)."""
+        if not self.ready or key in self._leases:
+            return None
+        token = self._leases[key] = next(self._tokens)
+        return token
+
+    def release(self, key: Key, token: int | None) -> None:
+        if token is not None and self._leases.get(key) == token:
+            del self._leases[key]
+
+    async def fill(self, key: Key, token: int | None, entry: Entry, *, ttl: float) -> bool:
+        """Store ``entry`` if ``token`` is still the key's lease; False when the key was
+        invalidated since the lease was taken (the value read may be old)."""
+        if token is None or self._leases.get(key) != token:
+            metrics.CACHE_FILLS.labels("refused").inc()
+            return False
+        del self._leases[key]
+        metrics.CACHE_FILLS.labels("stored").inc()
+        if self.redis is not None:
+            await self.redis.put(key, entry, ttl=ttl)
+        else:
+            self.local.put(key, entry)
+            metrics.CACHE_ENTRIES.set(len(self.local.entries))
+            metrics.CACHE_BYTES.set(self.local.bytes)
+        return True
+
+    async def invalidate(self, keys: Iterable[Key], *, source: str) -> None:
+        keys = list(keys)
+        for key in keys:
+            self._leases.pop(key, None)
+            self.local.remove(key)
+        metrics.CACHE_INVALIDATIONS.labels(source).inc(len(keys))
+        if self.redis is not None:
+            await self.redis.remove(keys)
+
+    def clear(self) -> None:
+        """Forget every local entry and lease (the change log was not followed)."""
+        self._leases.clear()
+        self.local.clear()
+
+    async def close(self) -> None:
+        if self.redis is not None:
+            await self.redis.close()
+
+
+# -- following the change logs ----------------------------------------------------------
+
+
+class Invalidator:
+    """Follows every shard's change log and invalidates the keys other instances wrote.
+
+    One position per shard, on its current primary.  When the primary changes, a shard
+    cannot be followed for a round, or this instance starts, the log was not followed
+    for a while: local entries are dropped (Redis entries, which other instances
+    follow too, expire by their TTL) and following restarts from the current position.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        cache: Cache,
+        *,
+        topology: Callable[[], Any],
+        connection: Callable[[Any], contextlib.AbstractAsyncContextManager[asyncpg.Connection]],
+    ) -> None:
+        self.settings = settings
+        self.cache = cache
+        self.topology = topology
+        self.connection = connection
+        self.positions: dict[str, tuple[str, str]] = {}  # shard -> (primary, snapshot)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.cache_invalidation_interval)
+            topology = self.topology()
+            if topology is None:
+                continue
+            if not any(t.cache != "off" for t in topology.tables.values()):
+                self.positions.clear()
+                self.cache.ready = False
+                self.cache.clear()
+                continue
+            await asyncio.gather(
+                *(self.follow(shard) for shard in topology.shards.values()),
+                return_exceptions=True,
+            )
+            self.cache.ready = all(name in self.positions for name in topology.shards)
+
+    async def follow(self, shard: Any) -> None:
+        primary = shard.primary
+        known = self.positions.get(shard.name)
+        try:
+            if primary is None:
+                raise errors.ShardUnavailable(shard.name, "it has no primary")
+            async with asyncio.timeout(self.settings.request_timeout):
+                async with self.connection(primary) as conn:
+                    if known is None or known[0] != primary.name:
+                        self.positions[shard.name] = (
+                            primary.name,
+                            await changelog.position(conn),
+                        )
+                        if known is not None:
+                            self.cache.clear()
+                        return
+                    changes, after = await changelog.next_batch(conn, known[1])
+        except Exception as exc:  # a shard that cannot be followed: start over later
+            if self.positions.pop(shard.name, None) is not None:
+                self.cache.clear()
+            metrics.CACHE_FOLLOW_FAILURES.inc()
+            log.debug("change log of %s not followed: %s", shard.name, exc)
+            return
+        self.positions[shard.name] = (primary.name, after)
+        if changes:
+            now = time.time()
+            for change in changes:
+                if change.at is not None:
+                    metrics.CACHE_INVALIDATION_LAG.observe(max(0.0, now - change.at.timestamp()))
+            await self.cache.invalidate({(c.tbl, c.pk, c.sk) for c in changes}, source="changelog")
