@@ -15,6 +15,10 @@ Consistency (the memcache lease scheme, kept on each instance):
 * A read that misses takes a **lease** on the key before it reads; its fill lands only
   if the lease is still there.  Invalidating a key drops its entry and its lease, so a
   read that started before a write can never put the old value back after it.
+* A read that starts after the invalidation may still get the old value from a replica
+  that has not replayed the write: each change seen (here or in a change log) leaves
+  the key's newest version as a **floor** for ``max_replica_lag_seconds``, and a fill
+  older than its floor is refused.
 * Writes through this instance invalidate their keys at once (when they end, whatever
   the outcome, so an ambiguous write invalidates too).  Writes through other instances
   arrive from the shards' change logs (:class:`Invalidator`, every
@@ -296,6 +300,12 @@ class Cache:
         )
         self._leases: dict[Key, int] = {}
         self._tokens = itertools.count(1)
+        # key -> (until, version, exists): the newest change known of each key changed
+        # lately; a fill that read something older is refused (a lagging replica's
+        # answer to a read that started after the invalidation).
+        self._floors: OrderedDict[Key, tuple[float, int, bool]] = OrderedDict()
+        self._floor_seconds = settings.max_replica_lag_seconds + 1.0
+        self._max_floors = settings.cache_max_entries
         # Fills wait until the invalidator follows every shard's change log.
         self.ready = False
 
@@ -315,10 +325,35 @@ class Cache:
         if token is not None and self._leases.get(key) == token:
             del self._leases[key]
 
+    def note(self, key: Key, version: int, *, exists: bool) -> None:
+        """Remember the newest change of ``key`` (a put of ``version``, or the delete of
+        it) for as long as a replica may still serve what was there before."""
+        now = self.clock()
+        floors = self._floors
+        known = floors.pop(key, None)
+        if known is None or known[0] <= now or version >= known[1]:
+            known = (now + self._floor_seconds, version, exists)
+        floors[key] = known
+        while floors and (len(floors) > self._max_floors or next(iter(floors.values()))[0] <= now):
+            floors.popitem(last=False)
+
+    def _older_than_known(self, key: Key, item: store.Item | None) -> bool:
+        floor = self._floors.get(key)
+        if floor is None or floor[0] <= self.clock():
+            return False
+        _, version, exists = floor
+        if exists:
+            return item is None or item.version < version
+        return item is not None and item.version <= version
+
     async def fill(self, key: Key, token: int | None, entry: Entry, *, ttl: float) -> bool:
-        """Store ``entry`` if ``token`` is still the key's lease; False when the key was
-        invalidated since the lease was taken (the value read may be old)."""
-        if token is None or self._leases.get(key) != token:
+        """Store ``entry`` if ``token`` is still the key's lease and what was read is not
+        older than the newest change known of the key; False otherwise."""
+        if (
+            token is None
+            or self._leases.get(key) != token
+            or self._older_than_known(key, entry.item)
+        ):
             metrics.CACHE_FILLS.labels("refused").inc()
             return False
         del self._leases[key]
@@ -420,6 +455,9 @@ class Invalidator:
         if changes:
             now = time.time()
             for change in changes:
+                self.cache.note(
+                    (change.tbl, change.pk, change.sk), change.version, exists=change.op == "put"
+                )
                 if change.at is not None:
                     metrics.CACHE_INVALIDATION_LAG.observe(max(0.0, now - change.at.timestamp()))
             await self.cache.invalidate({(c.tbl, c.pk, c.sk) for c in changes}, source="changelog")

@@ -167,6 +167,9 @@ class Settings:
         "Share of all traffic above which a key is hot: logged, counted, cached by tables "
         "with cache = hot, and read from every node of its shard.",
     )
+    hot_key_min_rate: float = _setting(
+        50.0, "Requests per second (all instances) below which no key counts as hot."
+    )
     cache_backend: str = _setting(
         "local",
         "Where the item cache keeps entries: local (in process), redis (shared, at "

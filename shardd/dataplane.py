@@ -202,11 +202,18 @@ class DataPlane:
         if self.traffic is not None:
             slot = slot_of(pk, self.watcher.require_topology().slot_count)
             self.traffic.record(table, pk, slot, write=True)
-        try:
+        if self.cache is None:
             return await self._on_owner(pk, write, deadline=deadline)
-        finally:
-            if self.cache is not None:
-                await self.cache.invalidate([(table, pk, sk)], source="write")
+        key = (table, pk, sk)
+        try:
+            written = await self._on_owner(pk, write, deadline=deadline)
+        except BaseException:  # it may have been applied all the same
+            await self.cache.invalidate([key], source="write")
+            raise
+        if written[0].version is not None:  # before the invalidation: no fill in between
+            self.cache.note(key, written[0].version, exists=op != "delete")
+        await self.cache.invalidate([key], source="write")
+        return written
 
     async def query(
         self,
@@ -452,6 +459,9 @@ class DataPlane:
             written.served.append(served)
             for i, version in zip(indexes, versions, strict=True):
                 outcomes[i] = KeyOutcome(version=version)
+                if self.cache is not None and version is not None:
+                    _, pk, sk = slotted[i]
+                    self.cache.note((table, pk, sk), version, exists=i < len(docs))
 
         failure: errors.ApiError | None = None  # every key has its outcome without one
         try:

@@ -362,8 +362,9 @@ class Reporter:
     """Reports this instance's traffic and keeps the merged view (and the hot set) current.
 
     Every ``hotkeys_report_interval``: publish this instance's report, read every fresh
-    report, merge.  The instance that sorts first among those reporting logs keys as they
-    cross ``hot_key_share`` (and as they cool down) and counts the detections, so each is
+    report, merge.  A key is hot when it takes at least ``hot_key_share`` of all traffic
+    and ``hot_key_min_rate`` requests per second.  The instance that sorts first among
+    those reporting logs keys as they turn hot (and as they cool down) and counts the detections, so each is
     logged once in the cluster.  A catalog that does not answer costs a round, nothing
     else: the hot set stays as it was until it does.
     """
@@ -395,7 +396,12 @@ class Reporter:
     def update(self, view: HotView) -> None:
         threshold = self.settings.hot_key_share
         self.view = view
-        hot = [key for key in view.keys if key.share >= threshold]
+        min_rate = self.settings.hot_key_min_rate
+        hot = [
+            key
+            for key in view.keys
+            if key.share >= threshold and key.reads_per_s + key.writes_per_s >= min_rate
+        ]
         self.hot = frozenset((key.table, key.pk) for key in hot)
         metrics.HOT_KEYS.set(len(hot))
         metrics.TOP_KEY_SHARE.set(view.keys[0].share if view.keys else 0.0)

@@ -13,7 +13,7 @@ from tests.harness.http import Api
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[RunningCluster]:
     # Failover has a cluster of its own (test_failover); here a killed node stays down.
-    running = start_cluster(failover=False)
+    running = start_cluster(failover=False, redis=True)
     try:
         yield running
     finally:

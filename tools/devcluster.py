@@ -462,8 +462,9 @@ def cli() -> None:
 @click.option(
     "--redis",
     is_flag=True,
-    help="Also run redis-server (on --port + 1000) and use it as shardd's shared cache.",
+    help="Also run redis-server and use it as shardd's shared cache.",
 )
+@click.option("--redis-port", type=int, default=None, help="Redis port [--port + 1000].")
 def up(
     directory: Path,
     shards: int,
@@ -473,6 +474,7 @@ def up(
     sync: bool,
     slots: int,
     redis: bool,
+    redis_port: int | None,
 ) -> None:
     """Create (first time) or start the cluster and shardd; idempotent."""
     cluster = Cluster(directory)
@@ -503,7 +505,7 @@ def up(
         for node in cluster.nodes:
             cluster.start_node(node)
     if redis and not cluster.state.get("redis_port"):
-        cluster.state["redis_port"] = cluster.state["port"] + 1000
+        cluster.state["redis_port"] = redis_port or cluster.state["port"] + 1000
         cluster.save()
     cluster.start_redis()
     cluster.start_shardd()

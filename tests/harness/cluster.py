@@ -127,14 +127,20 @@ class RunningCluster:
 
         return asyncio.run(go())
 
+    def redis_url(self) -> str:
+        state = json.loads((self.dir / "cluster.json").read_text())
+        return f"redis://127.0.0.1:{state['redis_port']}/0"
+
     def slot_map(self) -> dict[int, str]:
         """slot -> owning shard, as the catalog records it now."""
         rows = self.sql("catalog", "SELECT slot, shard FROM shardd_slot_map")
         return {row["slot"]: row["shard"] for row in rows}
 
-    def metric(self, name: str, **labels: str) -> float | None:
-        """The value of one sample of this instance's /metrics, or None when absent."""
-        for line in self.api(None).request("GET", "/metrics").raw.decode().splitlines():
+    def metric(self, name: str, *, port: int | None = None, **labels: str) -> float | None:
+        """The value of one sample of an instance's /metrics (this cluster's, or the one
+        on ``port``), or None when absent."""
+        api = self.api(None) if port is None else Api(port)
+        for line in api.request("GET", "/metrics").raw.decode().splitlines():
             sample, _, value = line.rpartition(" ")
             metric, _, rest = sample.partition("{")
             if metric == name and all(f'{k}="{v}"' in rest for k, v in labels.items()):
@@ -279,10 +285,13 @@ def start_cluster(
     failover: bool = True,
     write_buffer: float = 1.0,
     settings: dict[str, object] | None = None,
+    redis: bool = False,
 ) -> RunningCluster:
     """A devcluster in a temporary folder; ``failover=False`` leaves dead primaries dead.
 
-    ``settings`` overrides shardd settings by name (``{"topology_lease": 2.0}``).
+    ``settings`` overrides shardd settings by name (``{"topology_lease": 2.0}``).  With
+    ``redis`` the cluster runs a redis-server too (:meth:`RunningCluster.redis_url`); its
+    shardd keeps the in-process cache unless ``settings`` say otherwise.
     """
     directory = Path(tempfile.mkdtemp(prefix="shardd-test-"))
     os.chmod(directory, 0o755)
@@ -300,6 +309,9 @@ def start_cluster(
     cluster = RunningCluster(directory, port, env)
     options = ["--port", str(port), "--shards", str(shards), "--replicas", str(replicas)]
     options += ["--sync"] if sync else []
+    if redis:
+        options += ["--redis", "--redis-port", str(free_port_block(1))]
+        env.setdefault("SHARDD_CACHE_BACKEND", "local")
     result = subprocess.run(
         [str(DEVCLUSTER), "up", "--dir", str(directory), *options],
         capture_output=True,

@@ -1,0 +1,118 @@
+"""The item cache's policies, bounds, TTL and leases (pure, no Postgres)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+import pytest
+
+from shardd import config, store
+from shardd.cache import Cache, Entry, LocalStore
+from shardd.router import SessionToken
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def entry(size: int = 300, *, expires: float = 1e9, shard: str = "s1", position: int = 0) -> Entry:
+    item = store.Item("pk", "", 1, orjson.Fragment(b"{}"))
+    return Entry(item, shard, position, expires, size)
+
+
+def filled(policy: str, *, max_entries: int = 3, max_bytes: int = 10**9) -> LocalStore:
+    local = LocalStore(policy=policy, max_entries=max_entries, max_bytes=max_bytes)
+    for key in "abc":
+        local.put(key, entry())
+    return local
+
+
+def test_lru_evicts_the_least_recently_used() -> None:
+    local = filled("lru")
+    local.get("a")
+    local.put("d", entry())
+    assert set(local.entries) == {"a", "c", "d"}
+
+
+def test_fifo_evicts_the_oldest_whatever_was_used() -> None:
+    local = filled("fifo")
+    local.get("a")
+    local.put("d", entry())
+    assert set(local.entries) == {"b", "c", "d"}
+
+
+def test_lfu_evicts_the_least_frequently_used() -> None:
+    local = filled("lfu")
+    for _ in range(3):
+        local.get("a")
+    local.get("b")
+    local.put("d", entry())  # c was never hit
+    assert set(local.entries) == {"a", "b", "d"}
+    local.put("e", entry())  # d has one use, as few as any: the oldest of those goes
+    assert set(local.entries) == {"a", "b", "e"}
+    local.remove("e")
+    local.put("f", entry())
+    assert set(local.entries) == {"a", "b", "f"}
+
+
+def test_bytes_bound_the_store() -> None:
+    local = LocalStore(policy="lru", max_entries=100, max_bytes=1000)
+    for key in "abcdef":
+        local.put(key, entry(300))
+    assert local.bytes <= 1000 and len(local.entries) == 3
+    local.put("huge", entry(5000))  # larger than the whole store: not kept
+    assert "huge" not in local.entries and local.bytes <= 1000
+
+
+def test_entries_expire() -> None:
+    clock = Clock()
+    local = LocalStore(policy="lru", max_entries=10, max_bytes=10**6, clock=clock)
+    local.put("a", entry(expires=5.0))
+    clock.now = 4.9
+    assert local.get("a") is not None
+    clock.now = 5.0
+    assert local.get("a") is None and local.bytes == 0
+
+
+def test_session_reads_take_only_entries_as_new_as_their_token() -> None:
+    cached = entry(shard="s1", position=100)
+    assert cached.serves(consistency="eventual", shard="s2", token=None)
+    assert cached.serves(consistency="session", shard="s1", token=None)
+    assert cached.serves(consistency="session", shard="s1", token=SessionToken({"s1": 100}))
+    assert cached.serves(consistency="session", shard="s1", token=SessionToken({"s2": 900}))
+    assert not cached.serves(consistency="session", shard="s1", token=SessionToken({"s1": 101}))
+    assert not cached.serves(consistency="session", shard="s2", token=None)  # the slot moved
+    assert not cached.serves(consistency="strong", shard="s1", token=None)
+
+
+def test_an_invalidation_during_a_read_refuses_its_fill() -> None:
+    async def scenario() -> None:
+        cache = Cache(config.Settings())
+        cache.ready = True
+        key = ("t", "pk", "")
+        lease = cache.lease(key)
+        assert lease is not None
+        assert cache.lease(key) is None  # one reader fills a key at a time
+        await cache.invalidate([key], source="write")  # a write lands during the read
+        assert not await cache.fill(key, lease, entry(), ttl=1.0)
+        assert await cache.lookup(key) is None
+        lease = cache.lease(key)
+        assert await cache.fill(key, lease, entry(), ttl=1.0)
+        assert await cache.lookup(key) is not None
+
+    asyncio.run(scenario())
+
+
+def test_no_fills_before_the_change_logs_are_followed() -> None:
+    cache = Cache(config.Settings())
+    assert cache.lease(("t", "pk", "")) is None
+
+
+def test_settings_refuse_unknown_choices() -> None:
+    with pytest.raises(ValueError, match="cache_policy"):
+        config.Settings(cache_policy="random")
