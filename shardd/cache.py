@@ -16,20 +16,23 @@ Consistency (the memcache lease scheme, kept on each instance):
   if the lease is still there.  Invalidating a key drops its entry and its lease, so a
   read that started before a write can never put the old value back after it.
 * A read that starts after the invalidation may still get the old value from a replica
-  that has not replayed the write: each change seen (here or in a change log) leaves
-  the key's newest version as a **floor** for ``max_replica_lag_seconds``, and a fill
-  older than its floor is refused.
+  that has not replayed the write: each change seen (here or in a change log) leaves a
+  WAL position at or after it as the key's **floor** for ``max_replica_lag_seconds``,
+  and a fill from a replica not known (before the read) to have reached it is refused.
 * Writes through this instance invalidate their keys at once (when they end, whatever
   the outcome, so an ambiguous write invalidates too).  Writes through other instances
   arrive from the shards' change logs (:class:`Invalidator`, every
   ``cache_invalidation_interval``); the delay from commit to invalidation is measured
   (``shardd_cache_invalidation_lag_seconds``).  Staleness is therefore bounded by that
   delay plus the replica lag an eventual read allows anyway, and never exceeds the TTL.
-* In Redis (``cache_backend = redis``, shared by every instance), a fill is ``SET NX``:
-  it never replaces an entry another instance put there, and every instance deletes the
-  keys its change-log follower sees.  Redis that does not answer within
-  ``redis_timeout`` is skipped (reads go to Postgres) for a second at a time and counted
-  (``shardd_cache_backend_errors_total``); it never fails a request.
+* In Redis (``cache_backend = redis``, shared by every instance), a fill is ``SET NX``
+  and an invalidation leaves a tombstone for ``max_replica_lag_seconds``: a fill from a
+  read that started before a write, on any instance, cannot land after it.  Every
+  instance invalidates the keys its change-log follower sees.  Redis that does not
+  answer within ``redis_timeout`` is skipped (reads go to Postgres) for a second at a
+  time and counted (``shardd_cache_backend_errors_total``); it never fails a request.
+  Invalidations it missed are retried, and until they land this instance reads nothing
+  from it.
 
 Eviction in process is by ``cache_policy`` (``lru``, ``lfu`` or ``fifo``) within
 ``cache_max_entries`` and ``cache_max_bytes``; Redis evicts by its own ``maxmemory-policy``.
@@ -47,32 +50,43 @@ from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import asyncpg
 import orjson
 
 from . import changelog, errors, metrics, store
 from .config import Settings
+from .nodes import NodePools
 from .router import SessionToken
+from .topology import Shard, Topology
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str, str]  # (table, pk, sk)
 ENTRY_OVERHEAD = 200  # bytes an entry costs besides its document and keys
 BACKEND_RETRY = 1.0  # seconds a failed Redis is left alone
+MAX_UNSENT = 100_000  # invalidations kept for a Redis that does not answer
 
 
 @dataclass(frozen=True, slots=True)
 class Entry:
     item: store.Item | None  # None: the item was absent
     shard: str
+    primary: str  # the shard's primary when it was read (positions are of its history)
     position: int  # a WAL position the node had reached before the read (0: unknown)
     expires: float  # time.monotonic() deadline (in Redis: its own TTL)
     size: int
 
-    def serves(self, *, consistency: str, shard: str | None, token: SessionToken | None) -> bool:
-        """May this entry answer a read at ``consistency`` of a key ``shard`` owns now?"""
+    def serves(
+        self,
+        *,
+        consistency: str,
+        shard: str | None,
+        primary: str | None,
+        token: SessionToken | None,
+    ) -> bool:
+        """May this entry answer a read at ``consistency`` of a key that ``shard``, with
+        ``primary``, owns now?"""
         if consistency == "eventual":
             return True
-        if consistency != "session" or shard != self.shard:
+        if consistency != "session" or shard != self.shard or primary != self.primary:
             return False
         wanted = token.positions.get(shard) if token is not None else None
         return wanted is None or self.position >= wanted
@@ -217,42 +231,69 @@ class LocalStore:
 # -- the shared backend -------------------------------------------------------------------
 
 
-class RedisStore:
-    """Entries in Redis shared by every instance (``redis_url``); failures are misses."""
+TOMBSTONE = b"-"  # what an invalidated key holds in Redis for a while: fills cannot land
 
-    def __init__(self, url: str, *, timeout: float) -> None:
+
+class RedisStore:
+    """Entries in Redis shared by every instance (``redis_url``); failures are misses.
+
+    Each operation is bounded by ``timeout`` and tried once (redis-py's own retries
+    would multiply the wait).  An invalidation writes a short-lived tombstone rather than
+    deleting, so a fill from a read that started before the write (on any instance,
+    ``SET NX``) cannot land after it.  Invalidations that fail are kept and retried;
+    until they succeed this instance reads nothing from Redis.
+    """
+
+    def __init__(self, url: str, *, timeout: float, tombstone_seconds: float) -> None:
         import redis.asyncio
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
         self.client = redis.asyncio.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
         )
+        self.timeout = timeout
+        self.tombstone_ms = max(1, int(tombstone_seconds * 1000))
+        self.unsent: set[str] = set()  # invalidations still to make
         self._down_until = 0.0
 
     @staticmethod
     def name(key: Key) -> str:
         return "shardd:item:" + orjson.dumps(key).decode()
 
-    async def _call(self, run: Callable[[], Any]) -> Any:
+    async def _call(self, run: Callable[[], Any]) -> tuple[bool, Any]:
+        """(worked, result) of one Redis operation, within the timeout."""
         if time.monotonic() < self._down_until:
-            return None
+            return False, None
         try:
-            result = await run()
+            async with asyncio.timeout(self.timeout):
+                result = await run()
         except Exception as exc:  # any failure of Redis is a miss, never a failed read
             self._down_until = time.monotonic() + BACKEND_RETRY
             metrics.CACHE_BACKEND_ERRORS.inc()
             metrics.CACHE_BACKEND_UP.set(0)
             log.debug("redis failed: %s", exc)
-            return None
+            return False, None
         metrics.CACHE_BACKEND_UP.set(1)
-        return result
+        return True, result
 
     async def get(self, key: Key) -> Entry | None:
-        raw = await self._call(lambda: self.client.get(self.name(key)))
-        if raw is None:
+        if self.unsent:
+            await self.flush()
+            if self.unsent:
+                return None
+        _, raw = await self._call(lambda: self.client.get(self.name(key)))
+        if raw is None or raw == TOMBSTONE:
             return None
-        pk, sk, version, doc, shard, position = orjson.loads(raw)
-        item = None if version is None else store.Item(pk, sk, version, orjson.Fragment(doc))
-        return Entry(item, shard, position, float("inf"), len(raw))
+        try:
+            pk, sk, version, doc, shard, primary, position = orjson.loads(raw)
+            item = None if version is None else store.Item(pk, sk, version, orjson.Fragment(doc))
+            return Entry(item, shard, primary, position, float("inf"), len(raw))
+        except (ValueError, TypeError):  # not an entry of this version of shardd
+            return None
 
     async def put(self, key: Key, entry: Entry, *, ttl: float) -> None:
         item = entry.item
@@ -263,6 +304,7 @@ class RedisStore:
                 None if item is None else item.version,
                 None if item is None else orjson.dumps(item.doc).decode(),
                 entry.shard,
+                entry.primary,
                 entry.position,
             ]
         )
@@ -270,9 +312,27 @@ class RedisStore:
         await self._call(lambda: self.client.set(name, value, px=max(1, int(ttl * 1000)), nx=True))
 
     async def remove(self, keys: Iterable[Key]) -> None:
-        names = [self.name(key) for key in keys]
-        if names:
-            await self._call(lambda: self.client.delete(*names))
+        self.unsent.update(self.name(key) for key in keys)
+        if len(self.unsent) > MAX_UNSENT:  # keep the newest; the rest expire by their TTL
+            log.warning("redis unreachable: %d cache invalidations dropped", len(self.unsent))
+            self.unsent = set(list(self.unsent)[-MAX_UNSENT:])
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Send the invalidations still to make (tombstones, in one pipeline)."""
+        names = list(self.unsent)
+        if not names:
+            return
+
+        async def send() -> None:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.set(name, TOMBSTONE, px=self.tombstone_ms)
+                await pipe.execute()
+
+        worked, _ = await self._call(send)
+        if worked:
+            self.unsent.difference_update(names)
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -293,18 +353,22 @@ class Cache:
             max_bytes=settings.cache_max_bytes,
             clock=clock,
         )
+        self._floor_seconds = settings.max_replica_lag_seconds + 1.0
         self.redis = (
-            RedisStore(settings.redis_url, timeout=settings.redis_timeout)
+            RedisStore(
+                settings.redis_url,
+                timeout=settings.redis_timeout,
+                tombstone_seconds=self._floor_seconds,
+            )
             if settings.cache_backend == "redis"
             else None
         )
         self._leases: dict[Key, int] = {}
         self._tokens = itertools.count(1)
-        # key -> (until, version, exists): the newest change known of each key changed
-        # lately; a fill that read something older is refused (a lagging replica's
-        # answer to a read that started after the invalidation).
-        self._floors: OrderedDict[Key, tuple[float, int, bool]] = OrderedDict()
-        self._floor_seconds = settings.max_replica_lag_seconds + 1.0
+        # key -> (until, WAL position): a position on its shard at or after the key's
+        # latest change, for keys changed lately.  A fill read from a replica that was
+        # not known to be there before the read is refused (it may be the old value).
+        self._floors: OrderedDict[Key, tuple[float, int]] = OrderedDict()
         self._max_floors = settings.cache_max_entries
         # Fills wait until the invalidator follows every shard's change log.
         self.ready = False
@@ -325,34 +389,33 @@ class Cache:
         if token is not None and self._leases.get(key) == token:
             del self._leases[key]
 
-    def note(self, key: Key, version: int, *, exists: bool) -> None:
-        """Remember the newest change of ``key`` (a put of ``version``, or the delete of
-        it) for as long as a replica may still serve what was there before."""
+    def note(self, key: Key, lsn: int) -> None:
+        """Remember that ``key`` changed at or before WAL position ``lsn`` of its shard,
+        for as long as a replica may still serve what was there before."""
         now = self.clock()
         floors = self._floors
         known = floors.pop(key, None)
-        if known is None or known[0] <= now or version >= known[1]:
-            known = (now + self._floor_seconds, version, exists)
-        floors[key] = known
+        if known is not None and known[0] > now:
+            lsn = max(lsn, known[1])
+        floors[key] = (now + self._floor_seconds, lsn)
         while floors and (len(floors) > self._max_floors or next(iter(floors.values()))[0] <= now):
             floors.popitem(last=False)
 
-    def _older_than_known(self, key: Key, item: store.Item | None) -> bool:
-        floor = self._floors.get(key)
-        if floor is None or floor[0] <= self.clock():
+    def _older_than_known(self, key: Key, entry: Entry, from_primary: bool) -> bool:
+        if from_primary:  # a read that took its lease after the change saw it there
             return False
-        _, version, exists = floor
-        if exists:
-            return item is None or item.version < version
-        return item is not None and item.version <= version
+        floor = self._floors.get(key)
+        return floor is not None and floor[0] > self.clock() and entry.position < floor[1]
 
-    async def fill(self, key: Key, token: int | None, entry: Entry, *, ttl: float) -> bool:
-        """Store ``entry`` if ``token`` is still the key's lease and what was read is not
-        older than the newest change known of the key; False otherwise."""
+    async def fill(
+        self, key: Key, token: int | None, entry: Entry, *, ttl: float, from_primary: bool
+    ) -> bool:
+        """Store ``entry`` if ``token`` is still the key's lease and the read cannot have
+        missed the key's latest known change; False otherwise."""
         if (
             token is None
             or self._leases.get(key) != token
-            or self._older_than_known(key, entry.item)
+            or self._older_than_known(key, entry, from_primary)
         ):
             metrics.CACHE_FILLS.labels("refused").inc()
             return False
@@ -393,8 +456,11 @@ class Invalidator:
 
     One position per shard, on its current primary.  When the primary changes, a shard
     cannot be followed for a round, or this instance starts, the log was not followed
-    for a while: local entries are dropped (Redis entries, which other instances
-    follow too, expire by their TTL) and following restarts from the current position.
+    for a while: fills stop at once, local entries are dropped (Redis entries carry
+    tombstones and TTLs; other instances follow too) and following restarts from the
+    current position.  Fills resume once a round has followed every shard.  Each round
+    is bounded: a primary that does not answer has its connection terminated, not
+    waited for.
     """
 
     def __init__(
@@ -402,62 +468,84 @@ class Invalidator:
         settings: Settings,
         cache: Cache,
         *,
-        topology: Callable[[], Any],
-        connection: Callable[[Any], contextlib.AbstractAsyncContextManager[asyncpg.Connection]],
+        topology: Callable[[], Topology | None],
+        pools: NodePools,
     ) -> None:
         self.settings = settings
         self.cache = cache
         self.topology = topology
-        self.connection = connection
+        self.pools = pools
         self.positions: dict[str, tuple[str, str]] = {}  # shard -> (primary, snapshot)
+        self.round_timeout = max(1.0, 10 * settings.cache_invalidation_interval)
 
     async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.cache_invalidation_interval)
-            topology = self.topology()
-            if topology is None:
-                continue
-            if not any(t.cache != "off" for t in topology.tables.values()):
-                self.positions.clear()
-                self.cache.ready = False
-                self.cache.clear()
-                continue
-            await asyncio.gather(
-                *(self.follow(shard) for shard in topology.shards.values()),
-                return_exceptions=True,
-            )
-            self.cache.ready = all(name in self.positions for name in topology.shards)
+        try:
+            while True:
+                await asyncio.sleep(self.settings.cache_invalidation_interval)
+                await self.round()
+        finally:
+            self.cache.ready = False
 
-    async def follow(self, shard: Any) -> None:
+    async def round(self) -> None:
+        topology = self.topology()
+        if topology is None:
+            return
+        if not any(t.cache != "off" for t in topology.tables.values()):
+            self.positions.clear()
+            self._lost()
+            return
+        for gone in set(self.positions) - set(topology.shards):
+            del self.positions[gone]
+        followed = await asyncio.gather(*(self.follow(shard) for shard in topology.shards.values()))
+        self.cache.ready = all(followed)
+        if self.cache.redis is not None and self.cache.redis.unsent:
+            await self.cache.redis.flush()
+
+    def _lost(self) -> None:
+        self.cache.ready = False
+        self.cache.clear()
+
+    async def follow(self, shard: Shard) -> bool:
+        """One round of ``shard``'s change log; False when it could not be followed."""
         primary = shard.primary
         known = self.positions.get(shard.name)
         try:
             if primary is None:
                 raise errors.ShardUnavailable(shard.name, "it has no primary")
-            async with asyncio.timeout(self.settings.request_timeout):
-                async with self.connection(primary) as conn:
+            async with asyncio.timeout(self.round_timeout):
+                pool = await self.pools.pool(primary)
+                conn = await pool.acquire()
+            try:
+                async with asyncio.timeout(self.round_timeout):
                     if known is None or known[0] != primary.name:
-                        self.positions[shard.name] = (
-                            primary.name,
-                            await changelog.position(conn),
-                        )
-                        if known is not None:
-                            self.cache.clear()
-                        return
-                    changes, after = await changelog.next_batch(conn, known[1])
+                        start = await changelog.position(conn)
+                        self._lost()  # whatever changed before now was not seen
+                        self.positions[shard.name] = (primary.name, start)
+                        return False
+                    changes, after = await changelog.next_batch(conn, known[1], keys_only=True)
+                    lsn = await conn.fetchval(
+                        "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint"
+                    )
+            except BaseException:
+                conn.terminate()  # never wait for a primary that does not answer
+                raise
+            finally:
+                await pool.release(conn)
         except Exception as exc:  # a shard that cannot be followed: start over later
-            if self.positions.pop(shard.name, None) is not None:
-                self.cache.clear()
+            self.positions.pop(shard.name, None)
+            self._lost()
             metrics.CACHE_FOLLOW_FAILURES.inc()
             log.debug("change log of %s not followed: %s", shard.name, exc)
-            return
+            return False
         self.positions[shard.name] = (primary.name, after)
         if changes:
             now = time.time()
+            keys = set()
             for change in changes:
-                self.cache.note(
-                    (change.tbl, change.pk, change.sk), change.version, exists=change.op == "put"
-                )
+                key = (change.tbl, change.pk, change.sk)
+                keys.add(key)
+                self.cache.note(key, lsn)
                 if change.at is not None:
                     metrics.CACHE_INVALIDATION_LAG.observe(max(0.0, now - change.at.timestamp()))
-            await self.cache.invalidate({(c.tbl, c.pk, c.sk) for c in changes}, source="changelog")
+            await self.cache.invalidate(keys, source="changelog")
+        return True

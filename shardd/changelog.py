@@ -24,7 +24,7 @@ import asyncpg
 from . import fencing
 
 _BATCH = """
-SELECT seq, op, tbl, pk, sk, slot, version, doc::text AS doc, at
+SELECT seq, op, tbl, pk, sk, slot, version, {doc} AS doc, at
 FROM shardd_changes
 WHERE txid >= pg_snapshot_xmin($1::text::pg_snapshot)
   AND pg_visible_in_snapshot(txid, $2::text::pg_snapshot)
@@ -52,14 +52,23 @@ async def position(conn: asyncpg.Connection) -> str:
     return str(await conn.fetchval("SELECT pg_current_snapshot()::text"))
 
 
+_WITH_DOCS = _BATCH.format(doc="doc::text")
+_KEYS_ONLY = _BATCH.format(doc="NULL::text")
+
+
 async def next_batch(
-    conn: asyncpg.Connection, after: str, *, slots: Sequence[int] | None = None
+    conn: asyncpg.Connection,
+    after: str,
+    *,
+    slots: Sequence[int] | None = None,
+    keys_only: bool = False,
 ) -> tuple[list[Change], str]:
     """Entries that became visible since ``after`` (in commit-consistent order), and the
-    new position."""
+    new position; ``keys_only`` leaves the documents out."""
+    query = _KEYS_ONLY if keys_only else _WITH_DOCS
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         new = await position(conn)
-        rows = await conn.fetch(_BATCH, after, new, list(slots) if slots is not None else None)
+        rows = await conn.fetch(query, after, new, list(slots) if slots is not None else None)
     changes = [Change(**dict(r)) for r in rows]
     return changes, new
 

@@ -75,7 +75,7 @@ class Cluster:
                 settings,
                 self.cache,
                 topology=lambda: self.watcher.topology,
-                connection=self.executor.pools.connection,
+                pools=self.executor.pools,
             )
             if self.cache is not None
             else None

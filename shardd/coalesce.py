@@ -39,6 +39,11 @@ class SingleFlight(Generic[K, V]):
             metrics.READS_COALESCED.inc()
         return await asyncio.shield(flight)
 
+    def forget(self, key: K) -> None:
+        """Calls for ``key`` from now on start a query of their own (``key`` was written:
+        the one in flight may have started before)."""
+        self._flights.pop(key, None)
+
     def _landed(self, key: K, flight: asyncio.Future[V]) -> None:
         if self._flights.get(key) is flight:
             del self._flights[key]

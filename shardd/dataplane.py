@@ -121,11 +121,15 @@ class DataPlane:
             and info is not None
             and (info.cache == "all" or (info.cache == "hot" and hot))
         )
+        owner = topology.shard_for_slot(slot)
         if cached:
-            assert self.cache is not None and info is not None
+            assert self.cache is not None
             entry = await self.cache.lookup(key)
             if entry is not None and entry.serves(
-                consistency=consistency, shard=topology.slot_map[slot], token=token
+                consistency=consistency,
+                shard=owner.name if owner else None,
+                primary=owner.primary.name if owner and owner.primary else None,
+                token=token,
             ):
                 return entry.item, Served(entry.shard, CACHE_NODE)
 
@@ -141,22 +145,34 @@ class DataPlane:
                 )
             assert self.cache is not None and info is not None
             lease = self.cache.lease(key)
+            health = self.executor.health.snapshot  # positions known before the read
             try:
                 item, served = await self._read_owner(
                     pk, work, consistency=consistency, token=token, spread=hot
                 )
-                await self.cache.fill(
-                    key,
-                    lease,
-                    Entry(
+                primary = owner.primary if owner is not None else None
+                if (
+                    lease is not None
+                    and owner is not None
+                    and primary is not None
+                    and served.shard == owner.name
+                ):
+                    state = health.get(served.node)
+                    entry = Entry(
                         item,
                         served.shard,
-                        self.executor.position_of(served.node),
+                        primary.name,
+                        state.lsn if state is not None and state.lsn is not None else 0,
                         self.cache.clock() + info.cache_ttl,
                         entry_size(key, item),
-                    ),
-                    ttl=info.cache_ttl,
-                )
+                    )
+                    await self.cache.fill(
+                        key,
+                        lease,
+                        entry,
+                        ttl=info.cache_ttl,
+                        from_primary=served.node == primary.name,
+                    )
             finally:
                 self.cache.release(key, lease)
             return item, served
@@ -208,11 +224,10 @@ class DataPlane:
         try:
             written = await self._on_owner(pk, write, deadline=deadline)
         except BaseException:  # it may have been applied all the same
-            await self.cache.invalidate([key], source="write")
+            await self._invalidate([key])
             raise
-        if written[0].version is not None:  # before the invalidation: no fill in between
-            self.cache.note(key, written[0].version, exists=op != "delete")
-        await self.cache.invalidate([key], source="write")
+        self.cache.note(key, written[0].lsn)  # before the invalidation: no fill in between
+        await self._invalidate([key])
         return written
 
     async def query(
@@ -459,9 +474,9 @@ class DataPlane:
             written.served.append(served)
             for i, version in zip(indexes, versions, strict=True):
                 outcomes[i] = KeyOutcome(version=version)
-                if self.cache is not None and version is not None:
+                if self.cache is not None:
                     _, pk, sk = slotted[i]
-                    self.cache.note((table, pk, sk), version, exists=i < len(docs))
+                    self.cache.note((table, pk, sk), lsn)
 
         failure: errors.ApiError | None = None  # every key has its outcome without one
         try:
@@ -471,12 +486,17 @@ class DataPlane:
                 raise
             failure = exc
         finally:
-            if self.cache is not None:
-                await self.cache.invalidate(
-                    [(table, pk, sk) for _, pk, sk in slotted], source="write"
-                )
+            await self._invalidate([(table, pk, sk) for _, pk, sk in slotted])
         written.outcomes = [KeyOutcome(error=failure) if o is None else o for o in outcomes]
         return written
+
+    async def _invalidate(self, keys: list[tuple[str, str, str]]) -> None:
+        """After writes of ``keys``: no cached value, and no read in flight before the
+        writes, answers for them any more."""
+        for key in keys:
+            self._item_reads.forget(key)
+        if self.cache is not None:
+            await self.cache.invalidate(keys, source="write")
 
     def _record(self, table: str, keys: list[tuple[int, str, str]], *, write: bool) -> None:
         if self.traffic is not None:

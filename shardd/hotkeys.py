@@ -8,7 +8,7 @@ Each instance counts its own requests (:class:`Traffic`):
 * per slot, every request (the slot count bounds the table).
 
 Counts decay exponentially with time constant ``hotkeys_window``: a count divided by the
-window is a rate per second over (about) the last window.  Decay costs nothing per
+window is a rate per second over (about) the last window.  Decay costs one ``exp`` per
 request: a request adds ``e^((t - t0)/window)`` instead of 1, and reading divides by the
 same factor (``t0`` moves on, and everything is rescaled, before the factor grows large).
 
@@ -43,7 +43,7 @@ from typing import Any, Generic, TypeVar
 import asyncpg
 import orjson
 
-from . import errors, metrics
+from . import metrics
 from .config import Settings
 from .placement import slot_of
 from .topology import Topology
@@ -133,18 +133,17 @@ class Traffic:
         self._max_pending = PENDING_FACTOR * capacity
         self._pending: dict[tuple[str, str], list[float]] = {}
         self._t0 = clock()
-        self._weight = 1.0
         self.total_reads = 0.0
         self.total_writes = 0.0
 
     def record(self, table: str, pk: str, slot: int, *, write: bool = False, n: int = 1) -> None:
         """Count ``n`` requests for one key (cheap: called on every request)."""
-        w = self._weight * n
         counts = self._pending.get((table, pk))
         if counts is None:
             if len(self._pending) >= self._max_pending:
                 self.fold()
             counts = self._pending[(table, pk)] = [0.0, 0.0]
+        w = n * math.exp((self.clock() - self._t0) / self.window)  # after a fold's rescale
         counts[write] += w
         self.slots[slot] += w
         if write:
@@ -153,14 +152,11 @@ class Traffic:
             self.total_reads += w
 
     def fold(self) -> None:
-        """Move the pending counts into the summary and advance the decay factor."""
+        """Move the pending counts into the summary (and rescale when it is time)."""
         pending, self._pending = self._pending, {}
         self.keys.fold(pending)
-        exponent = (self.clock() - self._t0) / self.window
-        if exponent > RESCALE_AT:
+        if (self.clock() - self._t0) / self.window > RESCALE_AT:
             self._rescale()
-            exponent = (self.clock() - self._t0) / self.window
-        self._weight = math.exp(exponent)
 
     def _rescale(self) -> None:
         now = self.clock()
@@ -364,9 +360,10 @@ class Reporter:
     Every ``hotkeys_report_interval``: publish this instance's report, read every fresh
     report, merge.  A key is hot when it takes at least ``hot_key_share`` of all traffic
     and ``hot_key_min_rate`` requests per second.  The instance that sorts first among
-    those reporting logs keys as they turn hot (and as they cool down) and counts the detections, so each is
-    logged once in the cluster.  A catalog that does not answer costs a round, nothing
-    else: the hot set stays as it was until it does.
+    those reporting logs keys as they turn hot (and as they cool down) and counts the
+    detections, so each is logged once in the cluster.  A catalog that does not answer
+    costs a round, nothing else: counts still decay, and the hot set stays as it was
+    until it answers.
     """
 
     def __init__(self, settings: Settings, watcher: TopologyWatcher, traffic: Traffic) -> None:
@@ -380,18 +377,18 @@ class Reporter:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.settings.hotkeys_report_interval)
+            report = self.traffic.report()  # folds and decays, catalog or not
             topology = self.watcher.topology
             if topology is None:
                 continue
             try:
                 async with self.watcher.catalog_connection() as conn:
-                    await publish(conn, self.watcher.instance, self.traffic.report())
+                    await publish(conn, self.watcher.instance, report)
                     reports = await fresh_reports(conn, max_age=report_max_age(self.settings))
-            except (errors.ApiError, asyncpg.PostgresError, OSError) as exc:
+                self.update(merge(reports, topology, window=self.settings.hotkeys_window))
+            except Exception as exc:  # a round lost (catalog down, a report unreadable)
                 metrics.TRAFFIC_REPORT_FAILURES.inc()
                 log.debug("traffic report failed: %s", exc)
-                continue
-            self.update(merge(reports, topology, window=self.settings.hotkeys_window))
 
     def update(self, view: HotView) -> None:
         threshold = self.settings.hot_key_share

@@ -296,6 +296,7 @@ async def get_item(request: web.Request) -> web.Response:
     none_match = validate.version_condition(
         request.headers.get("If-None-Match"), header="If-None-Match"
     )
+    max_age = cluster.watcher.require_topology().tables[table].max_age
     item, served = await cluster.data.get(
         table=table, pk=pk, sk=sk, consistency=consistency, token=token
     )
@@ -305,7 +306,9 @@ async def get_item(request: web.Request) -> web.Response:
             f"no item {pk!r}/{sk!r} in {table}", code="item_not_found", headers=headers
         )
     headers["ETag"] = _etag(item.version)
-    headers["Cache-Control"] = f"max-age={cluster.watcher.require_topology().tables[table].max_age}"
+    # Only an eventual read may be answered by an HTTP cache; the others revalidate.
+    headers["Vary"] = "Shardd-Session, Shardd-Consistency"
+    headers["Cache-Control"] = f"max-age={max_age}" if consistency == "eventual" else "no-cache"
     if none_match is not None and (none_match == 0 or none_match == item.version):
         return web.Response(status=304, headers=headers)
     return respond(_item_json(table, item), headers=headers)

@@ -22,7 +22,7 @@ class Clock:
 
 def entry(size: int = 300, *, expires: float = 1e9, shard: str = "s1", position: int = 0) -> Entry:
     item = store.Item("pk", "", 1, orjson.Fragment(b"{}"))
-    return Entry(item, shard, position, expires, size)
+    return Entry(item, shard, "s1-primary", position, expires, size)
 
 
 def filled(policy: str, *, max_entries: int = 3, max_bytes: int = 10**9) -> LocalStore:
@@ -81,13 +81,19 @@ def test_entries_expire() -> None:
 
 def test_session_reads_take_only_entries_as_new_as_their_token() -> None:
     cached = entry(shard="s1", position=100)
-    assert cached.serves(consistency="eventual", shard="s2", token=None)
-    assert cached.serves(consistency="session", shard="s1", token=None)
-    assert cached.serves(consistency="session", shard="s1", token=SessionToken({"s1": 100}))
-    assert cached.serves(consistency="session", shard="s1", token=SessionToken({"s2": 900}))
-    assert not cached.serves(consistency="session", shard="s1", token=SessionToken({"s1": 101}))
-    assert not cached.serves(consistency="session", shard="s2", token=None)  # the slot moved
-    assert not cached.serves(consistency="strong", shard="s1", token=None)
+
+    def serves(consistency: str, token: SessionToken | None, **where: str) -> bool:
+        owner = {"shard": "s1", "primary": "s1-primary", **where}
+        return cached.serves(consistency=consistency, token=token, **owner)
+
+    assert serves("eventual", None, shard="s2")
+    assert serves("session", None)
+    assert serves("session", SessionToken({"s1": 100}))
+    assert serves("session", SessionToken({"s2": 900}))
+    assert not serves("session", SessionToken({"s1": 101}))
+    assert not serves("session", None, shard="s2")  # the slot moved
+    assert not serves("session", None, primary="s1-replica1")  # a failover: a new history
+    assert not serves("strong", None)
 
 
 def test_an_invalidation_during_a_read_refuses_its_fill() -> None:
@@ -99,11 +105,36 @@ def test_an_invalidation_during_a_read_refuses_its_fill() -> None:
         assert lease is not None
         assert cache.lease(key) is None  # one reader fills a key at a time
         await cache.invalidate([key], source="write")  # a write lands during the read
-        assert not await cache.fill(key, lease, entry(), ttl=1.0)
+        assert not await cache.fill(key, lease, entry(), ttl=1.0, from_primary=True)
         assert await cache.lookup(key) is None
         lease = cache.lease(key)
-        assert await cache.fill(key, lease, entry(), ttl=1.0)
+        assert await cache.fill(key, lease, entry(), ttl=1.0, from_primary=True)
         assert await cache.lookup(key) is not None
+
+    asyncio.run(scenario())
+
+
+def test_a_replica_not_known_to_have_replayed_a_change_fills_nothing() -> None:
+    async def scenario() -> None:
+        clock = Clock()
+        cache = Cache(config.Settings(max_replica_lag_seconds=10), clock=clock)
+        cache.ready = True
+        key = ("t", "pk", "")
+        cache.note(key, 500)  # a write committed at or before WAL position 500
+        await cache.invalidate([key], source="write")
+        for position, from_primary, stored in ((499, False, False), (0, True, True),
+                                               (500, False, True)):  # fmt: skip
+            await cache.invalidate([key], source="write")
+            lease = cache.lease(key)
+            filled = await cache.fill(
+                key, lease, entry(position=position), ttl=1.0, from_primary=from_primary
+            )
+            assert filled is stored, (position, from_primary)
+            cache.release(key, lease)
+        clock.now += 11.5  # the floor outlives the replica lag that reads accept, no more
+        await cache.invalidate([key], source="write")
+        lease = cache.lease(key)
+        assert await cache.fill(key, lease, entry(position=1), ttl=1.0, from_primary=False)
 
     asyncio.run(scenario())
 
