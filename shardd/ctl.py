@@ -463,7 +463,10 @@ def rebalance(
         )
         _report(moves, as_json)
         return
-    planned = run(reshard.plan_for(ctx.dsn, group_slots=group_slots, by=by))
+    load = run(reshard.measure_load(ctx.dsn)) if by == "load" else None
+    if load is not None and not as_json:
+        _advise(load)
+    planned = run(reshard.plan_for(ctx.dsn, group_slots=group_slots, by=by, load=load))
     estimates = run(reshard.estimate(ctx.dsn, planned))
     if dry_run or not yes:
 
@@ -490,6 +493,87 @@ def rebalance(
         ),
     )
     _report(moves, as_json)
+
+
+def _advise(load: reshard.Load) -> None:
+    """Say which keys no slot move can balance, and what helps instead."""
+    for key in load.celebrities:
+        click.echo(
+            f"celebrity: {key.table}/{key.pk} alone takes {key.reads_per_s:.0f} reads/s and"
+            f" {key.writes_per_s:.0f} writes/s ({100 * key.share:.0f}% of all traffic), more"
+            f" than a shard's fair share: no slot move can balance it. Reads: cache it"
+            f" (PUT /v1/tables/{key.table} with cache hot or all) and read it eventual (spread"
+            f" over every node of its shard); writes: give it a shard of its own with"
+            f" `shardctl isolate --table {key.table} --pk {key.pk} --to SHARD`.",
+            err=True,
+        )
+
+
+@main.command()
+@click.option("--table", required=True, help="The celebrity's table.")
+@click.option("--pk", required=True, help="The celebrity's partition key.")
+@click.option("--to", "to", required=True, help="The shard to dedicate to its slot.")
+@click.option("--dry-run", is_flag=True, help="Show the moves; change nothing.")
+@click.option("--max-parallel", default=2, show_default=True, help="Moves running at once.")
+@click.option("--group-slots", default=16, show_default=True, help="Slots per move.")
+@yes_option
+@json_option
+@pass_ctx
+def isolate(
+    ctx: Context,
+    table: str,
+    pk: str,
+    to: str,
+    dry_run: bool,
+    max_parallel: int,
+    group_slots: int,
+    yes: bool,
+    as_json: bool,
+) -> None:
+    """Move the slot of TABLE/PK onto shard TO, alone, online; pin it there.
+
+    TO keeps that slot and takes no other (weight 0): its other slots move off it, and
+    later rebalances, by slots or by load, leave the pinned slot where it is.
+    """
+    topo = run(admin.topology(ctx.dsn))
+    if table not in topo.tables:
+        raise click.ClickException(f"no table {table}")
+    isolation = run(reshard.plan_isolation(ctx.dsn, pk=pk, to=to, group_slots=group_slots))
+    owner = topo.slot_map[isolation.slot]
+    summary = {
+        "table": table,
+        "pk": pk,
+        "slot": isolation.slot,
+        "from": owner,
+        "to": to,
+        "moves": [
+            {"source": m.source, "target": m.target, "slots": list(m.slots)}
+            for m in isolation.planned
+        ],
+    }
+    if dry_run or not yes:
+
+        def render(data: dict[str, Any]) -> None:
+            click.echo(
+                f"{table}/{pk} is in slot {data['slot']} on {data['from']}; {to} would hold"
+                f" it alone ({sum(len(m['slots']) for m in data['moves'])} slots move"
+                f" in {len(data['moves'])} moves)"
+            )
+
+        emit(summary, as_json, render)
+        if dry_run:
+            return
+    confirm(yes, f"Dedicate shard {to} to slot {isolation.slot} and move the slots now?")
+    _, moved = _run_moves(
+        ctx,
+        as_json,
+        lambda mover: reshard.isolate(
+            mover, pk=pk, to=to, group_slots=group_slots, max_parallel=max_parallel
+        ),
+    )
+    _report(moved, as_json)
+    if not as_json:
+        click.echo(f"slot {isolation.slot} ({table}/{pk}) is pinned to {to}, alone")
 
 
 @main.command()

@@ -83,13 +83,14 @@ def balance(
     """The target slot map for ``weights``, moving as few slots of ``current`` as possible.
 
     ``current[slot]`` is the shard owning the slot now (``None``: unassigned).
-    ``pinned`` maps slots to the shard they must be on.
+    ``pinned`` maps slots to the shard they must be on; a shard of weight 0 keeps its
+    pinned slots and takes no other (a shard dedicated to a celebrity's slot).
     """
     slot_count = len(current)
     pinned = dict(pinned or {})
     live = {name: weight for name, weight in weights.items() if weight > 0}
     for slot, shard in pinned.items():
-        if shard not in live:
+        if shard not in weights:
             raise ValueError(f"slot {slot} is pinned to unknown shard {shard!r}")
     prefs = preference_lists(tuple(sorted(live.items())), slot_count)
     quota = quotas(live, slot_count)
@@ -99,7 +100,7 @@ def balance(
     ]
     load = dict.fromkeys(live, 0)
     for owner in target:
-        if owner is not None:
+        if owner in load:
             load[owner] += 1
 
     # Shards above quota give up the unpinned slots they are least preferred for.

@@ -39,9 +39,14 @@ from .jobs import Move, create_run, list_moves
 from .mover import COLUMNS, Mover
 from .plan import MoveError, PlannedMove, plan, plan_by_load
 from .runs import (
+    Isolation,
+    Load,
     abort,
     estimate,
+    isolate,
+    measure_load,
     plan_for,
+    plan_isolation,
     rebalance,
     remove_shard,
     resume,
@@ -51,6 +56,8 @@ from .runs import (
 
 __all__ = [
     "COLUMNS",
+    "Isolation",
+    "Load",
     "Move",
     "MoveError",
     "Mover",
@@ -58,10 +65,13 @@ __all__ = [
     "abort",
     "create_run",
     "estimate",
+    "isolate",
     "list_moves",
+    "measure_load",
     "plan",
     "plan_by_load",
     "plan_for",
+    "plan_isolation",
     "rebalance",
     "remove_shard",
     "resume",

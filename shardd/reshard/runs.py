@@ -7,10 +7,12 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
 import asyncpg
 
-from .. import admin, catalog, fencing
+from .. import admin, catalog, fencing, hotkeys
+from ..placement import slot_of
 from ..topology import Topology
 from .jobs import Move, Phase, create_run, finish_runs, list_moves
 from .mover import Mover
@@ -124,22 +126,49 @@ async def slot_write_load(topo: Topology, *, seconds: float) -> dict[int, float]
     return load
 
 
+@dataclass(frozen=True)
+class Load:
+    """Requests per second per slot, and the keys no slot move can balance."""
+
+    slots: dict[int, float]
+    celebrities: list[hotkeys.HotKey]  # each busier alone than a shard's fair share
+
+
+async def measure_load(catalog_dsn: str, *, window: float = 600.0, report_age: float = 5.0) -> Load:
+    """Each slot's load: the larger of its writes per second over the last ``window``
+    seconds (the change logs) and its reads and writes per second now (the instances'
+    traffic reports, when any instance reported within ``report_age`` seconds)."""
+    async with admin.connect(catalog_dsn) as cat:
+        topo = await catalog.load_topology(cat)
+        reports = await hotkeys.fresh_reports(cat, max_age=report_age)
+    load = await slot_write_load(topo, seconds=window)
+    view = hotkeys.merge(reports, topo, window=window)
+    for slot, rate in view.slot_rates.items():
+        load[slot] = max(load.get(slot, 0.0), rate)
+    active = [name for name, shard in topo.shards.items() if shard.weight > 0]
+    fair = sum(load.values()) / max(1, len(active))
+    celebrities = [
+        key for key in view.keys if fair > 0 and key.reads_per_s + key.writes_per_s > fair
+    ]
+    return Load(load, celebrities)
+
+
 async def plan_for(
     catalog_dsn: str,
     *,
     group_slots: int,
     by: str = "slots",
-    load_window: float = 600.0,
+    load: Load | None = None,
 ) -> list[PlannedMove]:
     """The plan ``shardctl rebalance`` runs: by slot counts (weighted ring), or by load
-    (the writes each slot took in the last ``load_window`` seconds)."""
+    (:func:`measure_load`, unless given)."""
     async with admin.connect(catalog_dsn) as cat:
         topo = await catalog.load_topology(cat)
         pinned = await catalog.pinned_slots(cat)
     if by == "load":
-        load = await slot_write_load(topo, seconds=load_window)
+        measured = load or await measure_load(catalog_dsn)
         active = [name for name, shard in topo.shards.items() if shard.weight > 0]
-        return plan_by_load(topo.slot_map, load, active)
+        return plan_by_load(topo.slot_map, measured.slots, active)
     weights = {name: shard.weight for name, shard in topo.shards.items()}
     return plan(topo.slot_map, weights, pinned=pinned, group_slots=group_slots)
 
@@ -168,6 +197,54 @@ async def rebalance(
         if by == "load":
             await catalog.pin_slots(cat, {s: m.target for m in done for s in m.slots})
         return done
+
+
+@dataclass(frozen=True)
+class Isolation:
+    slot: int
+    shard: str
+    planned: list[PlannedMove]  # the celebrity's slot onto the shard, the others off it
+
+
+async def plan_isolation(catalog_dsn: str, *, pk: str, to: str, group_slots: int) -> Isolation:
+    """The moves that leave ``pk``'s slot alone on shard ``to``: pinned there, and every
+    other slot moved off it (its weight becomes 0)."""
+    async with admin.connect(catalog_dsn) as cat:
+        topo = await catalog.load_topology(cat)
+        pinned = await catalog.pinned_slots(cat)
+    if to not in topo.shards:
+        raise MoveError(f"no shard {to}")
+    slot = slot_of(pk, topo.slot_count)
+    weights = {name: shard.weight for name, shard in topo.shards.items()}
+    weights[to] = 0
+    if not any(weights.values()):
+        raise MoveError(f"isolating onto {to} would leave no shard for the other slots")
+    others = {s: shard for s, shard in pinned.items() if shard == to and s != slot}
+    if others:
+        raise MoveError(f"shard {to} already holds pinned slots {sorted(others)}")
+    planned = plan(topo.slot_map, weights, pinned={**pinned, slot: to}, group_slots=group_slots)
+    return Isolation(slot, to, planned)
+
+
+async def isolate(
+    mover: Mover, *, pk: str, to: str, group_slots: int, max_parallel: int
+) -> tuple[Isolation, list[Move]]:
+    """Give ``pk``'s slot a shard of its own, online (see :func:`plan_isolation`).
+
+    The pin and the weight are recorded before anything moves, so a later rebalance (by
+    slots or by load) keeps the slot there and gives the shard nothing else.
+    """
+    async with runner_lock(mover.catalog_dsn) as cat:
+        if await list_moves(cat, open_only=True):
+            raise MoveError("a rebalance is unfinished: resume it (--resume) or abort it (--abort)")
+        isolation = await plan_isolation(mover.catalog_dsn, pk=pk, to=to, group_slots=group_slots)
+        async with cat.transaction():
+            await catalog.pin_slots(cat, {isolation.slot: to})
+            await catalog.set_weight(cat, to, 0)
+        if not isolation.planned:
+            return isolation, []
+        moves = await create_run(cat, isolation.planned, reason=f"isolate slot {isolation.slot}")
+        return isolation, await run_moves(mover, moves, max_parallel=max_parallel)
 
 
 async def resume(mover: Mover, *, max_parallel: int) -> list[Move]:

@@ -9,6 +9,7 @@ move, empty slots, one huge partition, a thousand slots at once.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -450,3 +451,68 @@ def test_an_eventual_scan_across_a_move_with_lagging_replicas_sees_each_item_onc
             rs.sql(replica, "SELECT pg_wal_replay_resume()")
         lenient.stop()
     assert_clean(rs)
+
+
+def test_isolating_a_celebrity_moves_its_slot_alone_under_load_and_keeps_it_pinned(
+    rs: RunningCluster, second: Instance
+) -> None:
+    api = rs.api("write")
+    celebrity = "celebrity-isolated"
+    slot = slot_of(celebrity, SLOTS)
+    assert api.request("PUT", f"/v1/tables/{TABLE}/items/{celebrity}", body={"n": 0}).status in (
+        200,
+        201,
+    )
+    rs.devcluster("add-shard", "s5")
+    dry = json.loads(
+        rs.shardctl(
+            "isolate", "--table", TABLE, "--pk", celebrity, "--to", "s5", "--dry-run", "--json"
+        ).stdout
+    )
+    assert dry["slot"] == slot and dry["to"] == "s5"
+    assert [m["slots"] for m in dry["moves"] if m["target"] == "s5"] == [[slot]]
+    assert rs.slot_map()[slot] != "s5"  # a dry run changes nothing
+    celebrity_failures: list[object] = []
+    stop = threading.Event()
+
+    def celebrity_traffic() -> None:  # the celebrity itself, written and read throughout
+        client = rs.api("write")
+        n = 0
+        while not stop.is_set():
+            n += 1
+            path = f"/v1/tables/{TABLE}/items/{celebrity}"
+            written = client.request("PUT", path, body={"n": n})
+            token = written.header("Shardd-Session") or ""
+            read = client.request("GET", path, headers={"Shardd-Session": token})
+            if written.status != 200 or read.status != 200 or read.body["item"] != {"n": n}:
+                celebrity_failures.append((n, written.status, read.status))
+
+    traffic = threading.Thread(target=celebrity_traffic)
+    try:
+        with Load(apis(rs, second), TABLE, prefix="isolate", writers=4, read_back=True) as load:
+            traffic.start()
+            wait_for(lambda: len(load.outcomes.acked) > 100, timeout=30, what="load running")
+            rs.shardctl("isolate", "--table", TABLE, "--pk", celebrity, "--to", "s5", "--yes")
+            acked = len(load.outcomes.acked)
+            wait_for(lambda: len(load.outcomes.acked) > acked + 50, timeout=30, what="more load")
+        stop.set()
+        traffic.join(timeout=60)
+        outcomes = load.outcomes
+        assert outcomes.failures() == 0, (outcomes.refused, outcomes.unknown, outcomes.failed_reads)
+        assert not celebrity_failures, celebrity_failures[:5]
+        assert_nothing_lost(rs, outcomes, TABLE)
+        owned = {s for s, owner in rs.slot_map().items() if owner == "s5"}
+        assert owned == {slot}
+        pins = rs.sql("catalog", "SELECT shard FROM shardd_slot_overrides WHERE slot = $1", slot)
+        assert [p["shard"] for p in pins] == ["s5"]
+        assert_clean(rs)
+        # Later rebalances, by slots and by load, leave the slot there and give s5 nothing.
+        rs.shardctl("rebalance", "--yes", "--json")
+        rs.shardctl("rebalance", "--by", "load", "--yes", "--json")
+        assert {s for s, owner in rs.slot_map().items() if owner == "s5"} == {slot}
+        assert_clean(rs)
+    finally:
+        stop.set()
+        rs.sql("catalog", "DELETE FROM shardd_slot_overrides WHERE shard = 's5'")
+        rs.shardctl("shard", "remove", "s5", "--yes")
+    assert "s5" not in {r["name"] for r in rs.sql("catalog", "SELECT name FROM shardd_shards")}

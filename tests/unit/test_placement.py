@@ -82,3 +82,13 @@ def test_slot_hash_is_stable() -> None:
     spread = Counter(placement.slot_of(str(i), 16) for i in range(16000))
     assert set(spread) == set(range(16))
     assert max(spread.values()) < 1.1 * 1000
+
+
+def test_a_shard_of_weight_zero_keeps_its_pinned_slot_and_takes_no_other() -> None:
+    current = tuple(["s1"] * 6 + ["s2"] * 6)
+    weights = {"s1": 1, "s2": 1, "s3": 0}
+    target = placement.balance(current, weights, pinned={4: "s3"})
+    assert [slot for slot, owner in enumerate(target) if owner == "s3"] == [4]
+    assert target.count("s1") + target.count("s2") == 11
+    with pytest.raises(ValueError, match="unknown shard"):
+        placement.balance(current, weights, pinned={4: "s9"})
