@@ -25,9 +25,11 @@ Consistency (the memcache lease scheme, kept on each instance):
   ``cache_invalidation_interval``); the delay from commit to invalidation is measured
   (``shardd_cache_invalidation_lag_seconds``).  Staleness is therefore bounded by that
   delay plus the replica lag an eventual read allows anyway, and never exceeds the TTL.
-* In Redis (``cache_backend = redis``, shared by every instance), a fill is ``SET NX``
-  and an invalidation leaves a tombstone for ``max_replica_lag_seconds``: a fill from a
-  read that started before a write, on any instance, cannot land after it.  Every
+* In Redis (``cache_backend = redis``, shared by every instance) an invalidation leaves
+  a tombstone with the change's shard and WAL position for as long as a floor lives, and
+  a fill (an atomic script) lands only on an empty key or a tombstone its read is known
+  to have seen: a read that started before a write, on any instance, cannot put the old
+  value back after it.  Every
   instance invalidates the keys its change-log follower sees.  Redis that does not
   answer within ``redis_timeout`` is skipped (reads go to Postgres) for a second at a
   time and counted (``shardd_cache_backend_errors_total``); it never fails a request.
@@ -63,6 +65,7 @@ Key = tuple[str, str, str]  # (table, pk, sk)
 ENTRY_OVERHEAD = 200  # bytes an entry costs besides its document and keys
 BACKEND_RETRY = 1.0  # seconds a failed Redis is left alone
 MAX_UNSENT = 100_000  # invalidations kept for a Redis that does not answer
+BLIND_SECONDS = 3600  # the longest cache_ttl: every entry written before is gone by then
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,17 +234,37 @@ class LocalStore:
 # -- the shared backend -------------------------------------------------------------------
 
 
-TOMBSTONE = b"-"  # what an invalidated key holds in Redis for a while: fills cannot land
+CHUNK = 500  # invalidations per Redis round trip
+# A fill lands on an empty key, or on a tombstone whose write the read had seen: the
+# same shard, and the read's node known to be at or past the tombstone's WAL position.
+_FILL = """
+local v = redis.call('GET', KEYS[1])
+if v then
+  if string.sub(v, 1, 2) ~= 'T|' then return 0 end
+  local shard, lsn = string.match(v, '^T|([^|]*)|(%d+)$')
+  if shard ~= ARGV[3] or ARGV[4] < lsn then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+
+def _lsn(position: int) -> str:
+    return f"{position:020d}"  # fixed width: Lua compares the strings
 
 
 class RedisStore:
     """Entries in Redis shared by every instance (``redis_url``); failures are misses.
 
     Each operation is bounded by ``timeout`` and tried once (redis-py's own retries
-    would multiply the wait).  An invalidation writes a short-lived tombstone rather than
-    deleting, so a fill from a read that started before the write (on any instance,
-    ``SET NX``) cannot land after it.  Invalidations that fail are kept and retried;
-    until they succeed this instance reads nothing from Redis.
+    would multiply the wait).  An invalidation writes a tombstone holding the change's
+    shard and WAL position instead of deleting: a fill (a script, atomic in Redis) lands
+    only on an empty key or on a tombstone its read is known to have seen, so a read
+    that started before a write, on any instance, cannot put the old value back.
+    Invalidations that fail are kept and sent again by the change-log follower, in
+    chunks; until they land this instance reads nothing from Redis.  Past
+    ``MAX_UNSENT`` of them it gives up on them and reads nothing from Redis for
+    ``BLIND_SECONDS`` (the longest TTL), after which every entry it missed is gone.
     """
 
     def __init__(self, url: str, *, timeout: float, tombstone_seconds: float) -> None:
@@ -257,8 +280,10 @@ class RedisStore:
         )
         self.timeout = timeout
         self.tombstone_ms = max(1, int(tombstone_seconds * 1000))
-        self.unsent: set[str] = set()  # invalidations still to make
+        self.unsent: dict[str, bytes] = {}  # name -> tombstone still to write
         self._down_until = 0.0
+        self._blind_until = 0.0
+        self._fill = self.client.register_script(_FILL)
 
     @staticmethod
     def name(key: Key) -> str:
@@ -280,13 +305,15 @@ class RedisStore:
         metrics.CACHE_BACKEND_UP.set(1)
         return True, result
 
+    @property
+    def readable(self) -> bool:
+        return not self.unsent and time.monotonic() >= self._blind_until
+
     async def get(self, key: Key) -> Entry | None:
-        if self.unsent:
-            await self.flush()
-            if self.unsent:
-                return None
+        if not self.readable:
+            return None
         _, raw = await self._call(lambda: self.client.get(self.name(key)))
-        if raw is None or raw == TOMBSTONE:
+        if raw is None or raw.startswith(b"T|"):
             return None
         try:
             pk, sk, version, doc, shard, primary, position = orjson.loads(raw)
@@ -308,31 +335,48 @@ class RedisStore:
                 entry.position,
             ]
         )
-        name = self.name(key)
-        await self._call(lambda: self.client.set(name, value, px=max(1, int(ttl * 1000)), nx=True))
+        args: list[bytes | str | int] = [
+            value,
+            max(1, int(ttl * 1000)),
+            entry.shard,
+            _lsn(entry.position),
+        ]
+        await self._call(lambda: self._fill(keys=[self.name(key)], args=args))
 
-    async def remove(self, keys: Iterable[Key]) -> None:
-        self.unsent.update(self.name(key) for key in keys)
-        if len(self.unsent) > MAX_UNSENT:  # keep the newest; the rest expire by their TTL
-            log.warning("redis unreachable: %d cache invalidations dropped", len(self.unsent))
-            self.unsent = set(list(self.unsent)[-MAX_UNSENT:])
-        await self.flush()
+    async def remove(self, tombstones: Iterable[tuple[Key, str, int]]) -> None:
+        """Invalidate keys changed on ``shard`` at or before WAL position ``lsn`` (shard
+        ``"*"``: unknown, no replica read may fill the key for a while)."""
+        for key, shard, lsn in tombstones:
+            self.unsent[self.name(key)] = f"T|{shard}|{_lsn(lsn)}".encode()
+        if len(self.unsent) > MAX_UNSENT:
+            log.warning(
+                "redis unreachable: %d cache invalidations dropped; not reading it for %d s",
+                len(self.unsent),
+                BLIND_SECONDS,
+            )
+            self.unsent.clear()
+            self._blind_until = time.monotonic() + BLIND_SECONDS
+        await self.flush(chunks=1)
 
-    async def flush(self) -> None:
-        """Send the invalidations still to make (tombstones, in one pipeline)."""
-        names = list(self.unsent)
-        if not names:
-            return
+    async def flush(self, *, chunks: int) -> None:
+        """Write up to ``chunks`` x ``CHUNK`` of the tombstones still to write."""
+        for _ in range(chunks):
+            batch = list(itertools.islice(self.unsent.items(), CHUNK))
+            if not batch:
+                return
 
-        async def send() -> None:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for name in names:
-                    pipe.set(name, TOMBSTONE, px=self.tombstone_ms)
-                await pipe.execute()
+            async def send(batch: list[tuple[str, bytes]] = batch) -> None:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for name, tombstone in batch:
+                        pipe.set(name, tombstone, px=self.tombstone_ms)
+                    await pipe.execute()
 
-        worked, _ = await self._call(send)
-        if worked:
-            self.unsent.difference_update(names)
+            worked, _ = await self._call(send)
+            if not worked:
+                return
+            for name, tombstone in batch:
+                if self.unsent.get(name) == tombstone:
+                    del self.unsent[name]
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -353,7 +397,9 @@ class Cache:
             max_bytes=settings.cache_max_bytes,
             clock=clock,
         )
-        self._floor_seconds = settings.max_replica_lag_seconds + 1.0
+        # How long a replica may still answer with what was there before a change: the
+        # lag reads accept, measured at most a health check (or two) ago.
+        self._floor_seconds = settings.max_replica_lag_seconds + 3 * settings.health_interval + 1.0
         self.redis = (
             RedisStore(
                 settings.redis_url,
@@ -365,11 +411,16 @@ class Cache:
         )
         self._leases: dict[Key, int] = {}
         self._tokens = itertools.count(1)
-        # key -> (until, WAL position): a position on its shard at or after the key's
-        # latest change, for keys changed lately.  A fill read from a replica that was
-        # not known to be there before the read is refused (it may be the old value).
-        self._floors: OrderedDict[Key, tuple[float, int]] = OrderedDict()
+        # key -> (until, shard, WAL position): a position on the shard at or after the
+        # key's latest change, for keys changed lately; shard -> (until, position): the
+        # same for every key of the shard (where following started, floors evicted
+        # early).  A fill read from a replica not known, before the read, to have
+        # reached its floor is refused: it may be the old value.
+        self._floors: OrderedDict[Key, tuple[float, str, int]] = OrderedDict()
+        self._shard_floors: dict[str, tuple[float, int]] = {}
         self._max_floors = settings.cache_max_entries
+        # Called with every key invalidated (request coalescing ends its shared reads).
+        self.on_invalidate: list[Callable[[Key], None]] = []
         # Fills wait until the invalidator follows every shard's change log.
         self.ready = False
 
@@ -389,23 +440,47 @@ class Cache:
         if token is not None and self._leases.get(key) == token:
             del self._leases[key]
 
-    def note(self, key: Key, lsn: int) -> None:
-        """Remember that ``key`` changed at or before WAL position ``lsn`` of its shard,
+    def note(self, key: Key, shard: str, lsn: int) -> None:
+        """Remember that ``key`` changed on ``shard`` at or before WAL position ``lsn``,
         for as long as a replica may still serve what was there before."""
         now = self.clock()
         floors = self._floors
         known = floors.pop(key, None)
-        if known is not None and known[0] > now:
-            lsn = max(lsn, known[1])
-        floors[key] = (now + self._floor_seconds, lsn)
-        while floors and (len(floors) > self._max_floors or next(iter(floors.values()))[0] <= now):
+        if known is not None and known[0] > now and known[1] == shard:
+            lsn = max(lsn, known[2])
+        floors[key] = (now + self._floor_seconds, shard, lsn)
+        while floors:
+            until, oldest_shard, oldest_lsn = next(iter(floors.values()))
+            if until > now and len(floors) <= self._max_floors:
+                break
             floors.popitem(last=False)
+            if until > now:  # evicted early: its shard keeps the floor for it
+                self.note_shard(oldest_shard, oldest_lsn, until=until)
+
+    def note_shard(self, shard: str, lsn: int, *, until: float | None = None) -> None:
+        """A floor for every key of ``shard`` (changes at or before ``lsn`` not seen)."""
+        now = self.clock()
+        until = now + self._floor_seconds if until is None else until
+        known = self._shard_floors.get(shard)
+        if known is not None and known[0] > now:
+            until, lsn = max(until, known[0]), max(lsn, known[1])
+        self._shard_floors[shard] = (until, lsn)
+
+    def floor(self, key: Key) -> tuple[str, int]:
+        """(shard, position) of ``key``'s floor; ("*", 0) when none is known."""
+        known = self._floors.get(key)
+        return (known[1], known[2]) if known is not None else ("*", 0)
 
     def _older_than_known(self, key: Key, entry: Entry, from_primary: bool) -> bool:
         if from_primary:  # a read that took its lease after the change saw it there
             return False
-        floor = self._floors.get(key)
-        return floor is not None and floor[0] > self.clock() and entry.position < floor[1]
+        now = self.clock()
+        known = self._floors.get(key)
+        if known is not None and known[0] > now:
+            if known[1] != entry.shard or entry.position < known[2]:
+                return True
+        shard_floor = self._shard_floors.get(entry.shard)
+        return shard_floor is not None and shard_floor[0] > now and entry.position < shard_floor[1]
 
     async def fill(
         self, key: Key, token: int | None, entry: Entry, *, ttl: float, from_primary: bool
@@ -430,13 +505,17 @@ class Cache:
         return True
 
     async def invalidate(self, keys: Iterable[Key], *, source: str) -> None:
+        """Drop ``keys``' entries and leases here (and in Redis, as tombstones at their
+        floors: :meth:`note` them first)."""
         keys = list(keys)
         for key in keys:
             self._leases.pop(key, None)
             self.local.remove(key)
+            for listener in self.on_invalidate:
+                listener(key)
         metrics.CACHE_INVALIDATIONS.labels(source).inc(len(keys))
         if self.redis is not None:
-            await self.redis.remove(keys)
+            await self.redis.remove((key, *self.floor(key)) for key in keys)
 
     def clear(self) -> None:
         """Forget every local entry and lease (the change log was not followed)."""
@@ -451,6 +530,10 @@ class Cache:
 # -- following the change logs ----------------------------------------------------------
 
 
+_INSERT_LSN = "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint"
+FLUSH_CHUNKS = 20  # chunks of unsent Redis invalidations sent per round
+
+
 class Invalidator:
     """Follows every shard's change log and invalidates the keys other instances wrote.
 
@@ -460,7 +543,8 @@ class Invalidator:
     tombstones and TTLs; other instances follow too) and following restarts from the
     current position.  Fills resume once a round has followed every shard.  Each round
     is bounded: a primary that does not answer has its connection terminated, not
-    waited for.
+    waited for.  It has connections of its own (one per primary), so a busy request
+    pool never stops it.
     """
 
     def __init__(
@@ -499,7 +583,7 @@ class Invalidator:
         followed = await asyncio.gather(*(self.follow(shard) for shard in topology.shards.values()))
         self.cache.ready = all(followed)
         if self.cache.redis is not None and self.cache.redis.unsent:
-            await self.cache.redis.flush()
+            await self.cache.redis.flush(chunks=FLUSH_CHUNKS)
 
     def _lost(self) -> None:
         self.cache.ready = False
@@ -519,13 +603,15 @@ class Invalidator:
                 async with asyncio.timeout(self.round_timeout):
                     if known is None or known[0] != primary.name:
                         start = await changelog.position(conn)
-                        self._lost()  # whatever changed before now was not seen
+                        lsn = await conn.fetchval(_INSERT_LSN)
+                        # Whatever changed before now was not seen: no entry survives,
+                        # and no replica behind now may fill any key of the shard.
+                        self._lost()
+                        self.cache.note_shard(shard.name, lsn)
                         self.positions[shard.name] = (primary.name, start)
                         return False
                     changes, after = await changelog.next_batch(conn, known[1], keys_only=True)
-                    lsn = await conn.fetchval(
-                        "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint"
-                    )
+                    lsn = await conn.fetchval(_INSERT_LSN)
             except BaseException:
                 conn.terminate()  # never wait for a primary that does not answer
                 raise
@@ -544,7 +630,7 @@ class Invalidator:
             for change in changes:
                 key = (change.tbl, change.pk, change.sk)
                 keys.add(key)
-                self.cache.note(key, lsn)
+                self.cache.note(key, shard.name, lsn)
                 if change.at is not None:
                     metrics.CACHE_INVALIDATION_LAG.observe(max(0.0, now - change.at.timestamp()))
             await self.cache.invalidate(keys, source="changelog")

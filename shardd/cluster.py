@@ -70,12 +70,17 @@ class Cluster:
             Reporter(settings, self.watcher, self.traffic) if self.traffic is not None else None
         )
         self.cache = Cache(settings) if settings.cache_backend != "off" else None
+        # The change-log follower's own connections (one per primary), like the health
+        # checks': a busy request pool never holds up invalidation.
+        self._follow_pools = NodePools(
+            pool_size=1, connect_timeout=connect_timeout, server_settings=sessions
+        )
         self.invalidator = (
             Invalidator(
                 settings,
                 self.cache,
                 topology=lambda: self.watcher.topology,
-                pools=self.executor.pools,
+                pools=self._follow_pools,
             )
             if self.cache is not None
             else None
@@ -116,3 +121,4 @@ class Cluster:
             await self.cache.close()
         await self.executor.close()
         await self._health_pools.close()
+        await self._follow_pools.close()

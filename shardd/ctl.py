@@ -489,7 +489,7 @@ def rebalance(
         ctx,
         as_json,
         lambda mover: reshard.rebalance(
-            mover, group_slots=group_slots, max_parallel=max_parallel, by=by
+            mover, group_slots=group_slots, max_parallel=max_parallel, by=by, load=load
         ),
     )
     _report(moves, as_json)

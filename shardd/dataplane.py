@@ -75,6 +75,8 @@ class DataPlane:
         self._item_reads: SingleFlight[tuple[str, str, str], tuple[store.Item | None, Served]] = (
             SingleFlight()
         )
+        if cache is not None:
+            cache.on_invalidate.append(self._item_reads.forget)
 
     # -- tables ------------------------------------------------------------------
 
@@ -158,11 +160,17 @@ class DataPlane:
                     and served.shard == owner.name
                 ):
                     state = health.get(served.node)
+                    position = state.lsn if state is not None and state.lsn is not None else 0
+                    if served.node == primary.name and position:
+                        # The primary's WAL passes a commit before it is visible (while
+                        # a synchronous standby confirms it): a token of exactly this
+                        # position may be a write the read did not see.
+                        position -= 1
                     entry = Entry(
                         item,
                         served.shard,
                         primary.name,
-                        state.lsn if state is not None and state.lsn is not None else 0,
+                        position,
                         self.cache.clock() + info.cache_ttl,
                         entry_size(key, item),
                     )
@@ -226,7 +234,8 @@ class DataPlane:
         except BaseException:  # it may have been applied all the same
             await self._invalidate([key])
             raise
-        self.cache.note(key, written[0].lsn)  # before the invalidation: no fill in between
+        # The floor before the invalidation: no fill in between.
+        self.cache.note(key, written[1].shard, written[0].lsn)
         await self._invalidate([key])
         return written
 
@@ -476,7 +485,7 @@ class DataPlane:
                 outcomes[i] = KeyOutcome(version=version)
                 if self.cache is not None:
                     _, pk, sk = slotted[i]
-                    self.cache.note((table, pk, sk), lsn)
+                    self.cache.note((table, pk, sk), served.shard, lsn)
 
         failure: errors.ApiError | None = None  # every key has its outcome without one
         try:
@@ -493,10 +502,11 @@ class DataPlane:
     async def _invalidate(self, keys: list[tuple[str, str, str]]) -> None:
         """After writes of ``keys``: no cached value, and no read in flight before the
         writes, answers for them any more."""
-        for key in keys:
-            self._item_reads.forget(key)
-        if self.cache is not None:
+        if self.cache is not None:  # which ends the coalesced reads too (on_invalidate)
             await self.cache.invalidate(keys, source="write")
+        else:
+            for key in keys:
+                self._item_reads.forget(key)
 
     def _record(self, table: str, keys: list[tuple[int, str, str]], *, write: bool) -> None:
         if self.traffic is not None:

@@ -45,6 +45,8 @@ def table_options(spec: dict[str, Any]) -> dict[str, Any]:
             code="invalid_table_spec",
         )
     max_age = spec.get("max_age", 0)
+    if isinstance(max_age, float) and max_age.is_integer():  # JSON does not tell 1.0 from 1
+        max_age = int(max_age)
     if isinstance(max_age, bool) or not isinstance(max_age, int) or not 0 <= max_age <= MAX_AGE:
         raise BadRequest(
             f"max_age must be a whole number of seconds from 0 to {MAX_AGE}",

@@ -52,13 +52,15 @@ def plan_by_load(
     *,
     tolerance: float = 0.1,
     max_moves: int = 256,
+    fixed: frozenset[int] | set[int] = frozenset(),
 ) -> list[PlannedMove]:
     """Single-slot moves from the busiest shards to the idlest until every shard is
     within ``tolerance`` of the mean load (or no move helps any more).
 
     Each step moves, from the busiest shard to the idlest, the heaviest slot that does
     not make the idlest busier than the busiest was: the gap always shrinks, so the
-    loop ends.  A slot hotter than a whole shard's fair share stays where it is.
+    loop ends.  A slot hotter than a whole shard's fair share stays where it is, and so
+    do the ``fixed`` slots.
     """
     load = dict.fromkeys(shards, 0.0)
     owner = {slot: shard for slot, shard in enumerate(current) if shard is not None}
@@ -76,7 +78,7 @@ def plan_by_load(
         movable = [
             (value, slot)
             for slot, value in slot_load.items()
-            if owner.get(slot) == busiest and 0 < value < gap
+            if owner.get(slot) == busiest and 0 < value < gap and slot not in fixed
         ]
         if not movable:
             break

@@ -148,7 +148,11 @@ async def measure_load(catalog_dsn: str, *, window: float = 600.0, report_age: f
     active = [name for name, shard in topo.shards.items() if shard.weight > 0]
     fair = sum(load.values()) / max(1, len(active))
     celebrities = [
-        key for key in view.keys if fair > 0 and key.reads_per_s + key.writes_per_s > fair
+        key
+        for key in view.keys
+        if fair > 0
+        and key.reads_per_s + key.writes_per_s > fair
+        and key.shard in active  # not already alone on a shard of its own
     ]
     return Load(load, celebrities)
 
@@ -168,7 +172,9 @@ async def plan_for(
     if by == "load":
         measured = load or await measure_load(catalog_dsn)
         active = [name for name, shard in topo.shards.items() if shard.weight > 0]
-        return plan_by_load(topo.slot_map, measured.slots, active)
+        # A slot pinned to a shard of its own (an isolation) is never moved by load.
+        fixed = {slot for slot, shard in pinned.items() if shard not in active}
+        return plan_by_load(topo.slot_map, measured.slots, active, fixed=fixed)
     weights = {name: shard.weight for name, shard in topo.shards.items()}
     return plan(topo.slot_map, weights, pinned=pinned, group_slots=group_slots)
 
@@ -180,6 +186,7 @@ async def rebalance(
     max_parallel: int,
     reason: str = "rebalance",
     by: str = "slots",
+    load: Load | None = None,
 ) -> list[Move]:
     """Plan, record and run a rebalance (refused while another run is unfinished).
 
@@ -189,7 +196,7 @@ async def rebalance(
     async with runner_lock(mover.catalog_dsn) as cat:
         if await list_moves(cat, open_only=True):
             raise MoveError("a rebalance is unfinished: resume it (--resume) or abort it (--abort)")
-        planned = await plan_for(mover.catalog_dsn, group_slots=group_slots, by=by)
+        planned = await plan_for(mover.catalog_dsn, group_slots=group_slots, by=by, load=load)
         if not planned:
             return []
         moves = await create_run(cat, planned, reason=reason if by == "slots" else "by load")
@@ -219,10 +226,9 @@ async def plan_isolation(catalog_dsn: str, *, pk: str, to: str, group_slots: int
     weights[to] = 0
     if not any(weights.values()):
         raise MoveError(f"isolating onto {to} would leave no shard for the other slots")
-    others = {s: shard for s, shard in pinned.items() if shard == to and s != slot}
-    if others:
-        raise MoveError(f"shard {to} already holds pinned slots {sorted(others)}")
-    planned = plan(topo.slot_map, weights, pinned={**pinned, slot: to}, group_slots=group_slots)
+    # Other pins to the shard (a load rebalance's) give way: it holds this slot alone.
+    pins = {s: shard for s, shard in pinned.items() if shard != to}
+    planned = plan(topo.slot_map, weights, pinned={**pins, slot: to}, group_slots=group_slots)
     return Isolation(slot, to, planned)
 
 
@@ -239,6 +245,18 @@ async def isolate(
             raise MoveError("a rebalance is unfinished: resume it (--resume) or abort it (--abort)")
         isolation = await plan_isolation(mover.catalog_dsn, pk=pk, to=to, group_slots=group_slots)
         async with cat.transaction():
+            # Under the lock, but check again where it is changed: the shard is not the
+            # last one with a weight.
+            others = await cat.fetchval(
+                "SELECT count(*) FROM shardd_shards WHERE weight > 0 AND name <> $1", to
+            )
+            if not others:
+                raise MoveError(f"isolating onto {to} would leave no shard for the other slots")
+            await cat.execute(
+                "DELETE FROM shardd_slot_overrides WHERE shard = $1 AND slot <> $2",
+                to,
+                isolation.slot,
+            )
             await catalog.pin_slots(cat, {isolation.slot: to})
             await catalog.set_weight(cat, to, 0)
         if not isolation.planned:
@@ -265,9 +283,12 @@ async def abort(mover: Mover) -> list[Move]:
 async def remove_shard(
     mover: Mover, name: str, *, group_slots: int, max_parallel: int
 ) -> list[Move]:
-    """Move every slot off shard ``name`` (weight 0, then a rebalance), then unregister it."""
-    async with admin.connect(mover.catalog_dsn) as cat:
-        await catalog.set_weight(cat, name, 0)
+    """Move every slot off shard ``name`` (weight 0, its pins dropped, then a
+    rebalance), then unregister it."""
+    async with runner_lock(mover.catalog_dsn) as cat:
+        async with cat.transaction():
+            await cat.execute("DELETE FROM shardd_slot_overrides WHERE shard = $1", name)
+            await catalog.set_weight(cat, name, 0)
     moves = await rebalance(
         mover, group_slots=group_slots, max_parallel=max_parallel, reason=f"remove {name}"
     )

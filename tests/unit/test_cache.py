@@ -117,24 +117,48 @@ def test_an_invalidation_during_a_read_refuses_its_fill() -> None:
 def test_a_replica_not_known_to_have_replayed_a_change_fills_nothing() -> None:
     async def scenario() -> None:
         clock = Clock()
-        cache = Cache(config.Settings(max_replica_lag_seconds=10), clock=clock)
+        settings = config.Settings(max_replica_lag_seconds=10, health_interval=1)
+        cache = Cache(settings, clock=clock)
         cache.ready = True
         key = ("t", "pk", "")
-        cache.note(key, 500)  # a write committed at or before WAL position 500
-        await cache.invalidate([key], source="write")
-        for position, from_primary, stored in ((499, False, False), (0, True, True),
-                                               (500, False, True)):  # fmt: skip
+
+        async def fill(position: int, *, shard: str = "s1", from_primary: bool = False) -> bool:
             await cache.invalidate([key], source="write")
             lease = cache.lease(key)
-            filled = await cache.fill(
-                key, lease, entry(position=position), ttl=1.0, from_primary=from_primary
-            )
-            assert filled is stored, (position, from_primary)
-            cache.release(key, lease)
-        clock.now += 11.5  # the floor outlives the replica lag that reads accept, no more
-        await cache.invalidate([key], source="write")
+            try:
+                return await cache.fill(
+                    key,
+                    lease,
+                    entry(position=position, shard=shard),
+                    ttl=1.0,
+                    from_primary=from_primary,
+                )
+            finally:
+                cache.release(key, lease)
+
+        cache.note(key, "s1", 500)  # a write committed at or before WAL position 500 of s1
+        assert not await fill(499)
+        assert await fill(0, from_primary=True)  # a lease taken after it: the primary saw it
+        assert await fill(500)
+        assert not await fill(900, shard="s2")  # positions of another shard say nothing
+        clock.now += 14.5  # the floor outlives the replica lag reads accept, and no more
+        assert await fill(1)
+        cache.note_shard("s1", 700)  # following s1 (re)started at 700: nothing before seen
+        assert not await fill(699)
+        assert await fill(700)
+
+    asyncio.run(scenario())
+
+
+def test_floors_evicted_early_stay_with_their_shard() -> None:
+    async def scenario() -> None:
+        cache = Cache(config.Settings(cache_max_entries=2), clock=Clock())
+        cache.ready = True
+        for n in range(3):
+            cache.note(("t", f"k{n}", ""), "s1", 100 + n)
+        key = ("t", "k0", "")  # its own floor was evicted
         lease = cache.lease(key)
-        assert await cache.fill(key, lease, entry(position=1), ttl=1.0, from_primary=False)
+        assert not await cache.fill(key, lease, entry(position=50), ttl=1.0, from_primary=False)
 
     asyncio.run(scenario())
 

@@ -8,6 +8,7 @@ load (same concurrency, same keys, after a warm-up) against:
   b) minimal handler  aiohttp + asyncpg on one Postgres, no routing, no checks
   c) asyncpg          the same SQL straight from the load process, no HTTP
   d) asyncpg          the shard's write procedure (CALL shardd_write), no HTTP
+  e) shardd           eventual GET of a table that caches every item (cache = all)
 
 and prints throughput and p50/p99 latency with the ratios a/b and a/c.
 """
@@ -43,6 +44,7 @@ from shardd.placement import slot_of  # noqa: E402
 # small machine more backends than cores only add contention, for both alike.
 MINIMAL_POOL = 10
 SHARDS = 3
+CACHED_TABLE = orjson.dumps({"cache": "all", "cache_ttl": 3600})
 
 
 def devcluster(*args: str, env: dict[str, str] | None = None) -> str:
@@ -115,14 +117,18 @@ async def run(
             async with aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=concurrency * 2)
             ) as http:
-                async with http.put(f"{shardd}/v1/tables/bench") as resp:
-                    assert resp.status in (200, 201)
-                for i in range(0, keys, 100):
-                    puts = [{"pk": k, "item": doc} for k in names[i : i + 100]]
-                    async with http.post(
-                        f"{shardd}/v1/tables/bench/batch/write", data=orjson.dumps({"puts": puts})
-                    ) as resp:
-                        assert resp.status == 200, await resp.text()
+                # bench: the defaults (cache = hot; uniform keys are never hot);
+                # bench_cached: every item read is cached (cache = all).
+                for name, spec in (("bench", b""), ("bench_cached", CACHED_TABLE)):
+                    async with http.put(f"{shardd}/v1/tables/{name}", data=spec) as resp:
+                        assert resp.status in (200, 201), await resp.text()
+                    for i in range(0, keys, 100):
+                        puts = [{"pk": k, "item": doc} for k in names[i : i + 100]]
+                        async with http.post(
+                            f"{shardd}/v1/tables/{name}/batch/write",
+                            data=orjson.dumps({"puts": puts}),
+                        ) as resp:
+                            assert resp.status == 200, await resp.text()
 
                 def http_op(method: str, base: str) -> Callable[[str], Awaitable[bool]]:
                     async def op(key: str) -> bool:
@@ -152,8 +158,10 @@ async def run(
                     )
                     return True
 
-                def shardd_get(consistency: str) -> Callable[[str], Awaitable[bool]]:
-                    get = http_op("GET", f"{shardd}/v1/tables/bench/items")
+                def shardd_get(
+                    consistency: str, table: str = "bench"
+                ) -> Callable[[str], Awaitable[bool]]:
+                    get = http_op("GET", f"{shardd}/v1/tables/{table}/items")
 
                     async def op(key: str) -> bool:
                         return await get(f"{key}?consistency={consistency}")
@@ -187,6 +195,7 @@ async def run(
                 targets = [
                     ("a) shardd GET", shardd_get("strong")),
                     ("a) shardd GET eventual", shardd_get("eventual")),
+                    ("e) shardd GET eventual, cached", shardd_get("eventual", "bench_cached")),
                     (
                         "b) minimal handler GET",
                         http_op("GET", f"http://127.0.0.1:{minimal_port}/items"),
@@ -264,6 +273,11 @@ def main(**options: Any) -> None:
             )
     d, c = by["d) asyncpg shardd_write PUT"], by["c) asyncpg PUT"]
     click.echo(f"| PUT d/c | {d.throughput / c.throughput:.2f} | {d.p99_ms / c.p99_ms:.2f} |")
+    cached, minimal = by["e) shardd GET eventual, cached"], by["b) minimal handler GET"]
+    click.echo(
+        f"| GET cached e/b | {cached.throughput / minimal.throughput:.2f} | "
+        f"{cached.p99_ms / minimal.p99_ms:.2f} |"
+    )
     eventual, strong = by["a) shardd GET eventual"], by["a) shardd GET"]
     click.echo(
         f"| GET eventual/strong | {eventual.throughput / strong.throughput:.2f} | "
