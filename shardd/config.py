@@ -157,7 +157,7 @@ class Settings:
         "200 bytes each); every key above 1/capacity of the traffic is in it.",
     )
     hotkeys_window: float = _setting(
-        2.0, "Time constant in seconds over which request counts decay into rates."
+        1.0, "Time constant in seconds over which request counts decay into rates."
     )
     hotkeys_report_interval: float = _setting(
         0.5, "Seconds between an instance's traffic reports to the catalog."

@@ -15,13 +15,13 @@ same factor (``t0`` moves on, and everything is rescaled, before the factor grow
 Requests are first counted in a small pending table and folded into the summary in
 batches (at every report, or sooner when the pending table reaches its bound), which
 keeps the per-request cost at two dictionary updates.  A batch fold is Space-Saving's
-rule applied to many keys at once: a key new to a full summary enters with the
-summary's smallest count as its possible overcount (``error``), and the ``capacity``
-largest counts stay.  The count minus its error is a guaranteed lower bound; that is
-what is ranked and reported.
+rule applied to many keys at once: a key new to the summary enters with the largest
+count dropped so far as its possible overcount (``error``); once the summary holds twice
+``capacity`` keys, the ``capacity`` largest counts stay.  The count minus its error is a
+guaranteed lower bound; that is what is ranked and reported.
 
-Every ``hotkeys_report_interval`` each instance writes its summary (the top keys and
-every busy slot, as rates) to the catalog (``shardd_traffic_reports``); :func:`merge`
+Every ``hotkeys_report_interval`` each instance writes its summary (the top keys, the
+busiest slots and every shard, as rates) to the catalog (``shardd_traffic_reports``); :func:`merge`
 adds up the fresh reports of all instances into one view (``GET /v1/admin/hotkeys``,
 ``shardctl hot``), with each key's share of all traffic through all instances.
 """
@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 K = TypeVar("K", bound=Hashable)
 RESCALE_AT = 40.0  # rescale stored counts once the decay exponent reaches this
 REPORT_KEYS = 100  # keys per instance report
+REPORT_SLOTS = 256  # slots per instance report (the busiest)
 PENDING_FACTOR = 4  # pending keys bound, as a multiple of the capacity
 
 
@@ -69,12 +70,18 @@ class SpaceSaving(Generic[K]):
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity
         self.counters: dict[K, list[float]] = {}
+        # The largest count dropped so far: a key not in the summary counted at most
+        # this much, so a newcomer may have (and starts with) that much of an overcount.
+        self.floor = 0.0
 
     def fold(self, batch: Mapping[K, Sequence[float]]) -> None:
-        """Add a batch of (reads, writes) per key."""
+        """Add a batch of (reads, writes) per key.
+
+        The summary may grow to twice its capacity between trims, so a trim (a partial
+        sort) is paid once per ``capacity`` new keys, not on every fold.
+        """
         counters = self.counters
-        full = len(counters) >= self.capacity
-        floor = min((c[0] for c in counters.values()), default=0.0) if full else 0.0
+        floor = self.floor
         for key, (reads, writes) in batch.items():
             counter = counters.get(key)
             if counter is None:
@@ -83,11 +90,19 @@ class SpaceSaving(Generic[K]):
                 counter[0] += reads + writes
                 counter[1] += reads
                 counter[2] += writes
-        if len(counters) > self.capacity:
-            kept = heapq.nlargest(self.capacity, counters.items(), key=lambda kv: kv[1][0])
-            self.counters = dict(kept)
+        if len(counters) > 2 * self.capacity:
+            cut = sorted([c[0] for c in counters.values()], reverse=True)[self.capacity]
+            kept = {key: c for key, c in counters.items() if c[0] > cut}
+            for key, c in counters.items():  # ties at the cut, while there is room
+                if len(kept) >= self.capacity:
+                    break
+                if c[0] == cut:
+                    kept[key] = c
+            self.floor = max(self.floor, cut)
+            self.counters = kept
 
     def scale(self, factor: float) -> None:
+        self.floor *= factor
         for counter in self.counters.values():
             for i in range(4):
                 counter[i] *= factor
@@ -138,12 +153,14 @@ class Traffic:
 
     def record(self, table: str, pk: str, slot: int, *, write: bool = False, n: int = 1) -> None:
         """Count ``n`` requests for one key (cheap: called on every request)."""
+        exponent = (self.clock() - self._t0) / self.window
         counts = self._pending.get((table, pk))
-        if counts is None:
-            if len(self._pending) >= self._max_pending:
+        if counts is None or exponent > RESCALE_AT:
+            if len(self._pending) >= self._max_pending or exponent > RESCALE_AT:
                 self.fold()
-            counts = self._pending[(table, pk)] = [0.0, 0.0]
-        w = n * math.exp((self.clock() - self._t0) / self.window)  # after a fold's rescale
+                exponent = (self.clock() - self._t0) / self.window
+            counts = self._pending.setdefault((table, pk), [0.0, 0.0])
+        w = n * math.exp(exponent)  # after a fold's rescale, never before
         counts[write] += w
         self.slots[slot] += w
         if write:
@@ -168,11 +185,20 @@ class Traffic:
         self.total_writes *= factor
         self._t0 = now
 
-    def report(self, *, keys: int = REPORT_KEYS) -> dict[str, Any]:
-        """Rates per second over the window: the top keys, every busy slot, the totals."""
+    def report(
+        self, slot_map: Sequence[str | None] = (), *, keys: int = REPORT_KEYS
+    ) -> dict[str, Any]:
+        """Rates per second over the window: the top keys, the busiest slots, every
+        shard's (by ``slot_map``, slot -> owner) and the totals."""
         self.fold()
         # stored units -> rate now: divide by e^((now - t0)/window) and by the window
         to_rate = math.exp(-(self.clock() - self._t0) / self.window) / self.window
+        shards: dict[str, float] = {}
+        for slot, value in self.slots.items():
+            owner = slot_map[slot] if 0 <= slot < len(slot_map) else None
+            if owner is not None:
+                shards[owner] = shards.get(owner, 0.0) + value * to_rate
+        busiest = heapq.nlargest(REPORT_SLOTS, self.slots.items(), key=lambda kv: kv[1])
         return {
             "window_seconds": self.window,
             "reads_per_s": round(self.total_reads * to_rate, 3),
@@ -183,9 +209,10 @@ class Traffic:
             ],
             "slots": [
                 [slot, round(value * to_rate, 3)]
-                for slot, value in sorted(self.slots.items())
+                for slot, value in busiest
                 if value * to_rate >= 0.001
             ],
+            "shards": {name: round(rate, 3) for name, rate in shards.items()},
         }
 
 
@@ -267,11 +294,12 @@ def merge(
 ) -> HotView:
     """One view of the reports (instance, report) against ``topology``: every rate is
     the sum over instances, each key's share is of all traffic through all of them."""
+    reports_seen = list(reports)
     names: list[str] = []
     key_rates: dict[tuple[str, str], list[float]] = {}
     slot_rates: dict[int, float] = {}
     total = 0.0
-    for instance, report in reports:
+    for instance, report in reports_seen:
         names.append(instance)
         total += float(report.get("reads_per_s", 0)) + float(report.get("writes_per_s", 0))
         for table, pk, reads, writes in report.get("keys", ()):
@@ -282,10 +310,10 @@ def merge(
             if 0 <= slot < topology.slot_count:
                 slot_rates[slot] = slot_rates.get(slot, 0.0) + rate
     shard_rates = dict.fromkeys(topology.shards, 0.0)
-    for slot, rate in slot_rates.items():
-        owner = topology.slot_map[slot]
-        if owner is not None:
-            shard_rates[owner] = shard_rates.get(owner, 0.0) + rate
+    for _, report in reports_seen:
+        for name, rate in report.get("shards", {}).items():
+            if name in shard_rates:
+                shard_rates[name] += rate
     keys = []
     for (table, pk), (reads, writes) in key_rates.items():
         slot = slot_of(pk, topology.slot_count)
@@ -377,8 +405,8 @@ class Reporter:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.settings.hotkeys_report_interval)
-            report = self.traffic.report()  # folds and decays, catalog or not
             topology = self.watcher.topology
+            report = self.traffic.report(topology.slot_map if topology else ())  # folds, decays
             if topology is None:
                 continue
             try:

@@ -7,13 +7,14 @@ Simulated (no servers; the same code shardd runs):
                 precision and recall of its top 100 against the exact counts, memory.
   2. hit rate   the item cache (LRU, LFU, FIFO) at several capacities on the same stream.
 
-Live (a devcluster of 3 shards x primary + replica, and three shardd instances on it:
-A with every mitigation on (the defaults), B with hot-key detection off, C with every
-mitigation off (no detection, no coalescing, no cache)):
+Live (a devcluster of 3 shards x primary + replica, and shardd instances on it: A, the
+devcluster's, and A2 with every mitigation on (the defaults), B with hot-key detection
+off, C with every mitigation off (no detection, no coalescing, no cache); A2, B and C
+log no access lines):
 
   3. detection  a Zipf load through A; one key jumps to 20% of the traffic; the time until
                 ``GET /v1/admin/hotkeys`` (what ``shardctl hot`` prints) ranks it first.
-  4. overhead   strong point GETs over uniform keys, A against B, interleaved rounds.
+  4. overhead   strong point GETs over uniform keys, A2 against B, interleaved rounds.
   5. mitigation eventual GETs of one celebrity key: shard queries per request, A against C;
                 and a Zipf load with a 20% celebrity: the hot shard's p99 against the cold
                 shards', A and C.
@@ -214,6 +215,9 @@ async def background(
 
 
 async def detection(http: aiohttp.ClientSession, base: str, *, trials: int) -> str:
+    """Seconds from the jump until the merged view lists the celebrity as hot (its share
+    at least ``hot_key_share``) and until it ranks it first."""
+    threshold = config.Settings().hot_key_share
     rows = []
     mix = Mix(10_000, seed=3)
     async with background(http, base, mix, workers=16):
@@ -221,19 +225,32 @@ async def detection(http: aiohttp.ClientSession, base: str, *, trials: int) -> s
         for trial in range(trials):
             mix.celebrity, mix.share = f"celebrity-{trial}", 0.2
             jumped = time.monotonic()
+            listed = None
             while True:
-                async with http.get(f"{base}/v1/admin/hotkeys?limit=1") as resp:
+                async with http.get(f"{base}/v1/admin/hotkeys?limit=10") as resp:
                     view = await resp.json()
+                now = time.monotonic() - jumped
+                mine = [k for k in view["keys"] if k["pk"] == mix.celebrity]
+                if listed is None and mine and mine[0]["share"] >= threshold:
+                    listed = now
                 if view["keys"] and view["keys"][0]["pk"] == mix.celebrity:
                     break
-                if time.monotonic() - jumped > 30:
-                    raise RuntimeError("the celebrity was not detected in 30 s")
+                if now > 30:
+                    raise RuntimeError("the celebrity was not ranked first in 30 s")
                 await asyncio.sleep(0.05)
-            seconds = time.monotonic() - jumped
-            rows.append([str(trial + 1), f"{seconds:.2f}", f"{view['keys'][0]['share']:.3f}"])
+            rows.append(
+                [
+                    str(trial + 1),
+                    f"{listed if listed is not None else now:.2f}",
+                    f"{now:.2f}",
+                    f"{view['keys'][0]['share']:.3f}",
+                ]
+            )
             mix.celebrity, mix.share = None, 0.0
             await asyncio.sleep(5)  # back to the plain load before the next jump
-    return markdown(["jump", "seconds until ranked first", "share shown then"], rows)
+    return markdown(
+        ["jump", "s until listed hot", "s until ranked first", "share shown then"], rows
+    )
 
 
 async def overhead(
@@ -251,12 +268,12 @@ async def overhead(
 
     measured: dict[str, Result] = {}
     for _ in range(rounds):
-        for name, base in (("detection on (A)", on), ("detection off (B)", off)):
+        for name, base in (("detection on (A2)", on), ("detection off (B)", off)):
             one = await closed_loop(
                 name, getter(base), keys, concurrency=32, seconds=seconds / rounds, warmup=1.0
             )
             measured[name] = measured[name] + one if name in measured else one
-    a, b = measured["detection on (A)"], measured["detection off (B)"]
+    a, b = measured["detection on (A2)"], measured["detection off (B)"]
     rows = [[r.name, f"{r.throughput:,.0f}", f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}"] for r in (a, b)]
     rows.append(["on/off", f"{a.throughput / b.throughput:.3f}", "", f"{a.p99_ms / b.p99_ms:.2f}"])
     return markdown(["strong GET, uniform keys", "requests/s", "p50 ms", "p99 ms"], rows)
@@ -345,6 +362,7 @@ async def run_live(port: int, seconds: float, rounds: int, trials: int) -> list[
         catalog_dsn = f"postgresql://shardd@127.0.0.1:{port + 1}/shardd"
         a = f"http://127.0.0.1:{port}"
         with (
+            instance(directory, catalog_dsn, port + 102) as a2,
             instance(directory, catalog_dsn, port + 100, hotkeys="false") as b,
             instance(
                 directory,
@@ -356,7 +374,7 @@ async def run_live(port: int, seconds: float, rounds: int, trials: int) -> list[
             ) as c,
         ):
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as http:
-                for base in (a, b, c):
+                for base in (a, a2, b, c):
                     await ready(http, base)
                 async with http.put(f"{a}/v1/tables/hot", data=b'{"cache": "hot"}') as resp:
                     assert resp.status in (200, 201), await resp.text()
@@ -373,7 +391,7 @@ async def run_live(port: int, seconds: float, rounds: int, trials: int) -> list[
                 )
                 out.append(
                     "Detector overhead (32 workers):\n\n"
-                    + await overhead(http, a, b, seconds=seconds, rounds=rounds)
+                    + await overhead(http, a2, b, seconds=seconds, rounds=rounds)
                 )
                 out.append(
                     "Mitigation (32 workers, eventual GETs):\n\n"
