@@ -14,7 +14,8 @@ log no access lines):
 
   3. detection  a Zipf load through A; one key jumps to 20% of the traffic; the time until
                 ``GET /v1/admin/hotkeys`` (what ``shardctl hot`` prints) ranks it first.
-  4. overhead   strong point GETs over uniform keys, A2 against B, interleaved rounds.
+  4. overhead   strong point GETs over uniform keys, A2 against B, interleaved rounds
+                whose order turns; A3, configured as A2, shows the noise.
   5. mitigation eventual GETs of one celebrity key: shard queries per request, A against C;
                 and a Zipf load with a 20% celebrity: the hot shard's p99 against the cold
                 shards', A and C.
@@ -254,8 +255,14 @@ async def detection(http: aiohttp.ClientSession, base: str, *, trials: int) -> s
 
 
 async def overhead(
-    http: aiohttp.ClientSession, on: str, off: str, *, seconds: float, rounds: int
+    http: aiohttp.ClientSession,
+    instances: list[tuple[str, str]],
+    *,
+    seconds: float,
+    rounds: int,
 ) -> str:
+    """Strong GETs through each (name, base URL), in rounds, the order turning each round
+    so that no instance always runs first (or last)."""
     keys = [f"u-{i}" for i in range(10_000)]
 
     def getter(base: str) -> Any:
@@ -267,15 +274,25 @@ async def overhead(
         return op
 
     measured: dict[str, Result] = {}
-    for _ in range(rounds):
-        for name, base in (("detection on (A2)", on), ("detection off (B)", off)):
+    for turn in range(rounds):
+        shift = turn % len(instances)
+        for name, base in instances[shift:] + instances[:shift]:
             one = await closed_loop(
                 name, getter(base), keys, concurrency=32, seconds=seconds / rounds, warmup=1.0
             )
             measured[name] = measured[name] + one if name in measured else one
-    a, b = measured["detection on (A2)"], measured["detection off (B)"]
-    rows = [[r.name, f"{r.throughput:,.0f}", f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}"] for r in (a, b)]
-    rows.append(["on/off", f"{a.throughput / b.throughput:.3f}", "", f"{a.p99_ms / b.p99_ms:.2f}"])
+    results = [measured[name] for name, _ in instances]
+    rows = [[r.name, f"{r.throughput:,.0f}", f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}"] for r in results]
+    last = results[-1]
+    for r in results[:-1]:
+        rows.append(
+            [
+                f"{r.name} / {last.name}",
+                f"{r.throughput / last.throughput:.3f}",
+                "",
+                f"{r.p99_ms / last.p99_ms:.2f}",
+            ]
+        )
     return markdown(["strong GET, uniform keys", "requests/s", "p50 ms", "p99 ms"], rows)
 
 
@@ -363,6 +380,7 @@ async def run_live(port: int, seconds: float, rounds: int, trials: int) -> list[
         a = f"http://127.0.0.1:{port}"
         with (
             instance(directory, catalog_dsn, port + 102) as a2,
+            instance(directory, catalog_dsn, port + 103) as a3,
             instance(directory, catalog_dsn, port + 100, hotkeys="false") as b,
             instance(
                 directory,
@@ -374,7 +392,7 @@ async def run_live(port: int, seconds: float, rounds: int, trials: int) -> list[
             ) as c,
         ):
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as http:
-                for base in (a, a2, b, c):
+                for base in (a, a2, a3, b, c):
                     await ready(http, base)
                 async with http.put(f"{a}/v1/tables/hot", data=b'{"cache": "hot"}') as resp:
                     assert resp.status in (200, 201), await resp.text()
@@ -391,7 +409,16 @@ async def run_live(port: int, seconds: float, rounds: int, trials: int) -> list[
                 )
                 out.append(
                     "Detector overhead (32 workers):\n\n"
-                    + await overhead(http, a2, b, seconds=seconds, rounds=rounds)
+                    + await overhead(
+                        http,
+                        [
+                            ("detection on (A2)", a2),
+                            ("detection on (A3, control)", a3),
+                            ("detection off (B)", b),
+                        ],
+                        seconds=seconds,
+                        rounds=rounds,
+                    )
                 )
                 out.append(
                     "Mitigation (32 workers, eventual GETs):\n\n"
@@ -418,7 +445,7 @@ async def _slot_map(catalog_dsn: str, slot_count: int) -> list[str]:
 @click.option("--sim-requests", default=10_000_000, show_default=True)
 @click.option("--sim-keys", default=1_000_000, show_default=True)
 @click.option("--seconds", default=12.0, show_default=True, help="Per live measurement.")
-@click.option("--rounds", default=3, show_default=True)
+@click.option("--rounds", default=6, show_default=True)
 @click.option("--trials", default=3, show_default=True, help="Celebrity jumps to time.")
 @click.option("--port", default=18600, show_default=True)
 @click.option("--live/--no-live", default=True, show_default=True)
