@@ -554,11 +554,13 @@ class Invalidator:
         *,
         topology: Callable[[], Topology | None],
         pools: NodePools,
+        any_hot: Callable[[], bool] = lambda: True,
     ) -> None:
         self.settings = settings
         self.cache = cache
         self.topology = topology
         self.pools = pools
+        self.any_hot = any_hot
         self.positions: dict[str, tuple[str, str]] = {}  # shard -> (primary, snapshot)
         self.round_timeout = max(1.0, 10 * settings.cache_invalidation_interval)
 
@@ -574,7 +576,7 @@ class Invalidator:
         topology = self.topology()
         if topology is None:
             return
-        if not any(t.cache != "off" for t in topology.tables.values()):
+        if not self.needed(topology):
             self.positions.clear()
             self._lost()
             return
@@ -584,6 +586,15 @@ class Invalidator:
         self.cache.ready = all(followed)
         if self.cache.redis is not None and self.cache.redis.unsent:
             await self.cache.redis.flush(chunks=FLUSH_CHUNKS)
+
+    def needed(self, topology: Topology) -> bool:
+        """Is anything cached, or about to be?  (Following costs a query per shard and
+        round; a table caching only hot keys needs it only while some key is hot, and
+        following starts over with a shard-wide floor when one turns hot.)"""
+        modes = {t.cache for t in topology.tables.values()}
+        if "all" in modes or (self.cache.redis is not None and "hot" in modes):
+            return True  # (Redis: other instances' entries need this one's tombstones)
+        return "hot" in modes and self.any_hot()
 
     def _lost(self) -> None:
         self.cache.ready = False
@@ -610,8 +621,7 @@ class Invalidator:
                         self.cache.note_shard(shard.name, lsn)
                         self.positions[shard.name] = (primary.name, start)
                         return False
-                    changes, after = await changelog.next_batch(conn, known[1], keys_only=True)
-                    lsn = await conn.fetchval(_INSERT_LSN)
+                    changes, after, lsn = await changelog.changed_keys(conn, known[1])
             except BaseException:
                 conn.terminate()  # never wait for a primary that does not answer
                 raise

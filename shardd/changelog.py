@@ -24,7 +24,7 @@ import asyncpg
 from . import fencing
 
 _BATCH = """
-SELECT seq, op, tbl, pk, sk, slot, version, {doc} AS doc, at
+SELECT seq, op, tbl, pk, sk, slot, version, doc::text AS doc, at
 FROM shardd_changes
 WHERE txid >= pg_snapshot_xmin($1::text::pg_snapshot)
   AND pg_visible_in_snapshot(txid, $2::text::pg_snapshot)
@@ -52,23 +52,17 @@ async def position(conn: asyncpg.Connection) -> str:
     return str(await conn.fetchval("SELECT pg_current_snapshot()::text"))
 
 
-_WITH_DOCS = _BATCH.format(doc="doc::text")
-_KEYS_ONLY = _BATCH.format(doc="NULL::text")
-
-
 async def next_batch(
     conn: asyncpg.Connection,
     after: str,
     *,
     slots: Sequence[int] | None = None,
-    keys_only: bool = False,
 ) -> tuple[list[Change], str]:
     """Entries that became visible since ``after`` (in commit-consistent order), and the
-    new position; ``keys_only`` leaves the documents out."""
-    query = _KEYS_ONLY if keys_only else _WITH_DOCS
+    new position."""
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         new = await position(conn)
-        rows = await conn.fetch(query, after, new, list(slots) if slots is not None else None)
+        rows = await conn.fetch(_BATCH, after, new, list(slots) if slots is not None else None)
     changes = [Change(**dict(r)) for r in rows]
     return changes, new
 
@@ -112,6 +106,47 @@ async def apply(conn: asyncpg.Connection, changes: Sequence[Change]) -> int:
                 [c.sk for c in deletes],
             )
     return len(last)
+
+
+_CHANGED_KEYS = """
+WITH now AS (
+    SELECT pg_current_snapshot() AS snap,
+           (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint AS lsn
+)
+SELECT now.snap::text AS position, now.lsn, c.seq, c.op, c.tbl, c.pk, c.sk, c.slot,
+       c.version, c.at
+FROM now LEFT JOIN LATERAL (
+    SELECT seq, op, tbl, pk, sk, slot, version, at
+    FROM shardd_changes
+    WHERE txid >= pg_snapshot_xmin($1::text::pg_snapshot)
+      AND pg_visible_in_snapshot(txid, now.snap)
+      AND NOT pg_visible_in_snapshot(txid, $1::text::pg_snapshot)
+) c ON true
+ORDER BY c.seq
+"""
+
+
+async def changed_keys(conn: asyncpg.Connection, after: str) -> tuple[list[Change], str, int]:
+    """The entries (without documents) that became visible since ``after``, the new
+    position, and a WAL position at or after every one of them: one statement, whose
+    snapshot is the new position (so no transaction is needed), on the primary."""
+    rows = await conn.fetch(_CHANGED_KEYS, after)
+    changes = [
+        Change(
+            seq=r["seq"],
+            op=r["op"],
+            tbl=r["tbl"],
+            pk=r["pk"],
+            sk=r["sk"],
+            slot=r["slot"],
+            version=r["version"],
+            doc=None,
+            at=r["at"],
+        )
+        for r in rows
+        if r["seq"] is not None
+    ]
+    return changes, rows[0]["position"], rows[0]["lsn"]
 
 
 async def register(conn: asyncpg.Connection, name: str, at: str) -> None:

@@ -81,6 +81,7 @@ class Cluster:
                 self.cache,
                 topology=lambda: self.watcher.topology,
                 pools=self._follow_pools,
+                any_hot=lambda: self.reporter is not None and bool(self.reporter.hot),
             )
             if self.cache is not None
             else None
