@@ -54,6 +54,7 @@ K = TypeVar("K", bound=Hashable)
 RESCALE_AT = 40.0  # rescale stored counts once the decay exponent reaches this
 REPORT_KEYS = 100  # keys per instance report
 REPORT_SLOTS = 256  # slots per instance report (the busiest)
+SLOT_REPORT_EVERY = 4  # reports between two counts of slots and shards (they cost more)
 PENDING_FACTOR = 4  # pending keys bound, as a multiple of the capacity
 
 
@@ -186,20 +187,14 @@ class Traffic:
         self._t0 = now
 
     def report(
-        self, slot_map: Sequence[str | None] = (), *, keys: int = REPORT_KEYS
+        self, slot_map: Sequence[str | None] = (), *, keys: int = REPORT_KEYS, slots: bool = True
     ) -> dict[str, Any]:
-        """Rates per second over the window: the top keys, the busiest slots, every
-        shard's (by ``slot_map``, slot -> owner) and the totals."""
+        """Rates per second over the window: the top keys and the totals; with ``slots``
+        also the busiest slots and every shard's rate (by ``slot_map``, slot -> owner)."""
         self.fold()
         # stored units -> rate now: divide by e^((now - t0)/window) and by the window
         to_rate = math.exp(-(self.clock() - self._t0) / self.window) / self.window
-        shards: dict[str, float] = {}
-        for slot, value in self.slots.items():
-            owner = slot_map[slot] if 0 <= slot < len(slot_map) else None
-            if owner is not None:
-                shards[owner] = shards.get(owner, 0.0) + value * to_rate
-        busiest = heapq.nlargest(REPORT_SLOTS, self.slots.items(), key=lambda kv: kv[1])
-        return {
+        report: dict[str, Any] = {
             "window_seconds": self.window,
             "reads_per_s": round(self.total_reads * to_rate, 3),
             "writes_per_s": round(self.total_writes * to_rate, 3),
@@ -207,13 +202,21 @@ class Traffic:
                 [table, pk, round(reads * to_rate, 3), round(writes * to_rate, 3)]
                 for (table, pk), _, reads, writes in self.keys.top(keys)
             ],
-            "slots": [
+        }
+        if slots:
+            shards: dict[str, float] = {}
+            for slot, value in self.slots.items():
+                owner = slot_map[slot] if 0 <= slot < len(slot_map) else None
+                if owner is not None:
+                    shards[owner] = shards.get(owner, 0.0) + value
+            busiest = heapq.nlargest(REPORT_SLOTS, self.slots.items(), key=lambda kv: kv[1])
+            report["slots"] = [
                 [slot, round(value * to_rate, 3)]
                 for slot, value in busiest
                 if value * to_rate >= 0.001
-            ],
-            "shards": {name: round(rate, 3) for name, rate in shards.items()},
-        }
+            ]
+            report["shards"] = {name: round(rate * to_rate, 3) for name, rate in shards.items()}
+        return report
 
 
 # -- the merged view -------------------------------------------------------------------
@@ -400,13 +403,22 @@ class Reporter:
         self.traffic = traffic
         self.view: HotView | None = None
         self.hot: frozenset[tuple[str, str]] = frozenset()
+        self._slots: dict[str, Any] | None = None  # the last report's slots and shards
         self._logged: set[tuple[str, str]] = set()
 
     async def run(self) -> None:
+        rounds = 0
         while True:
             await asyncio.sleep(self.settings.hotkeys_report_interval)
             topology = self.watcher.topology
-            report = self.traffic.report(topology.slot_map if topology else ())  # folds, decays
+            rounds += 1
+            slots = rounds % SLOT_REPORT_EVERY == 1 or self._slots is None
+            # (folds and decays, catalog or not)
+            report = self.traffic.report(topology.slot_map if topology else (), slots=slots)
+            if slots:
+                self._slots = {name: report[name] for name in ("slots", "shards")}
+            else:  # slots and shards change slowly: the last ones go again
+                report.update(self._slots or {})
             if topology is None:
                 continue
             try:

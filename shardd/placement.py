@@ -37,6 +37,7 @@ from uhashring import HashRing
 VNODES_PER_WEIGHT = 160
 
 
+@lru_cache(maxsize=1 << 16)  # every request asks, hot keys over and over
 def slot_of(pk: str, slot_count: int) -> int:
     digest = hashlib.blake2b(pk.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "big") % slot_count
