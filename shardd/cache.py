@@ -64,6 +64,11 @@ log = logging.getLogger(__name__)
 Key = tuple[str, str, str]  # (table, pk, sk)
 ENTRY_OVERHEAD = 200  # bytes an entry costs besides its document and keys
 BACKEND_RETRY = 1.0  # seconds a failed Redis is left alone
+# The labelled metrics, looked up once (labels() on every request is not free).
+_HIT, _MISS = metrics.CACHE_LOOKUPS.labels("hit"), metrics.CACHE_LOOKUPS.labels("miss")
+_STORED, _REFUSED = metrics.CACHE_FILLS.labels("stored"), metrics.CACHE_FILLS.labels("refused")
+_EXPIRED = metrics.CACHE_EVICTIONS.labels("expired")
+_EVICTED = metrics.CACHE_EVICTIONS.labels("capacity")
 MAX_UNSENT = 100_000  # invalidations kept for a Redis that does not answer
 BLIND_SECONDS = 3600  # the longest cache_ttl: every entry written before is gone by then
 
@@ -202,7 +207,7 @@ class LocalStore:
             return None
         if entry.expires <= self.clock():
             self.remove(key)
-            metrics.CACHE_EVICTIONS.labels("expired").inc()
+            _EXPIRED.inc()
             return None
         self.policy.touch(key)
         return entry
@@ -215,7 +220,7 @@ class LocalStore:
             len(self.entries) >= self.max_entries or self.bytes + entry.size > self.max_bytes
         ):
             self.remove(self.policy.victim())
-            metrics.CACHE_EVICTIONS.labels("capacity").inc()
+            _EVICTED.inc()
         self.entries[key] = entry
         self.bytes += entry.size
         self.policy.add(key)
@@ -426,7 +431,7 @@ class Cache:
 
     async def lookup(self, key: Key) -> Entry | None:
         entry = self.local.get(key) if self.redis is None else await self.redis.get(key)
-        metrics.CACHE_LOOKUPS.labels("hit" if entry is not None else "miss").inc()
+        (_MISS if entry is None else _HIT).inc()
         return entry
 
     def lease(self, key: Key) -> int | None:
@@ -492,10 +497,10 @@ class Cache:
             or self._leases.get(key) != token
             or self._older_than_known(key, entry, from_primary)
         ):
-            metrics.CACHE_FILLS.labels("refused").inc()
+            _REFUSED.inc()
             return False
         del self._leases[key]
-        metrics.CACHE_FILLS.labels("stored").inc()
+        _STORED.inc()
         if self.redis is not None:
             await self.redis.put(key, entry, ttl=ttl)
         else:
