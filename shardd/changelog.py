@@ -113,8 +113,8 @@ WITH now AS (
     SELECT pg_current_snapshot() AS snap,
            (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint AS lsn
 )
-SELECT now.snap::text AS position, now.lsn, c.seq, c.op, c.tbl, c.pk, c.sk, c.slot,
-       c.version, c.at
+SELECT c.seq, c.op, c.tbl, c.pk, c.sk, c.slot, c.version, NULL::text AS doc, c.at,
+       now.snap::text AS position, now.lsn
 FROM now LEFT JOIN LATERAL (
     SELECT seq, op, tbl, pk, sk, slot, version, at
     FROM shardd_changes
@@ -131,21 +131,9 @@ async def changed_keys(conn: asyncpg.Connection, after: str) -> tuple[list[Chang
     position, and a WAL position at or after every one of them: one statement, whose
     snapshot is the new position (so no transaction is needed), on the primary."""
     rows = await conn.fetch(_CHANGED_KEYS, after)
-    changes = [
-        Change(
-            seq=r["seq"],
-            op=r["op"],
-            tbl=r["tbl"],
-            pk=r["pk"],
-            sk=r["sk"],
-            slot=r["slot"],
-            version=r["version"],
-            doc=None,
-            at=r["at"],
-        )
-        for r in rows
-        if r["seq"] is not None
-    ]
+    # Each row: a change's fields in Change's order (all NULL when there is none), then
+    # the position and the WAL position.
+    changes = [Change(*tuple(r)[:-2]) for r in rows if r["seq"] is not None]
     return changes, rows[0]["position"], rows[0]["lsn"]
 
 

@@ -170,8 +170,14 @@ class Cluster:
         return self.dir / node["name"]
 
     def next_port(self) -> int:
+        """The first port above every node's that nothing else listens on now (a node
+        added later may find the next port taken by some other process)."""
         used = [n["port"] for n in self.nodes]
-        return max(used) + 1 if used else int(self.state["pg_port"])
+        port = max(used) + 1 if used else int(self.state["pg_port"])
+        if used:  # the first node keeps the port asked for, or fails on it
+            while not port_free(port):
+                port += 1
+        return port
 
     # -- Postgres nodes
 

@@ -306,12 +306,12 @@ async def get_item(request: web.Request) -> web.Response:
             f"no item {pk!r}/{sk!r} in {table}", code="item_not_found", headers=headers
         )
     headers["ETag"] = _etag(item.version)
-    if max_age:
+    if max_age and consistency == "eventual":
         # Only an eventual read may be answered by an HTTP cache; the others revalidate.
-        # (Without max_age no header: with an ETag and no Last-Modified, no HTTP cache
-        # takes a response as fresh anyway.)
+        headers["Cache-Control"] = f"max-age={max_age}"
         headers["Vary"] = "Shardd-Session, Shardd-Consistency"
-        headers["Cache-Control"] = f"max-age={max_age}" if consistency == "eventual" else "no-cache"
+    else:
+        headers["Cache-Control"] = "no-cache"
     if none_match is not None and (none_match == 0 or none_match == item.version):
         return web.Response(status=304, headers=headers)
     return respond(_item_json(table, item), headers=headers)
