@@ -404,6 +404,7 @@ class Reporter:
         self.view: HotView | None = None
         self.hot: frozenset[tuple[str, str]] = frozenset()
         self._slots: dict[str, Any] | None = None  # the last report's slots and shards
+        self._epoch: int | None = None
         self._logged: set[tuple[str, str]] = set()
 
     async def run(self) -> None:
@@ -412,11 +413,13 @@ class Reporter:
             await asyncio.sleep(self.settings.hotkeys_report_interval)
             topology = self.watcher.topology
             rounds += 1
-            slots = rounds % SLOT_REPORT_EVERY == 1 or self._slots is None
+            epoch = topology.epoch if topology is not None else None
+            slots = rounds % SLOT_REPORT_EVERY == 1 or self._slots is None or epoch != self._epoch
             # (folds and decays, catalog or not)
             report = self.traffic.report(topology.slot_map if topology else (), slots=slots)
             if slots:
                 self._slots = {name: report[name] for name in ("slots", "shards")}
+                self._epoch = epoch  # shards were counted with this map
             else:  # slots and shards change slowly: the last ones go again
                 report.update(self._slots or {})
             if topology is None:

@@ -22,6 +22,7 @@ from . import validate
 from .keys import CLUSTER, SETTINGS
 
 JSON = "application/json"
+VARY = "Shardd-Session, Shardd-Consistency"
 
 
 def respond(data: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -301,17 +302,19 @@ async def get_item(request: web.Request) -> web.Response:
         table=table, pk=pk, sk=sk, consistency=consistency, token=token
     )
     headers = _served_headers(served)
+    # HTTP caches in front of shardd: an eventual read may be kept for the table's
+    # max_age (else revalidated), a strong or session read is never stored, and the
+    # headers that choose between them are part of the key (404s and 304s too).
+    headers["Vary"] = VARY
+    if consistency != "eventual":
+        headers["Cache-Control"] = "no-store"
+    else:
+        headers["Cache-Control"] = f"max-age={max_age}" if max_age else "no-cache"
     if item is None:
         raise errors.NotFound(
             f"no item {pk!r}/{sk!r} in {table}", code="item_not_found", headers=headers
         )
     headers["ETag"] = _etag(item.version)
-    if max_age and consistency == "eventual":
-        # Only an eventual read may be answered by an HTTP cache; the others revalidate.
-        headers["Cache-Control"] = f"max-age={max_age}"
-        headers["Vary"] = "Shardd-Session, Shardd-Consistency"
-    else:
-        headers["Cache-Control"] = "no-cache"
     if none_match is not None and (none_match == 0 or none_match == item.version):
         return web.Response(status=304, headers=headers)
     return respond(_item_json(table, item), headers=headers)

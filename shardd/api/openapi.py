@@ -239,9 +239,11 @@ def _item_op(method: str) -> Callable[[Settings], Schema]:
                     **_json(ITEM),
                     "headers": {
                         "Cache-Control": {
-                            "description": "max-age: the table's max_age setting",
+                            "description": "eventual reads: max-age=<the table's max_age>"
+                            " (no-cache when 0); strong and session reads: no-store",
                             "schema": {"type": "string"},
-                        }
+                        },
+                        "Vary": {"schema": {"type": "string"}},
                     },
                 },
                 "304": {"description": "Unchanged (If-None-Match)"},

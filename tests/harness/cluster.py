@@ -36,9 +36,19 @@ T = TypeVar("T")
 TOKENS = {"admin": "admin-secret-0123", "write": "writer-secret-4567", "read": "reader-secret-89"}
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out to outgoing connections: a port above it can
+    be taken by any client socket between the check and the bind."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port_block(size: int) -> int:
+    top = min(40000, _ephemeral_low()) - size - 1
     for _ in range(200):
-        base = random.randint(20000, 40000)
+        base = random.randint(15000, top)
         ok = True
         for port in range(base, base + size):
             with socket.socket() as sock:

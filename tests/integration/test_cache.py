@@ -45,7 +45,11 @@ def test_table_cache_options_are_declared_checked_and_sent(api: Api, table: str)
     assert response.header("Cache-Control") == "max-age=30"
     assert response.header("Vary") == "Shardd-Session, Shardd-Consistency"
     strong = api.request("GET", item_path(table, "k") + "?consistency=strong")
-    assert strong.header("Cache-Control") == "no-cache"
+    assert strong.header("Cache-Control") == "no-store"
+    assert strong.header("Vary") == "Shardd-Session, Shardd-Consistency"
+    missing = api.request("GET", item_path(table, "absent"))
+    assert missing.status == 404 and missing.header("Cache-Control") == "max-age=30"
+    assert missing.header("Vary") == "Shardd-Session, Shardd-Consistency"
     declare(api, table)  # a PUT replaces the declaration: the defaults again
     info = api.request("GET", f"/v1/tables/{table}").body
     assert (info["cache"], info["cache_ttl"], info["max_age"]) == ("hot", 1.0, 0)
