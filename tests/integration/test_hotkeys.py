@@ -90,6 +90,14 @@ def test_a_celebrity_is_detected_on_every_instance_and_absorbed(
             )
         detected_after = time.monotonic() - jumped
         view = json.loads(cluster.shardctl("hot", "--json").stdout)
+
+        def celebrity_shard_above_mean() -> bool:
+            # Shard rates are recounted every few reports: they follow within seconds.
+            merged = api.request("GET", "/v1/admin/hotkeys").body
+            shard = cluster.slot_map()[view["keys"][0]["slot"]]
+            return any(s["name"] == shard and s["vs_mean"] > 1 for s in merged["shards"])
+
+        wait_for(celebrity_shard_above_mean, timeout=10, what="the celebrity's shard above mean")
         wait_for(
             lambda: all((cluster.metric("shardd_hot_keys", port=p) or 0) >= 1 for p in ports),
             timeout=10,
@@ -106,8 +114,6 @@ def test_a_celebrity_is_detected_on_every_instance_and_absorbed(
         json.loads(cluster.shardctl("hot", "--json").stdout)["instances"]
     )
     assert len(view["instances"]) >= 2
-    vs_mean = {shard["name"]: shard["vs_mean"] for shard in view["shards"]}
-    assert vs_mean[top["shard"]] > 1  # a quarter of all traffic on top of its share
     # Logged (and counted) once for the cluster, by one instance.
     assert total("shardd_hot_key_detections_total") - detections_before >= 1
     assert total("shardd_cache_lookups_total", result="hit") - hits_before > 50
