@@ -260,9 +260,6 @@ class HotView:
         mean = sum(self.shard_rates.values()) / max(1, len(self.shard_rates))
         return {name: (rate / mean if mean > 0 else 0.0) for name, rate in self.shard_rates.items()}
 
-    def slot_load(self) -> dict[int, float]:
-        return dict(self.slot_rates)
-
     def as_json(self, *, limit: int = 20) -> dict[str, Any]:
         total = self.requests_per_s
         top_slots = heapq.nlargest(limit, self.slot_rates.items(), key=lambda kv: kv[1])
