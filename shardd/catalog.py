@@ -14,9 +14,11 @@ from collections.abc import Sequence
 from datetime import datetime
 
 import asyncpg
+import orjson
 
 from . import errors
-from .topology import Node, Shard, TableInfo, Topology
+from .topology import Node, Shard, TableInfo, Topology, ViewInfo
+from .views import definition
 
 CHANNEL = "shardd_topology"
 
@@ -37,6 +39,10 @@ async def load_topology(conn: asyncpg.Connection) -> Topology:
         table_rows = await conn.fetch(
             "SELECT name, description, state, created_at, updated_at, cache, cache_ttl, max_age"
             " FROM shardd_tables"
+        )
+        view_rows = await conn.fetch(
+            "SELECT name, source, definition::text, description, state, created_at"
+            " FROM shardd_views"
         )
     nodes: dict[str, list[Node]] = {}
     for row in node_rows:
@@ -68,12 +74,22 @@ async def load_topology(conn: asyncpg.Connection) -> Topology:
         )
         for row in table_rows
     }
+    views = {
+        row["name"]: ViewInfo(
+            definition.from_json(row["name"], row["source"], orjson.loads(row["definition"])),
+            row["description"],
+            row["state"],
+            row["created_at"].isoformat(),
+        )
+        for row in view_rows
+    }
     return Topology(
         epoch=cluster["epoch"],
         slot_count=cluster["slot_count"],
         shards=shards,
         slot_map=tuple(slot_map),
         tables=tables,
+        views=views,
     )
 
 
@@ -219,6 +235,114 @@ async def drop_table(conn: asyncpg.Connection, name: str) -> bool:
         )
         await bump_epoch(conn)
     return True
+
+
+# -- views ------------------------------------------------------------------------
+
+VIEW_BACKFILLING = "backfilling"
+VIEW_ACTIVE = "active"
+VIEW_DELETING = "deleting"
+
+
+async def put_view(conn: asyncpg.Connection, view: definition.ViewDef, *, description: str) -> bool:
+    """Declare a view; True when it was created, False when the same one exists.
+
+    409 when a view of that name exists with another source or definition, or is being
+    deleted, and while its source table is being deleted.
+    """
+    spec = view.as_json()
+    async with conn.transaction():
+        source_state = await conn.fetchval(
+            "SELECT state FROM shardd_tables WHERE name = $1 FOR SHARE", view.source
+        )
+        if source_state != TABLE_ACTIVE:
+            raise errors.TableDeleting(f"table {view.source} is being deleted")
+        row = await conn.fetchrow(
+            "SELECT source, definition::text, state FROM shardd_views WHERE name = $1 FOR UPDATE",
+            view.name,
+        )
+        if row is not None:
+            if row["state"] == VIEW_DELETING:
+                raise errors.Conflict(f"view {view.name} is being deleted", code="view_deleting")
+            if row["source"] != view.source or orjson.loads(row["definition"]) != spec:
+                raise errors.Conflict(
+                    f"view {view.name} exists with another definition; delete it first",
+                    code="view_exists",
+                )
+            if description:
+                await conn.execute(
+                    "UPDATE shardd_views SET description = $2, updated_at = now() WHERE name = $1",
+                    view.name,
+                    description,
+                )
+                await bump_epoch(conn)
+            return False
+        await conn.execute(
+            "INSERT INTO shardd_views (name, source, definition, description)"
+            " VALUES ($1, $2, $3::jsonb, $4)",
+            view.name,
+            view.source,
+            orjson.dumps(spec).decode(),
+            description,
+        )
+        await bump_epoch(conn)
+    return True
+
+
+async def mark_view_deleting(conn: asyncpg.Connection, name: str) -> None:
+    async with conn.transaction():
+        status = await conn.execute(
+            "UPDATE shardd_views SET state = $2, updated_at = now()"
+            " WHERE name = $1 AND state <> $2",
+            name,
+            VIEW_DELETING,
+        )
+        if not status.endswith(" 0"):
+            await bump_epoch(conn)
+
+
+async def drop_view(conn: asyncpg.Connection, name: str) -> None:
+    async with conn.transaction():
+        status = await conn.execute(
+            "DELETE FROM shardd_views WHERE name = $1 AND state = $2", name, VIEW_DELETING
+        )
+        if not status.endswith(" 0"):
+            await bump_epoch(conn)
+
+
+async def view_positions(
+    conn: asyncpg.Connection, *, view: str | None = None
+) -> list[dict[str, object]]:
+    """Each (view, source shard) position with its lag in seconds (the age of the
+    snapshot it has applied up to)."""
+    rows = await conn.fetch(
+        "SELECT view, shard, position, origin, last_batch, applied, taken_at,"
+        " extract(epoch FROM now() - taken_at)::float8 AS lag_seconds"
+        " FROM shardd_view_positions WHERE $1::text IS NULL OR view = $1 ORDER BY view, shard",
+        view,
+    )
+    return [dict(row) for row in rows]
+
+
+async def source_lags(conn: asyncpg.Connection) -> dict[str, float]:
+    """Per source table, the largest lag of its views' followed shards, in seconds."""
+    rows = await conn.fetch(
+        "SELECT v.source, max(extract(epoch FROM now() - p.taken_at))::float8 AS lag"
+        " FROM shardd_views v JOIN shardd_view_positions p ON p.view = v.name"
+        " WHERE v.state = $1 GROUP BY v.source",
+        VIEW_ACTIVE,
+    )
+    return {row["source"]: row["lag"] for row in rows}
+
+
+async def set_view_state(conn: asyncpg.Connection, name: str, *, old: str, new: str) -> bool:
+    status = await conn.execute(
+        "UPDATE shardd_views SET state = $3, updated_at = now() WHERE name = $1 AND state = $2",
+        name,
+        old,
+        new,
+    )
+    return not status.endswith(" 0")
 
 
 # -- failover ---------------------------------------------------------------------

@@ -188,3 +188,38 @@ async def trim(conn: asyncpg.Connection, *, keep_seconds: float) -> int:
         keep_seconds,
     )
     return int(status.split()[-1])
+
+
+def _parse_snapshot(text: str) -> tuple[int, int, frozenset[int]]:
+    xmin, xmax, xip = text.split(":")
+    return int(xmin), int(xmax), frozenset(int(x) for x in xip.split(",") if x)
+
+
+def covers(position: str, other: str) -> bool:
+    """Whether every transaction visible in snapshot ``other`` is visible in
+    ``position`` too (both of one shard's history)."""
+    _, a_xmax, a_xip = _parse_snapshot(position)
+    _, b_xmax, b_xip = _parse_snapshot(other)
+    if a_xmax < b_xmax and (
+        b_xmax - a_xmax > len(b_xip) or not set(range(a_xmax, b_xmax)) <= b_xip
+    ):
+        return False
+    return all(t >= b_xmax or t in b_xip for t in a_xip)
+
+
+_ORIGIN = (
+    "(SELECT system_identifier FROM pg_control_system())::text || ':'"
+    " || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)"
+)
+
+
+async def position_and_origin(conn: asyncpg.Connection) -> tuple[str, str]:
+    row = await conn.fetchrow(f"SELECT pg_current_snapshot()::text AS p, {_ORIGIN} AS o")
+    return str(row["p"]), str(row["o"])
+
+
+async def origin(conn: asyncpg.Connection) -> str:
+    """Which history ``conn``'s node writes: its system identifier and current timeline.
+    A promotion starts a new timeline, and snapshots from before it may not describe
+    what the new primary's transaction ids mean."""
+    return str(await conn.fetchval(f"SELECT {_ORIGIN}"))

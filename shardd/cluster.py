@@ -8,9 +8,11 @@
 * :class:`~shardd.hotkeys.Reporter` reports this instance's traffic and keeps the merged
   hot-key view; :class:`~shardd.cache.Invalidator` follows the change logs for the item
   cache;
+* :class:`~shardd.views.keeper.ViewKeeper` maintains the views of the source shards
+  whose lease this instance holds, and knows every view's lag (for back-pressure);
 * :class:`~shardd.monitor.Monitor` is the control loop (failover, switchovers,
-  housekeeping); the application starts it, the reporter and the invalidator once the
-  data plane serves.
+  housekeeping); the application starts it, the reporter, the invalidator and the view
+  keeper once the data plane serves.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .hotkeys import Reporter, Traffic
 from .monitor import Monitor
 from .nodes import HealthMonitor, NodePools, session_settings
 from .topology import set_routes
+from .views.keeper import ViewKeeper
 from .watcher import TopologyWatcher
 
 
@@ -95,6 +98,9 @@ class Cluster:
             cache=self.cache,
         )
         self.monitor = Monitor(settings, self.instance, self.health, lambda: self.watcher.topology)
+        self.views = ViewKeeper(
+            settings, self.instance, watcher=self.watcher, executor=self.executor, data=self.data
+        )
         self._health_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -115,6 +121,7 @@ class Cluster:
         if self._health_task is not None:
             self._health_task.cancel()
             await asyncio.gather(self._health_task, return_exceptions=True)
+        await self.views.close()
         if self.reporter is not None:
             await self.reporter.close()
         await self.watcher.close()

@@ -26,6 +26,7 @@ ENV_PREFIX = "SHARDD_"
 CHOICES = {
     "cache_backend": ("local", "redis", "off"),
     "cache_policy": ("lru", "lfu", "fifo"),
+    "view_backpressure": ("delay", "refuse", "off"),
 }
 
 
@@ -110,6 +111,41 @@ class Settings:
         "Seconds after which a change-log consumer that stopped advancing (a failed move "
         "nobody resumed) is dropped, so it no longer holds back trimming; a move whose "
         "consumer expired aborts.",
+    )
+    views: bool = _setting(
+        True, "Take part in view maintenance (each source shard is followed by one instance)."
+    )
+    view_interval: float = _setting(
+        0.1, "Seconds between view-maintenance rounds of a followed source shard."
+    )
+    view_lease: float = _setting(
+        3.0,
+        "Seconds an instance's hold on a source shard's view maintenance lasts unless "
+        "renewed; another instance takes over a dead one's shards within about this long.",
+    )
+    view_backfill_timeout: float = _setting(
+        600.0, "Deadline in seconds of copying one source shard into a new view."
+    )
+    max_view_lag: float = _setting(
+        10.0,
+        "Seconds a view may lag behind a source shard before writes to its source table "
+        "are slowed or refused (view_backpressure).",
+    )
+    view_backpressure: str = _setting(
+        "delay",
+        "What writes to a table whose view lags past max_view_lag get: delay (each write "
+        "waits up to view_backpressure_wait for the lag to drop), refuse (503 view_lag), "
+        "or off.",
+    )
+    view_backpressure_wait: float = _setting(
+        1.0, "Seconds a delayed write waits for a lagging view (view_backpressure = delay)."
+    )
+    feed_retention_cap: float = _setting(
+        86400.0,
+        "Seconds a registered change-feed consumer that has not committed a cursor keeps "
+        "holding back the trimming of the change log; past it the monitor drops its "
+        "positions on the shards, and its cursor gets 410 cursor_expired once entries it "
+        "had not read are trimmed.",
     )
     write_buffer_timeout: float = _setting(
         5.0,

@@ -13,8 +13,9 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import click
+import orjson
 
-from . import admin, catalog, config, failover, hotkeys, pgctl, reshard
+from . import admin, catalog, changefeed, config, errors, failover, hotkeys, pgctl, reshard
 
 T = TypeVar("T")
 
@@ -281,6 +282,73 @@ def hot(ctx: Context, limit: int, as_json: bool) -> None:
             )
 
     emit(run(load()), as_json, render)
+
+
+@main.group()
+def changes() -> None:
+    """The change feed: tail."""
+
+
+@changes.command("tail")
+@click.option("--tables", default=None, help="Comma-separated tables [every table].")
+@click.option("--cursor", default=None, help="Go on after this cursor [from the start].")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Stop after N changes.")
+@click.option("--once", is_flag=True, help="Read once (what is there now) and stop.")
+@json_option
+@pass_ctx
+def changes_tail(
+    ctx: Context,
+    tables: str | None,
+    cursor: str | None,
+    limit: int | None,
+    once: bool,
+    as_json: bool,
+) -> None:
+    """Follow the change feed: one line per change (--json: a JSON object), until Ctrl-C,
+    --limit or --once; then the cursor to go on from (--cursor) goes to stderr.
+
+    Reads the shard primaries directly, as GET /v1/changes does.  Without --cursor it
+    starts at the oldest change the shards keep.
+    """
+    try:
+        start = changefeed.Cursor.decode(cursor) if cursor is not None else None
+    except errors.ApiError as exc:
+        raise click.UsageError(exc.message) from exc
+    last = [start]
+
+    def show(page: changefeed.Page) -> None:
+        for change in page.changes:
+            data = change.as_json()
+            if as_json:
+                click.echo(orjson.dumps(data).decode())
+            else:
+                item = orjson.dumps(data["item"]).decode()
+                click.echo(
+                    f"{data['at']} {change.shard} {change.op} {change.table}"
+                    f" {change.pk!r}/{change.sk!r} v{change.version} {item}"
+                )
+        last[0] = page.cursor
+
+    try:
+        run(
+            changefeed.follow(
+                ctx.dsn,
+                cursor=start,
+                tables=tables.split(",") if tables else None,
+                on_page=show,
+                limit=limit,
+                once=once,
+                page_size=ctx.settings.default_page_size,
+                max_bytes=ctx.settings.max_response_bytes,
+            )
+        )
+    except KeyboardInterrupt:
+        pass
+    except errors.ApiError as exc:
+        raise click.ClickException(f"{exc.code}: {exc.message}") from exc
+    finally:
+        if last[0] is not None:
+            click.echo(f"cursor: {last[0].encode()}", err=True)
 
 
 @main.command()
@@ -615,3 +683,129 @@ def shard_remove(
 
 if __name__ == "__main__":
     main()
+
+
+# -- views --------------------------------------------------------------------------
+
+
+@main.group("views")
+def views_group() -> None:
+    """Views: denormalized copies of tables, kept current from the change logs."""
+
+
+def _with_cluster(ctx: Context, action: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
+    """Run ``action(cluster)`` on an in-process data plane over the catalog's topology."""
+    from .cluster import Cluster
+
+    async def go() -> T:
+        cluster = Cluster(ctx.settings)
+        try:
+            await cluster.start()
+            cluster.watcher.require_topology()
+            return await action(cluster)
+        finally:
+            await cluster.close()
+
+    try:
+        return run(go())
+    except errors.ApiError as exc:
+        raise click.ClickException(exc.message) from exc
+
+
+def _find_view(cluster: Any, name: str) -> Any:
+    from .views import manage
+
+    return manage.find(cluster.watcher.require_topology(), None, name)
+
+
+@views_group.command("list")
+@json_option
+@pass_ctx
+def views_list(ctx: Context, as_json: bool) -> None:
+    """Every view, its source table and state."""
+    topo = run(admin.topology(ctx.dsn))
+    data = [topo.views[name].as_json() for name in sorted(topo.views)]
+
+    def render(rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            click.echo(f"{row['name']:<32} {row['table']:<24} {row['state']}")
+
+    emit(data, as_json, render)
+
+
+@views_group.command("status")
+@click.argument("name")
+@json_option
+@pass_ctx
+def views_status(ctx: Context, name: str, as_json: bool) -> None:
+    """A view's state and its lag per source shard."""
+    from .views import manage
+
+    data = _with_cluster(ctx, lambda c: manage.status(c, _find_view(c, name)))
+
+    def render(view: dict[str, Any]) -> None:
+        click.echo(f"{view['name']} on {view['table']}: {view['state']}")
+        for shard in view["shards"]:
+            lag = "-" if shard["lag_seconds"] is None else f"{shard['lag_seconds']:.3f} s"
+            click.echo(
+                f"  {shard['shard']:<12} {shard['state']:<12} lag {lag:<10}"
+                f" last batch {shard['last_batch']}  rows applied {shard['rows_applied']}"
+            )
+
+    emit(data, as_json, render)
+
+
+def _check(ctx: Context, name: str, as_json: bool, *, repair: bool) -> None:
+    from .views import manage
+
+    report = _with_cluster(
+        ctx, lambda c: manage.verify(c, _find_view(c, name), repair=repair)
+    ).as_json()
+    differs = bool(report["missing"] or report["extra"] or report["stale"])
+
+    def render(data: dict[str, Any]) -> None:
+        click.echo(
+            f"{data['view']}: {data['checked']} rows checked, {data['missing']} missing,"
+            f" {data['extra']} extra, {data['stale']} stale"
+            + (
+                " (repaired)"
+                if repair and (data["missing"] or data["extra"] or data["stale"])
+                else ""
+            )
+        )
+
+    emit(report, as_json, render)
+    if not repair and differs:
+        raise SystemExit(1)
+
+
+@views_group.command("verify")
+@click.argument("name")
+@json_option
+@pass_ctx
+def views_verify(ctx: Context, name: str, as_json: bool) -> None:
+    """Recompute the view from its sources; exit 1 when any row is missing, extra or stale."""
+    _check(ctx, name, as_json, repair=False)
+
+
+@views_group.command("repair")
+@click.argument("name")
+@json_option
+@pass_ctx
+def views_repair(ctx: Context, name: str, as_json: bool) -> None:
+    """Write exactly the rows verify finds missing, extra or stale."""
+    _check(ctx, name, as_json, repair=True)
+
+
+@views_group.command("rebuild")
+@click.argument("name")
+@json_option
+@yes_option
+@pass_ctx
+def views_rebuild(ctx: Context, name: str, as_json: bool, yes: bool) -> None:
+    """Copy every source shard into the view again (online), then repair what is left."""
+    from .views import manage
+
+    confirm(yes, f"Rebuild view {name}?")
+    report = _with_cluster(ctx, lambda c: manage.rebuild(c, _find_view(c, name))).as_json()
+    emit(report, as_json, lambda r: click.echo(f"{r['view']}: rebuilt, {r['checked']} rows"))

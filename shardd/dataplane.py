@@ -14,11 +14,12 @@ the retry, until the request's deadline.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from . import catalog, errors, store
+from . import catalog, changelog, errors, store
 from .cache import Cache, Entry, entry_size
 from .coalesce import SingleFlight
 from .config import Settings
@@ -27,11 +28,14 @@ from .hotkeys import Reporter, Traffic
 from .placement import slot_of
 from .router import SessionToken
 from .topology import Shard, Topology
+from .views.definition import rows_table
 from .watcher import TopologyWatcher
 
 T = TypeVar("T")
 Key = tuple[str, str]  # (pk, sk)
 CACHE_NODE = "cache"  # Served.node of an answer from the item cache
+VIEW_POLL = 0.02  # seconds between looks at a view's positions while a session read waits
+VIEW_MARGIN = 0.2  # seconds of the deadline a waiting view read leaves for the read itself
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,10 @@ class DataPlane:
         )
         if cache is not None:
             cache.on_invalidate.append(self._item_reads.forget)
+        # Per source table, the largest lag of its views, and what a write to a lagging
+        # one waits for or raises (set by the view keeper; see shardd.views.keeper).
+        self.view_lags: dict[str, float] = {}
+        self.admit_write: Callable[[str, float], Awaitable[None]] | None = None
 
     # -- tables ------------------------------------------------------------------
 
@@ -223,6 +231,7 @@ class DataPlane:
                 deadline=deadline,
             )
 
+        await self._admit(table, deadline)
         if self.traffic is not None:
             slot = slot_of(pk, self.watcher.require_topology().slot_count)
             self.traffic.record(table, pk, slot, write=True)
@@ -334,6 +343,76 @@ class DataPlane:
                     topology, attempt=attempt, deadline=deadline, shard=shard.name
                 )
                 attempt += 1
+
+    # -- views -------------------------------------------------------------------
+
+    async def view_rows(
+        self,
+        *,
+        view: str,
+        pk: str,
+        prefix: str,
+        after: str | None,
+        limit: int,
+        consistency: str,
+        token: SessionToken | None,
+    ) -> tuple[list[store.Item], Served]:
+        """Rows of a view partition in row sort-key order (``prefix`` and ``after`` are
+        row sort keys, see :mod:`shardd.views.definition`).
+
+        With a session token the read first waits until the view has applied, on each
+        source shard the token names, every change that shard had committed when the
+        read began; the rows are then read from their primary.
+        """
+        if token is not None:
+            await self.view_caught_up(view, token, deadline=self.executor.deadline())
+            consistency = "strong"
+        return await self.query(
+            table=rows_table(view),
+            pk=pk,
+            prefix=prefix or None,
+            after=after,
+            limit=limit,
+            consistency=consistency,
+            token=None,
+        )
+
+    async def view_caught_up(self, view: str, token: SessionToken, *, deadline: float) -> None:
+        """Wait until ``view`` has applied every change that the token's shards had
+        committed now (so the token's writes too); 504 ``view_behind`` at the deadline."""
+        topology = self.watcher.require_topology()
+        targets: dict[str, tuple[str, str]] = {}
+        for name in token.positions:
+            shard = topology.shards.get(name)
+            if shard is not None:
+                targets[name], _ = await self.executor.read(
+                    shard,
+                    changelog.position_and_origin,
+                    consistency="strong",
+                    min_lsn=None,
+                    deadline=deadline,
+                )
+        while targets:
+            async with self.watcher.catalog_connection() as conn:
+                applied = {
+                    str(row["shard"]): (str(row["position"]), str(row["origin"]))
+                    for row in await catalog.view_positions(conn, view=view)
+                }
+            for name, (position, origin) in list(targets.items()):
+                done = applied.get(name)
+                if done is not None and done[1] == origin and changelog.covers(done[0], position):
+                    del targets[name]
+            if not targets:
+                return
+            if time.monotonic() + VIEW_POLL >= deadline - VIEW_MARGIN:
+                raise errors.ApiError(
+                    f"view {view} has not yet applied the session's writes on"
+                    f" {', '.join(sorted(targets))}",
+                    status=504,
+                    code="view_behind",
+                    headers={"Retry-After": "1"},
+                )
+            await asyncio.sleep(VIEW_POLL)
 
     # -- every shard -------------------------------------------------------------
 
@@ -458,6 +537,7 @@ class DataPlane:
         request: the caller learns which keys were written.
         """
         deadline = self.executor.deadline()
+        await self._admit(table, deadline)
         slotted = self._slotted([(pk, sk) for pk, sk, _ in puts] + list(deletes))
         self._record(table, slotted, write=True)
         docs = [doc for _, _, doc in puts]
@@ -498,6 +578,36 @@ class DataPlane:
             await self._invalidate([(table, pk, sk) for _, pk, sk in slotted])
         written.outcomes = [KeyOutcome(error=failure) if o is None else o for o in outcomes]
         return written
+
+    async def apply_view_rows(
+        self, *, table: str, rows: Sequence[tuple[str, str, Any, int]], deadline: float
+    ) -> int:
+        """Apply view rows (pk, sk, doc or None, source version) to the item table
+        ``table`` of a view, one transaction per shard; see :func:`store.view_apply`.
+        Raises the first shard's failure once every shard has been tried."""
+        slotted = self._slotted([(pk, sk) for pk, sk, _, _ in rows])
+        written = 0
+
+        async def apply(topology: Topology, shard: Shard, indexes: list[int]) -> None:
+            nonlocal written
+            ops = [store.ViewRowWrite(*slotted[i], rows[i][2], rows[i][3]) for i in indexes]
+            count, _ = await self.executor.write(
+                shard,
+                lambda conn: store.view_apply(conn, table=table, rows=ops),
+                epoch=topology.epoch,
+                deadline=deadline,
+            )
+            written += count
+
+        await self._per_shard(slotted, apply, deadline=deadline)
+        return written
+
+    async def _admit(self, table: str, deadline: float) -> None:
+        if (
+            self.admit_write is not None
+            and self.view_lags.get(table, 0.0) > self.settings.max_view_lag
+        ):
+            await self.admit_write(table, deadline)
 
     async def _invalidate(self, keys: list[tuple[str, str, str]]) -> None:
         """After writes of ``keys``: no cached value, and no read in flight before the

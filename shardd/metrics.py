@@ -111,6 +111,41 @@ CACHE_FOLLOW_FAILURES = Counter(
     "shardd_cache_follow_failures_total",
     "Rounds in which a shard's change log could not be followed (local entries dropped)",
 )
+VIEW_LAG_SECONDS = Gauge(
+    "shardd_view_lag_seconds",
+    "Age of the change-log snapshot a view has applied, per source shard",
+    ["view", "shard"],
+)
+VIEW_LAG_ENTRIES = Gauge(
+    "shardd_view_lag_entries",
+    "Changes in the last batch a view applied from a source shard",
+    ["view", "shard"],
+)
+VIEW_PROPAGATION_SECONDS = Histogram(
+    "shardd_view_propagation_seconds",
+    "From a source change being written to its view rows being applied",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+VIEW_ROWS_APPLIED = Counter(
+    "shardd_view_rows_applied_total", "View rows written or removed by maintenance", ["view"]
+)
+VIEW_ROUND_FAILURES = Counter(
+    "shardd_view_round_failures_total",
+    "Maintenance rounds of a source shard that failed (retried from the same position)",
+    ["shard"],
+)
+VIEW_BACKPRESSURE = Counter(
+    "shardd_view_backpressure_total",
+    "Writes slowed or refused because a view of their table lagged past max_view_lag",
+    ["action"],
+)
+CHANGEFEED_CHANGES = Counter(
+    "shardd_changefeed_changes_total", "Changes delivered by the change feed, by shard", ["shard"]
+)
+CHANGEFEED_CURSORS_EXPIRED = Counter(
+    "shardd_changefeed_cursors_expired_total",
+    "Change-feed reads refused because the cursor was older than what the shards keep (410)",
+)
 STALE_MAP_RETRIES = Counter(
     "shardd_stale_map_retries_total", "Operations refused by a shard for a stale map, retried"
 )

@@ -10,7 +10,8 @@ no failover work runs until the lock is won again.
 
 Leader-only housekeeping runs whether or not automatic failover is on: every shard's
 change log is trimmed once a minute and consumers that stopped advancing for
-``consumer_expiry`` are dropped; in a synchronous cluster each shard's commit mode
+``consumer_expiry`` are dropped (change-feed consumers already after
+``feed_retention_cap``); in a synchronous cluster each shard's commit mode
 follows its standbys (``degrade``: asynchronous while none streams, recorded;
 ``strict``: writes refused with ``no_sync_standby`` instead).
 
@@ -34,7 +35,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from . import admin, catalog, changelog, failover, fencing, metrics
+from . import admin, catalog, changefeed, changelog, failover, fencing, metrics
 from .config import Settings
 from .nodes import HealthMonitor
 from .topology import Shard, Topology
@@ -259,6 +260,9 @@ class Monitor:
                     await conn.execute("SET LOCAL synchronous_commit = local")
                     expired = await changelog.expire_consumers(
                         conn, idle_seconds=self.settings.consumer_expiry
+                    )
+                    expired += await changefeed.expire_consumers(
+                        conn, cap_seconds=self.settings.feed_retention_cap
                     )
                     removed = await changelog.trim(
                         conn, keep_seconds=self.settings.changelog_retention

@@ -261,3 +261,30 @@ async def unfence_table(conn: asyncpg.Connection, table: str, *, min_age: float)
 
 async def item_count(conn: asyncpg.Connection) -> int:
     return int(await conn.fetchval("SELECT count(*) FROM shardd_items"))
+
+
+@dataclass(frozen=True)
+class ViewRowWrite:
+    """One view row to apply: a put (``doc`` set) or a delete (``doc`` None), done only
+    where the stored row was built from a source version at most ``version``."""
+
+    slot: int
+    pk: str
+    sk: str
+    doc: Any
+    version: int
+
+
+async def view_apply(conn: asyncpg.Connection, *, table: str, rows: list[ViewRowWrite]) -> int:
+    """Apply view rows on one shard in one transaction (``shardd_view_apply``); returns
+    how many rows changed."""
+    row = await conn.fetchrow(
+        "CALL shardd_view_apply($1, $2::int[], $3::text[], $4::text[], $5::jsonb[], $6::bigint[])",
+        table,
+        [r.slot for r in rows],
+        [r.pk for r in rows],
+        [r.sk for r in rows],
+        [r.doc for r in rows],
+        [r.version for r in rows],
+    )
+    return int(row["written"])

@@ -68,7 +68,18 @@ async def declare(
 
 async def delete(cluster: Cluster, name: str, *, force: bool) -> None:
     """Delete a table and its items (see the module note); resumes a stopped deletion."""
-    if cluster.watcher.require_topology().tables[name].state == catalog.TABLE_ACTIVE:
+    topology = cluster.watcher.require_topology()
+    views = [
+        v.name
+        for v in topology.views.values()
+        if v.source == name or name in v.definition.join_tables()
+    ]
+    if views:
+        raise errors.Conflict(
+            f"table {name} has views ({', '.join(sorted(views))}); delete them first",
+            code="table_has_views",
+        )
+    if topology.tables[name].state == catalog.TABLE_ACTIVE:
         if not force:
             found = await cluster.data.on_every_primary(
                 lambda conn: store.table_has_items(conn, name)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from .views.definition import ViewDef
+
 
 @dataclass(frozen=True)
 class Node:
@@ -89,6 +91,34 @@ class TableInfo:
         }
 
 
+@dataclass(frozen=True)
+class ViewInfo:
+    """A view as the catalog declares it (its definition parsed)."""
+
+    definition: ViewDef
+    description: str
+    state: str  # backfilling | active | deleting
+    created_at: str
+
+    @property
+    def name(self) -> str:
+        return self.definition.name
+
+    @property
+    def source(self) -> str:
+        return self.definition.source
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "table": self.source,
+            "description": self.description,
+            **self.definition.as_json(),
+            "state": self.state,
+            "created_at": self.created_at,
+        }
+
+
 def _frozen(mapping: Mapping[str, object]) -> Mapping[str, object]:
     return MappingProxyType(dict(mapping))
 
@@ -100,10 +130,21 @@ class Topology:
     shards: Mapping[str, Shard]
     slot_map: tuple[str | None, ...]  # slot -> owning shard
     tables: Mapping[str, TableInfo] = field(default_factory=dict)
+    views: Mapping[str, ViewInfo] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shards", _frozen(self.shards))
         object.__setattr__(self, "tables", _frozen(self.tables))
+        object.__setattr__(self, "views", _frozen(self.views))
+
+    def views_of(self, table: str) -> tuple[ViewInfo, ...]:
+        """The live views whose source is ``table`` or that join it."""
+        return tuple(
+            view
+            for view in self.views.values()
+            if view.state != "deleting"
+            and (view.source == table or table in view.definition.join_tables())
+        )
 
     def shard_for_slot(self, slot: int) -> Shard | None:
         owner = self.slot_map[slot]

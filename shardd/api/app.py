@@ -22,7 +22,7 @@ from .. import errors, metrics
 from ..cluster import Cluster
 from ..config import Settings
 from ..logs import AccessLog
-from . import handlers, openapi
+from . import changes, handlers, openapi, views
 from .auth import TokenTable
 from .keys import ACCESS_LOG, CLUSTER, OPENAPI, SETTINGS, TOKENS
 
@@ -72,6 +72,8 @@ async def openapi_document(request: web.Request) -> web.Response:
 
 ITEM = "/v1/tables/{table}/items/{key:.+}"
 TABLE = "/v1/tables/{table}"
+VIEW = TABLE + "/views/{view}"
+CONSUMER = "/v1/consumers/{name}"
 
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/healthz", handlers.healthz, None, "Liveness", "plain"),
@@ -158,6 +160,58 @@ ROUTES: tuple[Route, ...] = (
         "read",
         "Every item of a table across shards in (pk, sk) order, paginated",
         "scan",
+    ),
+    Route("GET", TABLE + "/views", views.list_views, "read", "List a table's views", "list_views"),
+    Route(
+        "PUT",
+        VIEW,
+        views.put_view,
+        "admin",
+        "Declare a view of a table (re-partitioned, projected, joined); backfilled online",
+        "put_view",
+    ),
+    Route("GET", VIEW, views.get_view, "read", "Describe a view, with its lag", "get_view"),
+    Route("DELETE", VIEW, views.delete_view, "admin", "Delete a view and its rows", "delete_view"),
+    Route(
+        "GET",
+        "/v1/views/{view}/partitions/{pk}",
+        views.view_partition,
+        "read",
+        "Rows of one view partition in view sort-key order",
+        "view_partition",
+    ),
+    Route(
+        "GET",
+        "/v1/views/{view}/items/{key:.+}",
+        views.view_items,
+        "read",
+        "The rows with one view key",
+        "view_items",
+    ),
+    Route(
+        "GET",
+        "/v1/changes",
+        changes.changes,
+        "read",
+        "The change feed: item changes after a cursor, in per-key order, long-polling",
+        "changes",
+    ),
+    Route(
+        "PUT",
+        CONSUMER,
+        changes.put_consumer,
+        "write",
+        "Register a change-feed consumer or commit its cursor (holds back trimming)",
+        "put_consumer",
+    ),
+    Route("GET", CONSUMER, changes.get_consumer, "read", "A consumer's cursor", "get_consumer"),
+    Route(
+        "DELETE",
+        CONSUMER,
+        changes.delete_consumer,
+        "write",
+        "Unregister a change-feed consumer",
+        "delete_consumer",
     ),
 )
 
@@ -279,6 +333,7 @@ def make_app(settings: Settings, cluster: Cluster | None = None) -> web.Applicat
             loops.append(loop.create_task(cluster.reporter.run(), name="traffic-reports"))
         if cluster.invalidator is not None:
             loops.append(loop.create_task(cluster.invalidator.run(), name="cache-invalidation"))
+        loops.append(loop.create_task(cluster.views.run(), name="views"))
         try:
             yield
         finally:

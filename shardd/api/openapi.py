@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .. import __version__
+from .. import __version__, changefeed
 from ..config import Settings
 from ..router import CONSISTENCY_LEVELS, SESSION_TOKEN
 from . import validate
@@ -432,7 +432,250 @@ def _hotkeys(settings: Settings) -> Schema:
     return {"parameters": [limit], "responses": {"200": _json(HOT_VIEW)}}
 
 
+CONSUMER_NAME = _param(
+    "name", "path", {"type": "string", "pattern": changefeed.CONSUMER_NAME.pattern}
+)
+CURSOR: Schema = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": changefeed.MAX_CURSOR_CHARS,
+    "pattern": "^[A-Za-z0-9_-]+$",
+    "description": "opaque: a cursor the feed returned (any other is 400 bad_cursor; one"
+    " older than what the shards keep is 410 cursor_expired)",
+}
+CHANGE = {
+    "type": "object",
+    "required": ["op", "table", "pk", "sk", "version", "item", "at", "shard"],
+    "properties": {
+        "op": {"type": "string", "enum": ["put", "delete"]},
+        "table": {"type": "string"},
+        "pk": {"type": "string"},
+        "sk": {"type": "string"},
+        "version": {"type": "integer"},
+        "item": {"type": ["object", "null"], "description": "the new item; null for a delete"},
+        "at": {"type": "string", "description": "when the write's transaction started"},
+        "shard": {"type": "string"},
+    },
+}
+CONSUMER = {
+    "type": "object",
+    "required": ["name", "cursor", "created_at", "updated_at"],
+    "properties": {
+        "name": {"type": "string"},
+        "cursor": {"type": "string"},
+        "created_at": {"type": "string"},
+        "updated_at": {"type": "string"},
+    },
+}
+
+
+def _changes(settings: Settings) -> Schema:
+    table = validate.TABLE_NAME.pattern.strip("^$")
+    tables = {
+        "type": "string",
+        "pattern": f"^{table}(,{table}){{0,{changefeed.MAX_TABLES - 1}}}$",
+        "description": "comma-separated declared tables (default: every table)",
+    }
+    return {
+        "parameters": [
+            _param("tables", "query", tables),
+            _param("cursor", "query", CURSOR),
+            _limit(settings),
+            _param(
+                "wait",
+                "query",
+                {
+                    "type": "integer",
+                    "minimum": 0,
+                    "maximum": changefeed.MAX_WAIT,
+                    "description": "seconds to wait for a change when there is none",
+                },
+            ),
+        ],
+        "responses": {
+            "200": _json(
+                {
+                    "type": "object",
+                    "required": ["changes", "cursor", "more"],
+                    "properties": {
+                        "changes": {"type": "array", "items": CHANGE},
+                        "cursor": {"type": "string"},
+                        "more": {"type": "boolean"},
+                    },
+                }
+            )
+        },
+    }
+
+
+def _put_consumer(settings: Settings) -> Schema:
+    return {
+        "parameters": [CONSUMER_NAME],
+        "requestBody": _body(
+            {"type": "object", "additionalProperties": False, "properties": {"cursor": CURSOR}},
+            required=False,
+        ),
+        "responses": {
+            "200": _json(CONSUMER, "Cursor committed"),
+            "201": _json(CONSUMER, "Registered"),
+        },
+    }
+
+
+def _get_consumer(settings: Settings) -> Schema:
+    return {"parameters": [CONSUMER_NAME], "responses": {"200": _json(CONSUMER)}}
+
+
+def _delete_consumer(settings: Settings) -> Schema:
+    return {"parameters": [CONSUMER_NAME], "responses": {"204": {"description": "Deleted"}}}
+
+
+VIEW_NAME = _param("view", "path", {"type": "string", "pattern": validate.TABLE_NAME.pattern})
+PATH = {"type": "string", "pattern": "^\\$(\\.[A-Za-z0-9_-]{1,64})*$"}
+VIEW_FIELDS = {
+    "type": "object",
+    "minProperties": 1,
+    "maxProperties": 64,
+    "propertyNames": {"pattern": "^[A-Za-z0-9_-]{1,64}$"},
+    "additionalProperties": PATH,
+}
+VIEW_SPEC = {
+    "type": "object",
+    "required": ["key"],
+    "additionalProperties": False,
+    "properties": {
+        "description": {"type": "string", "maxLength": 1000, "pattern": NO_NUL},
+        "key": {
+            "type": "object",
+            "required": ["pk"],
+            "additionalProperties": False,
+            "properties": {"pk": PATH, "sk": PATH},
+        },
+        "fields": VIEW_FIELDS,
+        "join": {
+            "type": "array",
+            "maxItems": 8,
+            "items": {
+                "type": "object",
+                "required": ["table", "fields"],
+                "additionalProperties": False,
+                "properties": {
+                    "table": {"type": "string", "pattern": validate.TABLE_NAME.pattern},
+                    "sk": {"type": "string", "maxLength": 1024, "pattern": NO_NUL},
+                    "fields": VIEW_FIELDS,
+                },
+            },
+        },
+        "where": {
+            "type": "object",
+            "required": ["path"],
+            "additionalProperties": False,
+            "properties": {"path": PATH, "equals": {}, "exists": {"type": "boolean"}},
+            "oneOf": [{"required": ["equals"]}, {"required": ["exists"]}],
+        },
+    },
+}
+VIEW_INFO = {
+    "type": "object",
+    "required": ["name", "table", "key", "state"],
+    "properties": {
+        "name": {"type": "string"},
+        "table": {"type": "string"},
+        "description": {"type": "string"},
+        "key": {"type": "object"},
+        "fields": {"type": "object"},
+        "join": {"type": "array"},
+        "where": {"type": "object"},
+        "state": {"type": "string", "enum": ["backfilling", "active", "deleting"]},
+        "lag_seconds": {"type": ["number", "null"]},
+        "shards": {"type": "array", "items": PLAIN},
+        "created_at": {"type": "string"},
+    },
+}
+VIEW_ROW = {
+    "type": "object",
+    "required": ["pk", "sk", "item", "source"],
+    "properties": {
+        "pk": {"type": "string"},
+        "sk": {"type": "string"},
+        "item": {"type": "object"},
+        "source": {
+            "type": "object",
+            "required": ["table", "pk", "sk", "version"],
+            "properties": {
+                "table": {"type": "string"},
+                "pk": {"type": "string"},
+                "sk": {"type": "string"},
+                "version": {"type": "integer"},
+            },
+        },
+    },
+}
+
+
+def _put_view(settings: Settings) -> Schema:
+    return {
+        "parameters": [TABLE, VIEW_NAME],
+        "requestBody": _body(VIEW_SPEC),
+        "responses": {"200": _json(VIEW_INFO, "Unchanged"), "201": _json(VIEW_INFO, "Created")},
+    }
+
+
+def _get_view(settings: Settings) -> Schema:
+    return {"parameters": [TABLE, VIEW_NAME], "responses": {"200": _json(VIEW_INFO)}}
+
+
+def _delete_view(settings: Settings) -> Schema:
+    return {"parameters": [TABLE, VIEW_NAME], "responses": {"204": {"description": "Deleted"}}}
+
+
+def _list_views(settings: Settings) -> Schema:
+    listing = {
+        "type": "object",
+        "required": ["views"],
+        "properties": {"views": {"type": "array", "items": VIEW_INFO}},
+    }
+    return {"parameters": [TABLE], "responses": {"200": _json(listing)}}
+
+
+def _view_read(*, exact: bool) -> Callable[[Settings], Schema]:
+    def build(settings: Settings) -> Schema:
+        extra = [] if exact else [_param("prefix", "query", _key(settings, empty=True))]
+        return {
+            "parameters": [
+                VIEW_NAME,
+                *_keys(settings),
+                CONSISTENCY,
+                SESSION,
+                _param("wait_for", "query", {"type": "string", "pattern": SESSION_TOKEN.pattern}),
+                _limit(settings),
+                *extra,
+                _param("after", "query", {"type": "string", "pattern": "^[A-Za-z0-9_-]*$"}),
+            ],
+            "responses": {
+                "200": _json(
+                    {
+                        "type": "object",
+                        "required": ["items", "next"],
+                        "properties": {
+                            "items": {"type": "array", "items": VIEW_ROW},
+                            "next": {"type": ["string", "null"]},
+                        },
+                    }
+                )
+            },
+        }
+
+    return build
+
+
 OPERATIONS: dict[str, Operation] = {
+    "list_views": Operation(_list_views, errors=TABLE_ROUTE),
+    "put_view": Operation(_put_view, errors=(*TABLE_ROUTE, 409, 413)),
+    "get_view": Operation(_get_view, errors=TABLE_ROUTE),
+    "delete_view": Operation(_delete_view, errors=(*TABLE_ROUTE, 409)),
+    "view_partition": Operation(_view_read(exact=False), errors=TABLE_ROUTE),
+    "view_items": Operation(_view_read(exact=True), errors=TABLE_ROUTE),
     "hotkeys": Operation(_hotkeys, errors=(400, 503, 504)),
     "plain": Operation(_plain),
     "readiness": Operation(_readiness, errors=(503,)),
@@ -449,6 +692,10 @@ OPERATIONS: dict[str, Operation] = {
     "scan": Operation(_scan, errors=(*TABLE_ROUTE, 409)),
     "batch_get": Operation(_batch_get, errors=(*TABLE_ROUTE, 409, 413)),
     "batch_write": Operation(_batch_write, errors=(*TABLE_ROUTE, 409, 413)),
+    "changes": Operation(_changes, errors=(*TABLE_ROUTE, 410)),
+    "put_consumer": Operation(_put_consumer, errors=(400, 410, 413, 503, 504)),
+    "get_consumer": Operation(_get_consumer, errors=(400, 404, 503, 504)),
+    "delete_consumer": Operation(_delete_consumer, errors=(400, 404, 503, 504)),
 }
 
 
