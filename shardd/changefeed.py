@@ -25,9 +25,11 @@ of a slot that another shard of the round owns is delivered before that owner's 
 writes committed between it and the freeze, so a slot that two shards' snapshots both
 show ``owned`` holds back the shards whose batches touch it until the next round
 (nothing of theirs is delivered, their positions stay).  Per-key order therefore holds
-across any single move of a key's slot between two rounds; a slot that moved twice
-within one round (A to B to C, or out and back) has its old shards' batches delivered in
-shard-name order, which may put B's changes before A's: versions tell the order then.
+across any single move of a key's slot between two rounds.  A slot that moved more than
+once within one round (A to B to C; or out and back, where A's one batch holds both its
+periods and comes after B's) may have its changes out of order across those moves:
+versions tell the order then.  (Splitting such a batch at each move's final source
+position, recorded with the move, would lift this.)
 
 **Guarantees.**  At least once: a change is delivered again when a client resumes from
 an older cursor, and after a failover.  Never a skip: a shard missing from the cursor
