@@ -41,7 +41,7 @@ async def load_topology(conn: asyncpg.Connection) -> Topology:
             " FROM shardd_tables"
         )
         view_rows = await conn.fetch(
-            "SELECT name, source, definition::text, description, state, created_at"
+            "SELECT name, source, definition::text, description, state, created_at, generation"
             " FROM shardd_views"
         )
     nodes: dict[str, list[Node]] = {}
@@ -80,6 +80,7 @@ async def load_topology(conn: asyncpg.Connection) -> Topology:
             row["description"],
             row["state"],
             row["created_at"].isoformat(),
+            row["generation"],
         )
         for row in view_rows
     }
@@ -316,7 +317,7 @@ async def view_positions(
     """Each (view, source shard) position with its lag in seconds (the age of the
     snapshot it has applied up to)."""
     rows = await conn.fetch(
-        "SELECT view, shard, position, origin, last_batch, applied, taken_at,"
+        "SELECT view, shard, position, origin, replaced, last_batch, applied, taken_at,"
         " extract(epoch FROM now() - taken_at)::float8 AS lag_seconds"
         " FROM shardd_view_positions WHERE $1::text IS NULL OR view = $1 ORDER BY view, shard",
         view,

@@ -69,6 +69,7 @@ import asyncpg
 import orjson
 
 from . import errors, metrics
+from .changelog import start_at
 from .topology import Shard, Topology
 
 POLL_INTERVAL = 0.1  # seconds between rounds while a long poll waits for a change
@@ -95,11 +96,6 @@ class BadCursor(errors.BadRequest):
 def xmin(snapshot: str) -> int:
     """The lowest transaction id not visible in a snapshot (every lower one is)."""
     return int(snapshot.split(":", 1)[0])
-
-
-def start_at(txid: int) -> str:
-    """A position before every transaction from ``txid`` on (and after all before it)."""
-    return f"{txid}:{txid}:"
 
 
 # -- the cursor -----------------------------------------------------------------------

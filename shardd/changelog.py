@@ -195,9 +195,33 @@ def _parse_snapshot(text: str) -> tuple[int, int, frozenset[int]]:
     return int(xmin), int(xmax), frozenset(int(x) for x in xip.split(",") if x)
 
 
+# A position may hold a round still being read in parts: "<from>|<to>|<last seq read>"
+# (every entry of the transactions visible in <to> but not in <from> up to that
+# sequence number is read).  It covers <from> only.
+ROUND = "|"
+
+
+def open_round(start: str, end: str, seq: int) -> str:
+    return f"{start}{ROUND}{end}{ROUND}{seq}"
+
+
+def parse_position(position: str) -> tuple[str, str | None, int]:
+    """(snapshot read up to, the round's end or None, the last sequence number read)."""
+    if ROUND not in position:
+        return position, None, 0
+    start, end, seq = position.split(ROUND)
+    return start, end, int(seq)
+
+
+def start_at(txid: int) -> str:
+    """A position before every transaction from ``txid`` on (and after all before it)."""
+    return f"{txid}:{txid}:"
+
+
 def covers(position: str, other: str) -> bool:
     """Whether every transaction visible in snapshot ``other`` is visible in
     ``position`` too (both of one shard's history)."""
+    position = parse_position(position)[0]
     _, a_xmax, a_xip = _parse_snapshot(position)
     _, b_xmax, b_xip = _parse_snapshot(other)
     if a_xmax < b_xmax and (
@@ -216,6 +240,24 @@ _ORIGIN = (
 async def position_and_origin(conn: asyncpg.Connection) -> tuple[str, str]:
     row = await conn.fetchrow(f"SELECT pg_current_snapshot()::text AS p, {_ORIGIN} AS o")
     return str(row["p"]), str(row["o"])
+
+
+async def retained_start(conn: asyncpg.Connection) -> str:
+    """A position before every entry this shard's log still holds (and after every
+    entry it trimmed): where a reader whose own position cannot be trusted goes on."""
+    first = await conn.fetchval(
+        "SELECT greatest(least((SELECT min(txid)::text::bigint FROM shardd_changes),"
+        " pg_snapshot_xmin(pg_current_snapshot())::text::bigint),"
+        " (SELECT trimmed_to::text::bigint + 1 FROM shardd_changes_horizon))::text"
+    )
+    return start_at(int(first))
+
+
+async def trimmed_past(conn: asyncpg.Connection, position: str) -> bool:
+    """Whether the log has lost entries a reader at ``position`` has not read."""
+    horizon = await conn.fetchval("SELECT trimmed_to::text FROM shardd_changes_horizon")
+    snapshot = parse_position(position)[0]
+    return horizon is not None and int(horizon) >= int(snapshot.split(":", 1)[0])
 
 
 async def origin(conn: asyncpg.Connection) -> str:

@@ -119,9 +119,10 @@ class Settings:
         0.1, "Seconds between view-maintenance rounds of a followed source shard."
     )
     view_lease: float = _setting(
-        3.0,
+        5.0,
         "Seconds an instance's hold on a source shard's view maintenance lasts unless "
-        "renewed; another instance takes over a dead one's shards within about this long.",
+        "renewed; another instance takes over a dead one's shards within about this long. "
+        "Applies stop statement_timeout + 0.5 s before it ends, so it must be longer.",
     )
     view_backfill_timeout: float = _setting(
         600.0, "Deadline in seconds of copying one source shard into a new view."

@@ -758,24 +758,22 @@ def views_status(ctx: Context, name: str, as_json: bool) -> None:
 def _check(ctx: Context, name: str, as_json: bool, *, repair: bool) -> None:
     from .views import manage
 
-    report = _with_cluster(
-        ctx, lambda c: manage.verify(c, _find_view(c, name), repair=repair)
-    ).as_json()
-    differs = bool(report["missing"] or report["extra"] or report["stale"])
+    found = _with_cluster(ctx, lambda c: manage.verify(c, _find_view(c, name), repair=repair))
+    report = found.as_json()
 
     def render(data: dict[str, Any]) -> None:
         click.echo(
             f"{data['view']}: {data['checked']} rows checked, {data['missing']} missing,"
             f" {data['extra']} extra, {data['stale']} stale"
-            + (
-                " (repaired)"
-                if repair and (data["missing"] or data["extra"] or data["stale"])
-                else ""
-            )
+            + (" (repaired)" if repair and not found.clean else "")
         )
 
     emit(report, as_json, render)
-    if not repair and differs:
+    # The first rows of each kind, for a look (view pk, row sort key), on stderr.
+    for kind in ("missing", "extra", "stale"):
+        for pk, sk in getattr(found, kind)[:5]:
+            click.echo(f"{kind}: {pk!r} {sk!r}", err=True)
+    if not repair and not found.clean:
         raise SystemExit(1)
 
 

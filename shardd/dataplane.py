@@ -17,6 +17,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, TypeVar
 
 from . import catalog, changelog, errors, store
@@ -28,7 +29,6 @@ from .hotkeys import Reporter, Traffic
 from .placement import slot_of
 from .router import SessionToken
 from .topology import Shard, Topology
-from .views.definition import rows_table
 from .watcher import TopologyWatcher
 
 T = TypeVar("T")
@@ -45,6 +45,19 @@ class KeyOutcome:
 
     version: int | None = None
     error: errors.ApiError | None = None
+
+
+@dataclass(frozen=True)
+class ViewRowWrite:
+    """One row of a view to write: a put (``doc`` set) or a removal (``doc`` None), done
+    where the stored row was built from source version ``version`` or an older one, or
+    in any case with ``force``."""
+
+    pk: str
+    sk: str
+    doc: Any
+    version: int
+    force: bool = False
 
 
 @dataclass
@@ -81,10 +94,11 @@ class DataPlane:
         )
         if cache is not None:
             cache.on_invalidate.append(self._item_reads.forget)
-        # Per source table, the largest lag of its views, and what a write to a lagging
-        # one waits for or raises (set by the view keeper; see shardd.views.keeper).
-        self.view_lags: dict[str, float] = {}
-        self.admit_write: Callable[[str, float], Awaitable[None]] | None = None
+        # Per source table and shard, the largest lag of the table's views there, and
+        # what a write to a lagging one waits for or raises (set by the view keeper; see
+        # shardd.views.keeper).
+        self.view_lags: dict[tuple[str, str], float] = {}  # (table, shard) -> seconds
+        self.admit_write: Callable[[str, str, float], Awaitable[None]] | None = None
 
     # -- tables ------------------------------------------------------------------
 
@@ -231,7 +245,7 @@ class DataPlane:
                 deadline=deadline,
             )
 
-        await self._admit(table, deadline)
+        await self._admit(table, [pk], deadline)
         if self.traffic is not None:
             slot = slot_of(pk, self.watcher.require_topology().slot_count)
             self.traffic.record(table, pk, slot, write=True)
@@ -350,6 +364,7 @@ class DataPlane:
         self,
         *,
         view: str,
+        table: str,
         pk: str,
         prefix: str,
         after: str | None,
@@ -357,8 +372,9 @@ class DataPlane:
         consistency: str,
         token: SessionToken | None,
     ) -> tuple[list[store.Item], Served]:
-        """Rows of a view partition in row sort-key order (``prefix`` and ``after`` are
-        row sort keys, see :mod:`shardd.views.definition`).
+        """Rows of a view partition (kept in the item table ``table``) in row sort-key
+        order (``prefix`` and ``after`` are row sort keys, see
+        :mod:`shardd.views.definition`).
 
         With a session token the read first waits until the view has applied, on each
         source shard the token names, every change that shard had committed when the
@@ -368,7 +384,7 @@ class DataPlane:
             await self.view_caught_up(view, token, deadline=self.executor.deadline())
             consistency = "strong"
         return await self.query(
-            table=rows_table(view),
+            table=table,
             pk=pk,
             prefix=prefix or None,
             after=after,
@@ -537,8 +553,8 @@ class DataPlane:
         request: the caller learns which keys were written.
         """
         deadline = self.executor.deadline()
-        await self._admit(table, deadline)
         slotted = self._slotted([(pk, sk) for pk, sk, _ in puts] + list(deletes))
+        await self._admit(table, [pk for _, pk, _ in slotted], deadline)
         self._record(table, slotted, write=True)
         docs = [doc for _, _, doc in puts]
         outcomes: list[KeyOutcome | None] = [None] * len(slotted)
@@ -580,20 +596,28 @@ class DataPlane:
         return written
 
     async def apply_view_rows(
-        self, *, table: str, rows: Sequence[tuple[str, str, Any, int]], deadline: float
+        self,
+        *,
+        table: str,
+        rows: Sequence[ViewRowWrite],
+        deadline: float,
+        not_after: datetime | None = None,
     ) -> int:
-        """Apply view rows (pk, sk, doc or None, source version) to the item table
-        ``table`` of a view, one transaction per shard; see :func:`store.view_apply`.
-        Raises the first shard's failure once every shard has been tried."""
-        slotted = self._slotted([(pk, sk) for pk, sk, _, _ in rows])
+        """Apply view rows to the item table ``table`` of a view, one transaction per
+        shard (see :func:`store.view_apply`), refused past ``not_after`` (a maintainer's
+        lease).  Raises the first shard's failure once every shard has been tried."""
+        slotted = self._slotted([(r.pk, r.sk) for r in rows])
         written = 0
 
         async def apply(topology: Topology, shard: Shard, indexes: list[int]) -> None:
             nonlocal written
-            ops = [store.ViewRowWrite(*slotted[i], rows[i][2], rows[i][3]) for i in indexes]
+            ops = [
+                store.ViewRowWrite(*slotted[i], rows[i].doc, rows[i].version, rows[i].force)
+                for i in indexes
+            ]
             count, _ = await self.executor.write(
                 shard,
-                lambda conn: store.view_apply(conn, table=table, rows=ops),
+                lambda conn: store.view_apply(conn, table=table, rows=ops, not_after=not_after),
                 epoch=topology.epoch,
                 deadline=deadline,
             )
@@ -602,12 +626,16 @@ class DataPlane:
         await self._per_shard(slotted, apply, deadline=deadline)
         return written
 
-    async def _admit(self, table: str, deadline: float) -> None:
-        if (
-            self.admit_write is not None
-            and self.view_lags.get(table, 0.0) > self.settings.max_view_lag
-        ):
-            await self.admit_write(table, deadline)
+    async def _admit(self, table: str, pks: Sequence[str], deadline: float) -> None:
+        """Back-pressure: wait for (or refuse) a write while a view of ``table`` lags
+        on a shard the write goes to."""
+        if self.admit_write is None or not self.view_lags:
+            return
+        topology = self.watcher.require_topology()
+        limit = self.settings.max_view_lag
+        for shard in {topology.slot_map[slot_of(pk, topology.slot_count)] for pk in pks}:
+            if shard is not None and self.view_lags.get((table, shard), 0.0) > limit:
+                await self.admit_write(table, shard, deadline)
 
     async def _invalidate(self, keys: list[tuple[str, str, str]]) -> None:
         """After writes of ``keys``: no cached value, and no read in flight before the

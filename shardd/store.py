@@ -10,6 +10,7 @@ behind the caller's session.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -266,25 +267,40 @@ async def item_count(conn: asyncpg.Connection) -> int:
 @dataclass(frozen=True)
 class ViewRowWrite:
     """One view row to apply: a put (``doc`` set) or a delete (``doc`` None), done only
-    where the stored row was built from a source version at most ``version``."""
+    where the stored row was built from a source version at most ``version`` (any, with
+    ``force``)."""
 
     slot: int
     pk: str
     sk: str
     doc: Any
     version: int
+    force: bool = False
 
 
-async def view_apply(conn: asyncpg.Connection, *, table: str, rows: list[ViewRowWrite]) -> int:
-    """Apply view rows on one shard in one transaction (``shardd_view_apply``); returns
-    how many rows changed."""
+async def view_apply(
+    conn: asyncpg.Connection,
+    *,
+    table: str,
+    rows: list[ViewRowWrite],
+    not_after: datetime | None = None,
+) -> int:
+    """Apply view rows on one shard in one transaction (``shardd_view_apply``), refused
+    (SQLSTATE SD020) after ``not_after``; returns how many rows changed.  Rows are sent
+    in key order, the last of two for one key kept, so that two appliers lock rows in
+    the same order."""
+    unique = {(r.slot, r.pk, r.sk): r for r in rows}
+    ordered = [unique[key] for key in sorted(unique)]
     row = await conn.fetchrow(
-        "CALL shardd_view_apply($1, $2::int[], $3::text[], $4::text[], $5::jsonb[], $6::bigint[])",
+        "CALL shardd_view_apply($1, $2::int[], $3::text[], $4::text[], $5::jsonb[],"
+        " $6::bigint[], $7::bool[], $8)",
         table,
-        [r.slot for r in rows],
-        [r.pk for r in rows],
-        [r.sk for r in rows],
-        [r.doc for r in rows],
-        [r.version for r in rows],
+        [r.slot for r in ordered],
+        [r.pk for r in ordered],
+        [r.sk for r in ordered],
+        [r.doc for r in ordered],
+        [r.version for r in ordered],
+        [r.force for r in ordered],
+        not_after,
     )
     return int(row["written"])

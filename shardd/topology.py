@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from .views.definition import ViewDef
+from .views.definition import ViewDef, rows_table
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,12 @@ class ViewInfo:
     description: str
     state: str  # backfilling | active | deleting
     created_at: str
+    generation: int = 0
+
+    @property
+    def rows_table(self) -> str:
+        """The internal item table of this declaration's rows."""
+        return rows_table(self.name, self.generation)
 
     @property
     def name(self) -> str:

@@ -9,6 +9,15 @@ CREATE TABLE shardd_views (
     -- active: every source shard is followed; deleting: rows are being removed.
     state       text NOT NULL DEFAULT 'backfilling'
                 CHECK (state IN ('backfilling', 'active', 'deleting')),
+    -- Each declaration gets a generation of its own, which names the item table of its
+    -- rows (~v:<name>:<generation>): rows an old maintainer writes late for a view that
+    -- was deleted and declared again land in the old table, never in the new one.
+    generation  bigserial,
+    -- The slots the view's copies have read (each copy reads the slots its shard
+    -- answers for then).  The view turns active only once they are every slot: a copy
+    -- on a move's target before the flip and one on its source after it both leave the
+    -- moved slots out, and the shard that owns them now copies them again.
+    covered     integer[] NOT NULL DEFAULT '{}',
     created_at  timestamptz NOT NULL DEFAULT now(),
     updated_at  timestamptz NOT NULL DEFAULT now()
 );
@@ -22,6 +31,10 @@ CREATE TABLE shardd_view_positions (
     shard       text NOT NULL,
     position    text NOT NULL,
     origin      text NOT NULL,
+    -- While the shard's log is read again after a promotion: the position it had on the
+    -- old history.  Changes of slots the shard no longer answers for that it had seen
+    -- were applied then (their keys moved on elsewhere) and are not applied again.
+    replaced    text,
     taken_at    timestamptz NOT NULL,
     last_batch  integer NOT NULL DEFAULT 0,
     applied     bigint NOT NULL DEFAULT 0,
@@ -35,4 +48,11 @@ CREATE TABLE shardd_view_leases (
     shard       text PRIMARY KEY,
     holder      text NOT NULL,
     expires_at  timestamptz NOT NULL
+);
+
+-- Instances that take part in view maintenance, with when each was last seen: the
+-- source shards are shared out among the ones seen within a lease.
+CREATE TABLE shardd_view_keepers (
+    instance    text PRIMARY KEY,
+    seen_at     timestamptz NOT NULL DEFAULT now()
 );

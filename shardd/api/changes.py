@@ -123,7 +123,7 @@ async def put_consumer(request: web.Request) -> web.Response:
     if set(spec) - {"cursor"}:
         raise errors.BadRequest('the body is {"cursor": "..."}', code="invalid_consumer")
     raw = spec.get("cursor")
-    if raw is not None and not isinstance(raw, str):
+    if "cursor" in spec and not isinstance(raw, str):
         raise changefeed.BadCursor("cursor must be a string (a cursor the feed returned)")
     # Positions the feed would read from: a shard the cursor lacks starts at the start
     # of what it retains; an expired cursor is refused (410) before anything is written.

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from .. import __version__, changefeed
 from ..config import Settings
 from ..router import CONSISTENCY_LEVELS, SESSION_TOKEN
+from ..views.definition import MAX_JOIN_SK
 from . import validate
 
 if TYPE_CHECKING:
@@ -561,7 +562,7 @@ VIEW_SPEC = {
                 "additionalProperties": False,
                 "properties": {
                     "table": {"type": "string", "pattern": validate.TABLE_NAME.pattern},
-                    "sk": {"type": "string", "maxLength": 1024, "pattern": NO_NUL},
+                    "sk": {"type": "string", "maxLength": MAX_JOIN_SK, "pattern": NO_NUL},
                     "fields": VIEW_FIELDS,
                 },
             },

@@ -52,6 +52,14 @@ async def _view(request: web.Request, *, table: str | None) -> Any:
     return manage.find(cluster.watcher.require_topology(), table, name)
 
 
+async def _readable_view(request: web.Request) -> Any:
+    """The view named in the path for reading its rows: 404 while it is being deleted."""
+    view = await _view(request, table=None)
+    if view.state == "deleting":
+        raise errors.NotFound(f"view {view.name} is being deleted", code="view_not_found")
+    return view
+
+
 async def put_view(request: web.Request) -> web.Response:
     cluster, settings = _ctx(request)
     table = await _declared_table(request)
@@ -117,12 +125,13 @@ async def _rows(
     request: web.Request, *, pk: str, prefix: str, limit: int
 ) -> tuple[list[Any], Any, bool]:
     cluster, settings = _ctx(request)
-    view = await _view(request, table=None)
+    view = await _readable_view(request)
     token = _wait_token(request)
     consistency = _consistency(request, token)
     after = _cursor(request.query.get("after"), max_bytes=settings.max_key_bytes)
     items, served = await cluster.data.view_rows(
         view=view.name,
+        table=view.rows_table,
         pk=pk,
         prefix=prefix,
         after=after,

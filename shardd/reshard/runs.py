@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from .. import admin, catalog, fencing, hotkeys
+from .. import admin, catalog, changelog, fencing, hotkeys
 from ..placement import slot_of
 from ..topology import Topology
+from ..views import progress
 from .jobs import Move, Phase, create_run, finish_runs, list_moves
 from .mover import Mover
 from .plan import MoveError, PlannedMove, plan, plan_by_load
@@ -293,5 +294,24 @@ async def remove_shard(
         mover, group_slots=group_slots, max_parallel=max_parallel, reason=f"remove {name}"
     )
     async with admin.connect(mover.catalog_dsn) as cat:
+        await _views_done_with(cat, name, within=mover.catch_up_timeout)
         await catalog.remove_shard(cat, name)
     return moves
+
+
+async def _views_done_with(cat: asyncpg.Connection, name: str, *, within: float) -> None:
+    """Before a shard goes: every view has applied its change log to the end (its
+    slots are gone, so nothing more is written there)."""
+    topology = await catalog.load_topology(cat)
+    shard = topology.shards.get(name)
+    if shard is None or shard.primary is None:
+        return
+    async with admin.connect(shard.primary.dsn()) as conn:
+        now = await changelog.position(conn)
+    late = await progress.wait_applied(cat, name, now, within=within)
+    if late:
+        raise MoveError(
+            f"views {', '.join(late)} have not applied {name}'s last changes within"
+            f" {within:.0f}s (is view maintenance running?); {name} is kept, without"
+            " slots; run the removal again"
+        )

@@ -14,6 +14,7 @@ view sort key is a prefix of the row's sort key.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,21 +22,22 @@ from typing import Any
 
 import orjson
 
-from ..errors import BadRequest
+from ..errors import BadRequest, NotFound
 
 ROWS_PREFIX = "~v:"  # item tables of views; user table names cannot start with "~"
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_FIELDS = 64
 MAX_JOINS = 8
+MAX_JOIN_SK = 1024  # characters
 # Row sort keys: "\x01" is escaped as "\x01\x02" and parts are joined by "\x01\x01", so
 # the separator sorts below every character a key can hold and escaping keeps prefixes.
 _ESC = "\x01"
 _SEP = "\x01\x01"
 
 
-def rows_table(view: str) -> str:
-    """The internal item table that holds ``view``'s rows."""
-    return ROWS_PREFIX + view
+def rows_table(view: str, generation: int) -> str:
+    """The internal item table that holds the rows of one declaration of ``view``."""
+    return f"{ROWS_PREFIX}{view}:{generation}"
 
 
 def is_internal(table: str) -> bool:
@@ -50,8 +52,18 @@ def _unescape(part: str) -> str:
     return part.replace(_ESC + "\x02", _ESC)
 
 
-def row_sk(vsk: str, pk: str, sk: str) -> str:
-    return _SEP.join((_escape(vsk), _escape(pk), _escape(sk)))
+HASHED = "\x02#"  # the source-key part of a row sort key that would be too long
+
+
+def row_sk(vsk: str, pk: str, sk: str, *, max_bytes: int = 1024) -> str:
+    """The row's sort key; when the whole would exceed ``max_bytes`` (item keys have the
+    same bound, which keeps index entries within Postgres's limit), the source key is
+    replaced by its digest (the row still says which item it comes from)."""
+    full = _SEP.join((_escape(vsk), _escape(pk), _escape(sk)))
+    if len(full.encode()) <= max_bytes:
+        return full
+    digest = hashlib.sha256(f"{pk}\x00{sk}".encode()).hexdigest()
+    return _SEP.join((_escape(vsk), HASHED + digest, ""))
 
 
 def sk_prefix(vsk_prefix: str) -> str:
@@ -210,11 +222,16 @@ def parse(name: str, source: str, spec: Mapping[str, Any], *, tables: Mapping[st
                 code="invalid_view",
             )
         table = join["table"]
-        if not isinstance(table, str) or table not in tables or is_internal(table):
-            raise BadRequest(f"{what}: no table named {table!r}", code="unknown_table")
+        if not isinstance(table, str) or is_internal(table):
+            raise BadRequest(f"{what}.table must be a table name", code="invalid_view")
+        if table not in tables:
+            raise NotFound(f"{what}: no table named {table}", code="unknown_table")
         join_sk = join.get("sk", "")
-        if not isinstance(join_sk, str) or "\x00" in join_sk or len(join_sk.encode()) > 1024:
-            raise BadRequest(f"{what}.sk must be a key string", code="invalid_view")
+        if not isinstance(join_sk, str) or "\x00" in join_sk or len(join_sk) > MAX_JOIN_SK:
+            raise BadRequest(
+                f"{what}.sk must be a string of at most {MAX_JOIN_SK} characters",
+                code="invalid_view",
+            )
         join_fields = _fields(join["fields"], what=f"{what}.fields")
         clash = taken & {name for name, _ in join_fields}
         if clash:
@@ -295,10 +312,11 @@ def row_key(
     vsk = ""
     if view.sk is not None:
         found = _key_text(lookup(doc, view.sk))
-        if found is None or len(found.encode()) > max_key_bytes or "\x00" in found:
+        # Room is left for the separators and a digest of the source key.
+        if found is None or len(_escape(found).encode()) > max_key_bytes - 72 or "\x00" in found:
             return None
         vsk = found
-    return vpk, row_sk(vsk, pk, sk)
+    return vpk, row_sk(vsk, pk, sk, max_bytes=max_key_bytes)
 
 
 def project(

@@ -1,39 +1,46 @@
 """View maintenance: every source shard's change log applied to the views' rows.
 
-One instance at a time follows a source shard (a lease row in the catalog, renewed every
-round; another instance takes it once it lapses).  A round on a followed shard:
+The source shards are shared out among the instances that keep views: each takes a
+lease (a row in the catalog, renewed every round) on up to its fair share, gives back
+what is over it when another instance joins, and takes lapsed leases of a dead one.  A
+round on a shard held:
 
 1. lists the views' source tables on the shard (``shardd_add_view_source``), so the
    change log keeps the document each change replaced, and registers the change-log
    consumer ``views`` so trimming keeps what the views have not applied;
-2. backfills views that have no position on the shard (new views, a new shard, a
-   position from another history): one repeatable-read transaction reads the source
+2. backfills views that have no position on the shard (a new view, a new shard, a
+   position the log was trimmed past): one repeatable-read transaction reads the source
    items and their joined items, their rows are applied, and the transaction's
    snapshot becomes the position;
-3. reads, in one repeatable-read transaction, the changes visible in a new snapshot but
-   not in each view's position (PgQ batches: never skipping a late commit), together
-   with the joined items of the changed keys and the dependents of changed joined
-   items, as of that snapshot;
-4. applies the rows (puts and removals of rows under old view keys) through the fenced
-   write path, each shard's share in one transaction, never replacing a row built from
-   a newer source version (``shardd_view_apply``);
-5. records the new position (only while still holding the lease) and moves the
+3. reads the next batch: the changes visible in a new snapshot but not in each view's
+   position (PgQ batches: a late commit is in the batch in which it becomes visible,
+   never skipped), at most ``BATCH`` of them in sequence order; a round larger than
+   that stays open in the position (``changelog.open_round``) and is read on in parts;
+   with them, the joined items of the changed keys and the dependents of changed joined
+   items, as of the batch's snapshot;
+4. applies the rows (puts, and removals of rows under old view keys) through the fenced
+   write path, each shard's share in one transaction (``shardd_view_apply``) that never
+   replaces a row built from a newer source version and is refused once this
+   instance's lease has run out (so a maintainer that stopped past its lease cannot
+   land a stale apply after another took over);
+5. records the new position, only while still holding the lease, and moves the
    ``views`` consumer on.
 
 A round that fails anywhere is retried from the same position: applies are idempotent.
-A position carries its primary's history (system identifier and timeline): after a
-promotion the shard is backfilled again instead of trusting transaction ids that the
-new primary may hand out anew.
+A position remembers the history (system identifier and timeline) of the primary it
+was taken on; after a promotion the shard's log is read again from the start of what it
+retains, rather than trusting transaction ids the new primary may hand out anew.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -41,28 +48,43 @@ import orjson
 
 from .. import catalog, changelog, errors, metrics
 from ..config import Settings
-from ..dataplane import DataPlane
+from ..dataplane import DataPlane, ViewRowWrite
 from ..executor import Executor
 from ..topology import Shard, Topology, ViewInfo
 from ..watcher import TopologyWatcher
+from . import progress
 from . import rows as source
-from .definition import Row, ViewDef, project, row_key, rows_table
+from .definition import Row, ViewDef, project, row_key
 
 log = logging.getLogger(__name__)
 CONSUMER = "views"  # the change-log consumer that keeps what views have not applied
-APPLY_CHUNK = 500
+APPLY_CHUNK = 500  # rows per apply call
+BATCH = 5000  # changes read per round at most
 ADVANCE_EVERY = 10.0  # seconds between consumer advances of an idle shard
 FAR_VERSION = 2**62  # a removal that no stored row is newer than
+# An apply is refused this long (plus statement_timeout, the longest one statement can
+# run after the check) before the lease ends, so none commits once another may hold it.
+LEASE_MARGIN = timedelta(seconds=0.5)
 
 _CHANGES = """
 SELECT seq, op, tbl, pk, sk, slot, version, doc::text AS doc, old::text AS old, at
 FROM shardd_changes
 WHERE txid >= pg_snapshot_xmin($1::text::pg_snapshot)
+  AND txid < pg_snapshot_xmax($2::text::pg_snapshot)
   AND pg_visible_in_snapshot(txid, $2::text::pg_snapshot)
   AND NOT pg_visible_in_snapshot(txid, $1::text::pg_snapshot)
   AND tbl = ANY($3::text[])
+  AND seq > $4
+  AND ($6::text IS NULL OR slot = ANY($7::int[])
+       OR NOT pg_visible_in_snapshot(txid, $6::text::pg_snapshot))
 ORDER BY seq
+LIMIT $5
 """
+# (While a shard's log is read again after a promotion, $6 is the position it had on the
+# old history: changes of slots it no longer answers for ($7 are those it does) that
+# this position had seen were applied then; their keys have moved on elsewhere.)
+
+Positions = dict[str, tuple[str, str | None]]  # view -> (position, replaced)
 
 
 @dataclass(frozen=True)
@@ -74,31 +96,44 @@ class Change:
     slot: int
     version: int
     doc: Any  # the new document (None: a delete)
-    old: Any  # the replaced document (None: none, or not kept)
+    old: Any  # the replaced document (None: an insert, or a table not yet listed)
     at: datetime
+    seq: int = 0
 
 
 @dataclass
 class Batch:
-    """What one round read from a source shard, as of one snapshot."""
+    """What one round read from a source shard for one position."""
 
-    position: str
+    changes: list[Change]
+    after: str  # the position once these are applied
+
+
+@dataclass
+class Reading:
+    """One round's read of a source shard: a batch per distinct position, as of one
+    snapshot, with what the changes need from the shard."""
+
     origin: str
-    changes: dict[str, list[Change]]  # old position -> its changes
+    batches: dict[tuple[str, str | None], Batch]  # (position, replaced) -> its batch
     joined: source.Joined = field(default_factory=dict)
     dependents: dict[tuple[str, str], list[source.SourceItem]] = field(default_factory=dict)
     moved: set[int] = field(default_factory=set)  # slots the shard no longer answers for
+    lost: bool = False  # the log was trimmed past a position: entries are gone
+
+    def changes(self) -> list[Change]:
+        return [c for batch in self.batches.values() for c in batch.changes]
 
 
 def live_views(topology: Topology) -> list[ViewInfo]:
     return [v for v in topology.views.values() if v.state != catalog.VIEW_DELETING]
 
 
-def _removal(
-    view: ViewDef, change_docs: Sequence[Any], pk: str, sk: str, key_bytes: int
+def _view_keys(
+    view: ViewDef, docs: Sequence[Any], pk: str, sk: str, key_bytes: int
 ) -> set[tuple[str, str]]:
     keys = set()
-    for doc in change_docs:
+    for doc in docs:
         placed = row_key(view, doc, pk, sk, max_key_bytes=key_bytes)
         if placed is not None:
             keys.add(placed)
@@ -112,13 +147,15 @@ def plan_rows(
     joined: source.Joined,
     dependents: dict[tuple[str, str], list[source.SourceItem]],
     max_key_bytes: int,
-) -> list[tuple[str, str, Any, int]]:
-    """The row writes (view pk, row sk, doc or None, source version) that bring
-    ``view`` up to date with ``changes`` (in log order).
+) -> list[ViewRowWrite]:
+    """The row writes that bring ``view`` up to date with ``changes`` (in log order).
 
     Per source key only its last change counts, but every view key any of its changes
-    had (before or after) loses its row unless the last one puts it there again.  A
-    change of a joined item re-projects every item of the source table under its pk.
+    had (before or after) loses its row unless the last one puts it there again, up to
+    the highest version the changes reached.  An item created in these changes (an
+    insert: no replaced document) may have had an earlier life at higher versions, since
+    versions start again at 1: its row is written whatever version the stored row has.
+    A change of a joined item re-projects every item of the source table under its pk.
     """
     by_key: dict[tuple[str, str], list[Change]] = {}
     rejoin: set[str] = set()
@@ -127,16 +164,18 @@ def plan_rows(
             by_key.setdefault((change.pk, change.sk), []).append(change)
         if view.joined_by(change.tbl, change.sk):
             rejoin.add(change.pk)
-    writes: dict[tuple[str, str], tuple[Any, int]] = {}
+    writes: dict[tuple[str, str], ViewRowWrite] = {}
 
-    def put(row: Row) -> None:
+    def put(row: Row, *, force: bool = False) -> None:
         key = (row.pk, row.sk)
         held = writes.get(key)
-        if held is None or held[0] is None or held[1] <= row.source_version:
-            writes[key] = (row.doc, row.source_version)
+        if held is None or held.doc is None or held.version <= row.source_version or force:
+            writes[key] = ViewRowWrite(row.pk, row.sk, row.doc, row.source_version, force)
 
     for (pk, sk), keyed in by_key.items():
         last = keyed[-1]
+        created = any(c.op == "put" and c.old is None for c in keyed)
+        reached = max(c.version for c in keyed)
         row = None
         if last.op == "put":
             row = project(
@@ -149,11 +188,11 @@ def plan_rows(
                 max_key_bytes=max_key_bytes,
             )
         earlier = [c.old for c in keyed] + [c.doc for c in keyed[:-1]]
-        for gone in _removal(view, earlier, pk, sk, max_key_bytes):
+        for gone in _view_keys(view, earlier, pk, sk, max_key_bytes):
             if row is None or gone != (row.pk, row.sk):
-                writes.setdefault(gone, (None, last.version))
+                writes.setdefault(gone, ViewRowWrite(gone[0], gone[1], None, reached, created))
         if row is not None:
-            put(row)
+            put(row, force=created)
     for pk in rejoin:
         for item in dependents.get((view.source, pk), ()):
             row = project(
@@ -167,7 +206,11 @@ def plan_rows(
             )
             if row is not None:
                 put(row)
-    return [(pk, sk, doc, version) for (pk, sk), (doc, version) in writes.items()]
+    return list(writes.values())
+
+
+class LeaseLost(Exception):
+    """Another instance follows the shard now."""
 
 
 class ViewKeeper:
@@ -189,6 +232,7 @@ class ViewKeeper:
         self._listed: dict[str, tuple[str, frozenset[str]]] = {}  # shard -> (primary, sources)
         self._advanced: dict[str, float] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._expires: dict[str, datetime] = {}  # shard -> when its lease ends (catalog)
 
     # -- the loop ----------------------------------------------------------------
 
@@ -204,17 +248,25 @@ class ViewKeeper:
             )
 
     async def close(self) -> None:
-        for task in self._tasks.values():
+        await self._stop(list(self._tasks))
+        if self.watcher.topology is None or not self.settings.views:
+            return
+        try:
+            async with self.watcher.catalog_connection() as conn:
+                await conn.execute(
+                    "DELETE FROM shardd_view_leases WHERE holder = $1", self.instance
+                )
+                await conn.execute(
+                    "DELETE FROM shardd_view_keepers WHERE instance = $1", self.instance
+                )
+        except Exception:  # the leases lapse on their own
+            pass
+
+    async def _stop(self, shards: list[str]) -> None:
+        tasks = [self._tasks.pop(name) for name in shards if name in self._tasks]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-        if self.watcher.topology is not None and self._tasks:
-            try:
-                async with self.watcher.catalog_connection() as conn:
-                    await conn.execute(
-                        "DELETE FROM shardd_view_leases WHERE holder = $1", self.instance
-                    )
-            except Exception:  # the leases lapse on their own
-                pass
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def round(self) -> None:
         topology = self.watcher.topology
@@ -223,8 +275,14 @@ class ViewKeeper:
         views = live_views(topology)
         await self._observe_lag(topology, views)
         if not views or not self.settings.views:
+            await self._stop(list(self._tasks))
+            if not topology.views and self._listed:
+                await self._unregister(topology)
             return
         held = await self._hold(sorted(topology.shards))
+        # A shard no longer held is no longer followed here (its applies would be
+        # refused anyway once the lease has run out).
+        await self._stop([name for name in self._tasks if name not in held])
         for name in held:
             task = self._tasks.get(name)
             if task is None or task.done():
@@ -232,10 +290,27 @@ class ViewKeeper:
                     self._follow_once(name), name=f"views-{name}"
                 )
 
+    async def _unregister(self, topology: Topology) -> None:
+        """No view is left: the ``views`` consumer no longer holds back trimming.  (If
+        a view was declared meanwhile, its maintainer finds the consumer gone and copies
+        the shard again.)"""
+        async with self.watcher.catalog_connection() as conn:
+            if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM shardd_views)"):
+                return
+
+        async def work(conn: asyncpg.Connection) -> None:
+            await changelog.unregister(conn, CONSUMER)
+
+        for shard in topology.shards.values():
+            await self.executor.write(
+                shard, work, epoch=topology.epoch, deadline=self.executor.deadline()
+            )
+        self._listed.clear()
+
     async def _follow_once(self, name: str) -> None:
         topology = self.watcher.require_topology()
         shard = topology.shards.get(name)
-        if shard is None:
+        if shard is None or shard.primary is None:
             return
         try:
             await self.follow(topology, shard)
@@ -244,39 +319,76 @@ class ViewKeeper:
             log.warning("views: round on %s failed: %s", name, exc)
 
     async def _hold(self, shards: list[str]) -> list[str]:
-        """Take or renew the leases of the shards no live instance holds; those held."""
-        async with self.watcher.catalog_connection() as conn:
+        """Renew this instance's leases and take lapsed or free ones, up to a fair share
+        (the shards over the instances that keep views, seen within a lease); what is
+        over the share is left to run out, so a new instance gets its part.  Returns
+        those held."""
+        async with self.watcher.catalog_connection() as conn, conn.transaction():
+            keepers = await conn.fetchval(
+                "WITH seen AS (INSERT INTO shardd_view_keepers (instance) VALUES ($1)"
+                " ON CONFLICT (instance) DO UPDATE SET seen_at = now())"
+                " SELECT count(*) + 1 FROM shardd_view_keepers WHERE instance <> $1"
+                " AND seen_at > now() - make_interval(secs => $2)",
+                self.instance,
+                self.settings.view_lease,
+            )
             rows = await conn.fetch(
+                "SELECT shard, holder, expires_at > now() AS live FROM shardd_view_leases"
+                " WHERE shard = ANY($1::text[]) FOR UPDATE",
+                shards,
+            )
+            share = math.ceil(len(shards) / keepers)
+            mine = sorted(r["shard"] for r in rows if r["holder"] == self.instance and r["live"])
+            taken = {r["shard"] for r in rows if r["live"] and r["holder"] != self.instance}
+            free = [s for s in shards if s not in taken and s not in mine]
+            keep = mine[:share] + free[: max(0, share - len(mine))]
+            # What is over the share is given back by not renewing it: another instance
+            # takes it once it has run out, when no apply of ours can land any more.
+            if not keep:
+                return []
+            held = await conn.fetch(
                 "INSERT INTO shardd_view_leases AS l (shard, holder, expires_at)"
                 " SELECT s, $2, now() + make_interval(secs => $3) FROM unnest($1::text[]) s"
                 " ON CONFLICT (shard) DO UPDATE SET holder = excluded.holder,"
                 " expires_at = excluded.expires_at"
                 " WHERE l.holder = excluded.holder OR l.expires_at < now()"
-                " RETURNING shard",
-                shards,
+                " RETURNING shard, expires_at",
+                keep,
                 self.instance,
                 self.settings.view_lease,
             )
-        return [row["shard"] for row in rows]
+        for row in held:
+            self._expires[row["shard"]] = row["expires_at"]
+        return [row["shard"] for row in held]
+
+    def _not_after(self, shard: str) -> datetime:
+        """The time after which this instance's applies for ``shard`` are refused."""
+        expires = self._expires.get(shard)
+        if expires is None:
+            raise LeaseLost(f"no view lease on {shard}")
+        return expires - LEASE_MARGIN - timedelta(seconds=self.settings.statement_timeout)
 
     async def _observe_lag(self, topology: Topology, views: list[ViewInfo]) -> None:
+        """Every instance: each view's lag per source shard, as metrics and for
+        back-pressure (per source table and shard)."""
         if not views:
             self.data.view_lags = {}
             return
         async with self.watcher.catalog_connection() as conn:
             positions = await catalog.view_positions(conn)
-        lags: dict[str, float] = {}
+        lags: dict[tuple[str, str], float] = {}
         active = {v.name: v for v in views if v.state == catalog.VIEW_ACTIVE}
         for row in positions:
             view, shard = str(row["view"]), str(row["shard"])
             if shard not in topology.shards or view not in topology.views:
                 continue
-            lag = max(0.0, float(row["lag_seconds"]))  # type: ignore[arg-type]
+            lag = max(0.0, float(str(row["lag_seconds"])))
             metrics.VIEW_LAG_SECONDS.labels(view, shard).set(lag)
-            metrics.VIEW_LAG_ENTRIES.labels(view, shard).set(row["last_batch"])  # type: ignore[arg-type]
-            if view in active:
-                table = active[view].source
-                lags[table] = max(lags.get(table, 0.0), lag)
+            metrics.VIEW_LAG_ENTRIES.labels(view, shard).set(int(str(row["last_batch"])))
+            # A shard without a primary takes no writes to slow down.
+            if view in active and topology.shards[shard].primary is not None:
+                key = (active[view].source, shard)
+                lags[key] = max(lags.get(key, 0.0), lag)
         self.data.view_lags = lags
 
     # -- one source shard --------------------------------------------------------
@@ -284,37 +396,46 @@ class ViewKeeper:
     async def follow(self, topology: Topology, shard: Shard) -> None:
         """One round on ``shard``: backfill what needs it, else apply the next batch."""
         views = live_views(topology)
-        deadline = time.monotonic() + self.settings.view_backfill_timeout
-        await self._list_sources(topology, shard, views, deadline)
+        await self._list_sources(topology, shard, views)
         async with self.watcher.catalog_connection() as conn:
-            stored = {
-                str(row["view"]): row
-                for row in await catalog.view_positions(conn)
-                if row["shard"] == shard.name
-            }
-        positions = {v.name: str(stored[v.name]["position"]) for v in views if v.name in stored}
+            every = await catalog.view_positions(conn)
+        stored = {str(row["view"]): row for row in every if row["shard"] == shard.name}
         for view in views:
-            if view.name not in positions:
-                await self.backfill(view.definition, shard, deadline=deadline)
+            if view.name not in stored:
+                await self.backfill(view, shard)
                 return  # the next round goes on from the new position
-        taken_at = time.time()
-        batch = await self._read_batch(shard, views, positions)
-        stale = [v for v in views if stored[v.name]["origin"] != batch.origin]
-        if stale:
-            log.warning(
-                "views: %s has a new history (%s): copying %s again",
-                shard.name,
-                batch.origin,
-                ", ".join(v.name for v in stale),
-            )
-            await self.backfill(stale[0].definition, shard, deadline=deadline)
+        positions: Positions = {
+            v.name: (str(stored[v.name]["position"]), _text(stored[v.name]["replaced"]))
+            for v in views
+        }
+        started = time.monotonic()
+        reading = await self._read(shard, views, positions)
+        if reading.lost:
+            await self._forget(shard, "its change log was trimmed past the views' positions")
             return
-        await self._apply_batch(topology, shard, views, positions, batch, taken_at)
+        other = [v for v in views if stored[v.name]["origin"] != reading.origin]
+        if other:
+            await self._restart(shard, other, reading.origin, stored)
+            return
+        touched = {c.slot for c in reading.changes()}
+        if touched:
+            async with self.watcher.catalog_connection() as conn:
+                moves = await progress.incoming(conn, shard.name)
+            waiting = progress.held_back(
+                moves,
+                touched,
+                {(str(r["view"]), str(r["shard"])): str(r["position"]) for r in every},
+                [v.name for v in views],
+                topology.shards,
+            )
+            if waiting:
+                # Slots moved in from these shards: their older changes go first.
+                log.info("views: %s waits for %s's changes", shard.name, ", ".join(waiting))
+                return
+        await self._apply(topology, shard, views, positions, reading, started)
         await self._activate(topology, views)
 
-    async def _list_sources(
-        self, topology: Topology, shard: Shard, views: list[ViewInfo], deadline: float
-    ) -> None:
+    async def _list_sources(self, topology: Topology, shard: Shard, views: list[ViewInfo]) -> None:
         primary = shard.primary.name if shard.primary is not None else ""
         sources = frozenset(v.source for v in views)
         if self._listed.get(shard.name) == (primary, sources):
@@ -330,84 +451,137 @@ class ViewKeeper:
                     CONSUMER,
                 )
 
-        await self.executor.write(shard, work, epoch=topology.epoch, deadline=deadline)
+        await self.executor.write(
+            shard, work, epoch=topology.epoch, deadline=self.executor.deadline()
+        )
         self._listed[shard.name] = (primary, sources)
 
-    async def backfill(self, view: ViewDef, shard: Shard, *, deadline: float) -> int:
+    async def backfill(self, view: ViewInfo, shard: Shard) -> int:
         """Copy ``view``'s rows of the items on ``shard`` and record the position they
         are as of; returns the rows written."""
-        taken_at = time.time()
-        table = rows_table(view.name)
+        started = time.monotonic()
+        deadline = started + self.settings.view_backfill_timeout
+        definition = view.definition
         key_bytes = self.settings.max_key_bytes
 
-        async def work(conn: asyncpg.Connection) -> tuple[str, str, int]:
+        async def work(conn: asyncpg.Connection) -> tuple[str, str, int, list[int]]:
             written = 0
             async with conn.transaction(isolation="repeatable_read", readonly=True):
                 position = await changelog.position(conn)
                 history = await changelog.origin(conn)
+                covered = await source.answered(conn)
                 after = ("", "")
                 while True:
-                    items = await source.source_page(conn, view.source, after)
+                    items = await source.source_page(conn, definition.source, after)
                     if not items:
                         break
-                    joins = await source.joined(conn, [view], (i.pk for i in items))
-                    found = source.rows_of(view, items, joins, max_key_bytes=key_bytes)
-                    for start in range(0, len(found), APPLY_CHUNK):
-                        chunk = found[start : start + APPLY_CHUNK]
-                        written += await self.data.apply_view_rows(
-                            table=table,
-                            rows=[(r.pk, r.sk, r.doc, r.source_version) for r in chunk],
-                            deadline=deadline,
-                        )
+                    joins = await source.joined(conn, [definition], (i.pk for i in items))
+                    found = source.rows_of(definition, items, joins, max_key_bytes=key_bytes)
+                    written += await self._write(
+                        view,
+                        shard.name,
+                        [ViewRowWrite(r.pk, r.sk, r.doc, r.source_version) for r in found],
+                    )
                     after = (items[-1].pk, items[-1].sk)
-            return position, history, written
+            return position, history, written, covered
 
-        (position, history, written), _ = await self.executor.read(
+        (position, history, written, covered), _ = await self.executor.read(
             shard, work, consistency="strong", min_lsn=None, deadline=deadline
         )
         await self._save(
-            view.name, shard.name, position, history, taken_at, batch=0, applied=written
+            view.name,
+            shard.name,
+            position,
+            history,
+            time.monotonic() - started,
+            batch=0,
+            applied=written,
+            create=True,
         )
+        async with self.watcher.catalog_connection() as conn:
+            await conn.execute(
+                "UPDATE shardd_views SET covered ="
+                " ARRAY(SELECT DISTINCT s FROM unnest(covered || $2::int[]) s ORDER BY s)"
+                " WHERE name = $1",
+                view.name,
+                covered,
+            )
         metrics.VIEW_ROWS_APPLIED.labels(view.name).inc(written)
         log.info("views: %s backfilled from %s (%s rows)", view.name, shard.name, written)
         return written
 
-    async def _read_batch(
-        self, shard: Shard, views: list[ViewInfo], positions: dict[str, str]
-    ) -> Batch:
+    async def _restart(
+        self, shard: Shard, views: list[ViewInfo], origin: str, stored: dict[str, Any]
+    ) -> None:
+        """The shard's primary writes another history than the positions were taken on:
+        read its log again from the start of what it retains (applies are idempotent)."""
+
+        async def work(conn: asyncpg.Connection) -> tuple[str, bool]:
+            return await changelog.retained_start(conn), await changelog.origin(conn) == origin
+
+        (start, same), _ = await self.executor.read(
+            shard,
+            work,
+            consistency="strong",
+            min_lsn=None,
+            deadline=self.executor.deadline(),
+        )
+        if not same:
+            return  # promoted again meanwhile: the next round looks afresh
+        log.warning(
+            "views: %s writes a new history (%s): reading its log again for %s",
+            shard.name,
+            origin,
+            ", ".join(v.name for v in views),
+        )
+        for view in views:
+            await self._save(
+                view.name,
+                shard.name,
+                start,
+                origin,
+                0.0,
+                batch=0,
+                applied=0,
+                replaced=changelog.parse_position(str(stored[view.name]["position"]))[0]
+                if stored[view.name]["replaced"] is None
+                else str(stored[view.name]["replaced"]),
+            )
+
+    async def _read(self, shard: Shard, views: list[ViewInfo], positions: Positions) -> Reading:
         tables = sorted(
             {v.source for v in views} | {t for v in views for t in v.definition.join_tables()}
         )
         defs = [v.definition for v in views]
 
-        async def work(conn: asyncpg.Connection) -> Batch:
+        async def work(conn: asyncpg.Connection) -> Reading:
             async with conn.transaction(isolation="repeatable_read", readonly=True):
-                new = await changelog.position(conn)
-                history = await changelog.origin(conn)
-                batch = Batch(new, history, {})
-                for old in sorted(set(positions.values())):
-                    rows = await conn.fetch(_CHANGES, old, new, tables)
-                    batch.changes[old] = [
-                        Change(
-                            r["op"],
-                            r["tbl"],
-                            r["pk"],
-                            r["sk"],
-                            r["slot"],
-                            r["version"],
-                            orjson.loads(r["doc"]) if r["doc"] is not None else None,
-                            orjson.loads(r["old"]) if r["old"] is not None else None,
-                            r["at"],
-                        )
-                        for r in rows
-                    ]
-                every = [c for changes in batch.changes.values() for c in changes]
+                now = await changelog.position(conn)
+                reading = Reading(await changelog.origin(conn), {})
+                answered = await source.answered(conn)
+                for old, replaced in sorted(set(positions.values()), key=str):
+                    if await changelog.trimmed_past(conn, old):
+                        reading.lost = True
+                        return reading
+                    start, end, seq = changelog.parse_position(old)
+                    end = end or now
+                    rows = await conn.fetch(
+                        _CHANGES, start, end, tables, seq, BATCH, replaced, answered
+                    )
+                    changes = [_change(r) for r in rows]
+                    after = (
+                        changelog.open_round(start, end, changes[-1].seq)
+                        if len(changes) == BATCH
+                        else end
+                    )
+                    reading.batches[(old, replaced)] = Batch(changes, after)
+                every = reading.changes()
                 if not every:
-                    return batch
+                    return reading
                 owned = await source.owned(conn, (c.slot for c in every))
-                batch.moved = {c.slot for c in every} - owned
+                reading.moved = {c.slot for c in every} - owned
                 here = {c.pk for c in every if c.slot in owned}
-                batch.joined = await source.joined(conn, defs, here)
+                reading.joined = await source.joined(conn, defs, here)
                 rejoin = {
                     (v.source, c.pk)
                     for v in defs
@@ -417,24 +591,20 @@ class ViewKeeper:
                 for table in {t for t, _ in rejoin}:
                     pks = sorted(pk for t, pk in rejoin if t == table)
                     for item in await source.partitions(conn, table, pks):
-                        batch.dependents.setdefault((table, item.pk), []).append(item)
-                return batch
+                        reading.dependents.setdefault((table, item.pk), []).append(item)
+                return reading
 
-        batch, _ = await self.executor.read(
-            shard,
-            work,
-            consistency="strong",
-            min_lsn=None,
-            deadline=time.monotonic() + self.settings.request_timeout,
+        reading, _ = await self.executor.read(
+            shard, work, consistency="strong", min_lsn=None, deadline=self.executor.deadline()
         )
-        if batch.moved:
-            await self._read_moved(batch, defs)
-        return batch
+        if reading.moved:
+            await self._read_moved(reading, defs)
+        return reading
 
-    async def _read_moved(self, batch: Batch, views: list[ViewDef]) -> None:
+    async def _read_moved(self, reading: Reading, views: list[ViewDef]) -> None:
         """Joined items and dependents of keys whose slot moved away, from their owner."""
-        every = [c for changes in batch.changes.values() for c in changes]
-        pks = {c.pk for c in every if c.slot in batch.moved}
+        every = reading.changes()
+        pks = {c.pk for c in every if c.slot in reading.moved}
         wanted = {(j.table, j.sk) for v in views for j in v.joins}
         for pk in pks:
             for table, sk in wanted:
@@ -442,7 +612,7 @@ class ViewKeeper:
                     table=table, pk=pk, sk=sk, consistency="strong", token=None
                 )
                 if item is not None:
-                    batch.joined.setdefault(pk, {})[(table, sk)] = orjson.loads(
+                    reading.joined.setdefault(pk, {})[(table, sk)] = orjson.loads(
                         orjson.dumps(item.doc)
                     )
             for view in views:
@@ -459,7 +629,7 @@ class ViewKeeper:
                         consistency="strong",
                         token=None,
                     )
-                    batch.dependents.setdefault((view.source, pk), []).extend(
+                    reading.dependents.setdefault((view.source, pk), []).extend(
                         source.SourceItem(i.pk, i.sk, i.version, orjson.loads(orjson.dumps(i.doc)))
                         for i in items
                     )
@@ -467,78 +637,88 @@ class ViewKeeper:
                         break
                     after = items[-1].sk
 
-    async def _apply_batch(
+    async def _write(self, view: ViewInfo, shard: str, writes: list[ViewRowWrite]) -> int:
+        """Apply row writes in chunks, each under a deadline of its own and this
+        instance's lease on the source shard."""
+        written = 0
+        for start in range(0, len(writes), APPLY_CHUNK):
+            written += await self.data.apply_view_rows(
+                table=view.rows_table,
+                rows=writes[start : start + APPLY_CHUNK],
+                deadline=self.executor.deadline(),
+                not_after=self._not_after(shard),
+            )
+        return written
+
+    async def _apply(
         self,
         topology: Topology,
         shard: Shard,
         views: list[ViewInfo],
-        positions: dict[str, str],
-        batch: Batch,
-        taken_at: float,
+        positions: Positions,
+        reading: Reading,
+        started: float,
     ) -> None:
-        deadline = time.monotonic() + self.settings.request_timeout
         applied: dict[str, int] = {}
         for view in views:
-            changes = batch.changes[positions[view.name]]
             writes = plan_rows(
                 view.definition,
-                changes,
-                joined=batch.joined,
-                dependents=batch.dependents,
+                reading.batches[positions[view.name]].changes,
+                joined=reading.joined,
+                dependents=reading.dependents,
                 max_key_bytes=self.settings.max_key_bytes,
             )
-            written = 0
-            for start in range(0, len(writes), APPLY_CHUNK):
-                written += await self.data.apply_view_rows(
-                    table=rows_table(view.name),
-                    rows=writes[start : start + APPLY_CHUNK],
-                    deadline=deadline,
-                )
-            applied[view.name] = written
-            if written:
-                metrics.VIEW_ROWS_APPLIED.labels(view.name).inc(written)
+            applied[view.name] = await self._write(view, shard.name, writes)
+            if applied[view.name]:
+                metrics.VIEW_ROWS_APPLIED.labels(view.name).inc(applied[view.name])
         now = datetime.now(UTC)
-        for changes in batch.changes.values():
-            for change in changes:
-                metrics.VIEW_PROPAGATION_SECONDS.observe(
-                    max(0.0, (now - change.at).total_seconds())
-                )
+        for change in reading.changes():
+            metrics.VIEW_PROPAGATION_SECONDS.observe(max(0.0, (now - change.at).total_seconds()))
         for view in views:
+            batch = reading.batches[positions[view.name]]
             await self._save(
                 view.name,
                 shard.name,
-                batch.position,
-                batch.origin,
-                taken_at,
-                batch=len(batch.changes[positions[view.name]]),
+                batch.after,
+                reading.origin,
+                time.monotonic() - started,
+                batch=len(batch.changes),
                 applied=applied[view.name],
             )
-        await self._advance(topology, shard, batch)
+        await self._advance(topology, shard, reading)
 
-    async def _advance(self, topology: Topology, shard: Shard, batch: Batch) -> None:
-        """Let the shard trim what every view has applied (the new position)."""
-        busy = any(batch.changes.values())
+    async def _advance(self, topology: Topology, shard: Shard, reading: Reading) -> None:
+        """Let the shard trim what every view has applied."""
+        busy = bool(reading.changes())
         if not busy and time.monotonic() - self._advanced.get(shard.name, 0.0) < ADVANCE_EVERY:
             return
+        oldest = min(
+            (changelog.parse_position(b.after)[0] for b in reading.batches.values()),
+            key=lambda snapshot: int(snapshot.split(":", 1)[0]),
+        )
 
         async def work(conn: asyncpg.Connection) -> None:
-            await changelog.advance(conn, CONSUMER, batch.position)
+            await changelog.advance(conn, CONSUMER, oldest)
 
         try:
             await self.executor.write(
-                shard,
-                work,
-                epoch=topology.epoch,
-                deadline=time.monotonic() + self.settings.request_timeout,
+                shard, work, epoch=topology.epoch, deadline=self.executor.deadline()
             )
         except changelog.ConsumerExpired:
-            # The log may have been trimmed past the positions: copy every view again.
-            log.warning("views: the change-log consumer of %s expired; copying again", shard.name)
-            self._listed.pop(shard.name, None)
-            async with self.watcher.catalog_connection() as conn:
-                await conn.execute("DELETE FROM shardd_view_positions WHERE shard = $1", shard.name)
+            await self._forget(shard, "its change-log consumer expired")
             return
         self._advanced[shard.name] = time.monotonic()
+
+    async def _forget(self, shard: Shard, why: str) -> None:
+        """The log may have lost entries the views had not applied: copy them again.
+        (A copy writes the rows the items make now; rows of items deleted in the lost
+        entries stay until ``shardctl views repair``.)"""
+        log.warning(
+            "views: %s: %s; copying every view again (run shardctl views verify)", shard.name, why
+        )
+        self._listed.pop(shard.name, None)
+        async with self.watcher.catalog_connection() as conn:
+            await conn.execute("DELETE FROM shardd_view_positions WHERE shard = $1", shard.name)
 
     async def _save(
         self,
@@ -546,48 +726,98 @@ class ViewKeeper:
         shard: str,
         position: str,
         history: str,
-        taken_at: float,
+        age: float,
         *,
         batch: int,
         applied: int,
+        create: bool = False,
+        replaced: str | None = None,
     ) -> None:
         """Record a view's position on a shard, only while this instance holds the
-        shard's lease (a lapsed holder's late save would move another's position)."""
+        shard's lease (a lapsed holder's late save would move another's position on).
+        Only a backfill creates a position: a save that finds none (a rebuild dropped
+        it meanwhile) changes nothing.  ``age``: seconds since the snapshot was taken."""
+        conflict = (
+            " ON CONFLICT (view, shard) DO UPDATE SET position = excluded.position,"
+            " origin = excluded.origin, taken_at = excluded.taken_at,"
+            " last_batch = excluded.last_batch, applied = p.applied + excluded.applied,"
+            " updated_at = now()"
+        )
+        held = (
+            " EXISTS (SELECT 1 FROM shardd_view_leases WHERE shard = $2"
+            " AND holder = $8 AND expires_at > now())"
+        )
         async with self.watcher.catalog_connection() as conn:
-            row = await conn.fetchrow(
-                "INSERT INTO shardd_view_positions AS p"
-                " (view, shard, position, origin, taken_at, last_batch, applied)"
-                " SELECT $1, $2, $3, $4, to_timestamp($5), $6, $7"
-                " WHERE EXISTS (SELECT 1 FROM shardd_view_leases WHERE shard = $2"
-                " AND holder = $8 AND expires_at > now())"
-                " AND EXISTS (SELECT 1 FROM shardd_views WHERE name = $1)"
-                " ON CONFLICT (view, shard) DO UPDATE SET position = excluded.position,"
-                " origin = excluded.origin, taken_at = excluded.taken_at,"
-                " last_batch = excluded.last_batch, applied = p.applied + excluded.applied,"
-                " updated_at = now()"
-                " RETURNING 1",
-                view,
-                shard,
-                position,
-                history,
-                taken_at,
-                batch,
-                applied,
-                self.instance,
-            )
+            if create:
+                row = await conn.fetchrow(
+                    "INSERT INTO shardd_view_positions AS p"
+                    " (view, shard, position, origin, taken_at, last_batch, applied)"
+                    " SELECT $1, $2, $3, $4, now() - make_interval(secs => $5), $6, $7"
+                    f" WHERE {held} AND EXISTS (SELECT 1 FROM shardd_views WHERE name = $1)"
+                    f"{conflict} RETURNING 1",
+                    view,
+                    shard,
+                    position,
+                    history,
+                    age,
+                    batch,
+                    applied,
+                    self.instance,
+                )
+            else:
+                # A replay ends with the round it started: then the old position is
+                # no longer needed ($9 NULL and $10: the position is a plain one).
+                row = await conn.fetchrow(
+                    "UPDATE shardd_view_positions AS p SET position = $3, origin = $4,"
+                    " taken_at = now() - make_interval(secs => $5), last_batch = $6,"
+                    " applied = p.applied + $7, updated_at = now(),"
+                    " replaced = CASE WHEN $9::text IS NOT NULL THEN $9"
+                    " WHEN $10 THEN NULL ELSE p.replaced END"
+                    f" WHERE view = $1 AND shard = $2 AND {held} RETURNING 1",
+                    view,
+                    shard,
+                    position,
+                    history,
+                    age,
+                    batch,
+                    applied,
+                    self.instance,
+                    replaced,
+                    changelog.ROUND not in position,
+                )
         if row is None:
-            raise LeaseLost(f"lost the view lease of {shard}")
+            raise LeaseLost(f"the view lease of {shard} or the position of {view} is gone")
 
     async def _activate(self, topology: Topology, views: list[ViewInfo]) -> None:
-        """Mark views active once every shard has a position for them."""
+        """Mark views active once every shard has a position for them and their copies
+        have read every slot; a slot none has read is copied again by its owner."""
         waiting = [v for v in views if v.state == catalog.VIEW_BACKFILLING]
         if not waiting:
             return
         async with self.watcher.catalog_connection() as conn:
             positions = await catalog.view_positions(conn)
             for view in waiting:
-                covered = {str(p["shard"]) for p in positions if p["view"] == view.name}
-                if set(topology.shards) <= covered and await catalog.set_view_state(
+                followed = {str(p["shard"]) for p in positions if p["view"] == view.name}
+                if not set(topology.shards) <= followed:
+                    continue
+                covered = set(
+                    await conn.fetchval(
+                        "SELECT covered FROM shardd_views WHERE name = $1", view.name
+                    )
+                    or ()
+                )
+                missing = set(range(topology.slot_count)) - covered
+                if missing:
+                    owners = sorted({o for s in missing if (o := topology.slot_map[s]) is not None})
+                    log.info("views: %s copies %s again (slots moved)", view.name, owners)
+                    await conn.execute(
+                        "DELETE FROM shardd_view_positions WHERE view = $1"
+                        " AND shard = ANY($2::text[])",
+                        view.name,
+                        owners,
+                    )
+                    continue
+                if await catalog.set_view_state(
                     conn, view.name, old=catalog.VIEW_BACKFILLING, new=catalog.VIEW_ACTIVE
                 ):
                     await catalog.bump_epoch(conn)
@@ -595,17 +825,19 @@ class ViewKeeper:
 
     # -- back-pressure -------------------------------------------------------------
 
-    async def admit_write(self, table: str, deadline: float) -> None:
-        """Before a write to ``table``: slow it or refuse it while one of its views lags
-        past ``max_view_lag`` (view_backpressure)."""
+    async def admit_write(self, table: str, shard: str, deadline: float) -> None:
+        """Before a write to ``table`` on ``shard``: slow it or refuse it while a view of
+        the table lags past ``max_view_lag`` on that shard (view_backpressure)."""
         mode = self.settings.view_backpressure
-        if mode == "off" or self.data.view_lags.get(table, 0.0) <= self.settings.max_view_lag:
+        limit = self.settings.max_view_lag
+        if mode == "off" or self.data.view_lags.get((table, shard), 0.0) <= limit:
             return
         if mode == "refuse":
             metrics.VIEW_BACKPRESSURE.labels("refused").inc()
             raise errors.ApiError(
-                f"a view of table {table} lags {self.data.view_lags[table]:.1f} s behind its writes"
-                f" (max_view_lag {self.settings.max_view_lag:g} s)",
+                f"a view of table {table} lags"
+                f" {self.data.view_lags[(table, shard)]:.1f} s behind its writes on {shard}"
+                f" (max_view_lag {limit:g} s)",
                 status=503,
                 code="view_lag",
                 headers={"Retry-After": "1"},
@@ -613,10 +845,25 @@ class ViewKeeper:
         metrics.VIEW_BACKPRESSURE.labels("delayed").inc()
         until = min(deadline - 1.0, time.monotonic() + self.settings.view_backpressure_wait)
         while time.monotonic() < until:
-            if self.data.view_lags.get(table, 0.0) <= self.settings.max_view_lag:
+            if self.data.view_lags.get((table, shard), 0.0) <= limit:
                 return
             await asyncio.sleep(min(0.05, max(0.0, until - time.monotonic())))
 
 
-class LeaseLost(Exception):
-    """Another instance follows the shard now."""
+def _change(row: asyncpg.Record) -> Change:
+    return Change(
+        row["op"],
+        row["tbl"],
+        row["pk"],
+        row["sk"],
+        row["slot"],
+        row["version"],
+        orjson.loads(row["doc"]) if row["doc"] is not None else None,
+        orjson.loads(row["old"]) if row["old"] is not None else None,
+        row["at"],
+        row["seq"],
+    )
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)

@@ -1,9 +1,9 @@
 """Declaring, describing, deleting, verifying, repairing and rebuilding views.
 
-* **Declare**: the definition is checked (:func:`definition.parse`), any fence left by
-  an earlier view of that name is lifted (once old enough, as for tables), and the
-  view is recorded ``backfilling``; the keepers copy every source shard and then
-  follow it, and the view turns ``active`` once every shard is followed.
+* **Declare**: the definition is checked (:func:`definition.parse`) and the view is
+  recorded ``backfilling`` under a new generation (its rows' item table is that
+  declaration's own); the keepers copy every source shard and then follow it, and the
+  view turns ``active`` once every shard is followed.
 * **Delete**: ``deleting`` (keepers stop), the rows table fenced on every shard and its
   rows deleted, then the catalog row dropped; repeatable like a table deletion.
 * **Verify** recomputes the rows from the sources (each source shard read in one
@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -30,10 +29,10 @@ import orjson
 
 from .. import catalog, changelog, errors, store, tables
 from ..cluster import Cluster
+from ..dataplane import ViewRowWrite
 from ..topology import Topology, ViewInfo
 from . import definition
 from . import rows as source
-from .definition import rows_table
 from .keeper import APPLY_CHUNK, FAR_VERSION
 
 CATCH_UP_TIMEOUT = 30.0  # seconds verify waits for the view to apply what it read
@@ -53,22 +52,11 @@ async def declare(
         raise errors.Conflict(
             f"{name} names a table; views and tables share names", code="view_exists"
         )
-    existing = topology.views.get(name)
-    if existing is None:
-        min_age = cluster.settings.topology_lease + cluster.settings.request_timeout
-        waits = await cluster.data.on_every_primary(
-            lambda conn: store.unfence_table(conn, rows_table(name), min_age=min_age)
-        )
-        if max(waits, default=0.0) > 0:
-            seconds = math.ceil(max(waits))
-            raise errors.Conflict(
-                f"view {name} was deleted moments ago; it can be declared again in {seconds} s",
-                code="view_deleting",
-                headers={"Retry-After": str(seconds)},
-            )
     async with cluster.watcher.catalog_connection() as conn:
         created = await catalog.put_view(conn, view, description=description)
     fresh = await cluster.watcher.refresh(force=True)
+    if name not in fresh.views:
+        raise errors.Conflict(f"view {name} was deleted meanwhile", code="view_deleting")
     return fresh.views[name], created
 
 
@@ -111,7 +99,7 @@ async def delete(cluster: Cluster, view: ViewInfo) -> None:
         async with cluster.watcher.catalog_connection() as conn:
             await catalog.mark_view_deleting(conn, view.name)
         await cluster.watcher.refresh(force=True)
-    table = rows_table(view.name)
+    table = view.rows_table
     deadline = cluster.executor.deadline()
     await cluster.data.on_every_primary(
         lambda conn: store.fence_table(conn, table), deadline=deadline
@@ -205,10 +193,10 @@ async def _expected(
     return expected, docs, read_at
 
 
-async def _stored(cluster: Cluster, view: definition.ViewDef) -> Rows:
+async def _stored(cluster: Cluster, view: ViewInfo) -> Rows:
     stored: Rows = {}
     after: tuple[str, str] | None = None
-    table = rows_table(view.name)
+    table = view.rows_table
     while True:
         items, _ = await cluster.data.scan(
             table=table, after=after, limit=1000, consistency="strong", token=None
@@ -229,7 +217,8 @@ def _compare(expected: Rows, stored: Rows) -> tuple[set[Any], set[Any], set[Any]
 
 
 async def _caught_up(cluster: Cluster, view: str, read_at: dict[str, str]) -> None:
-    """Wait (bounded) until the view has applied each shard up to ``read_at``."""
+    """Wait (bounded) until the view has applied each shard up to ``read_at``; 504
+    ``view_behind`` when it does not within ``CATCH_UP_TIMEOUT``."""
     until = time.monotonic() + CATCH_UP_TIMEOUT
     while time.monotonic() < until:
         async with cluster.watcher.catalog_connection() as conn:
@@ -243,18 +232,24 @@ async def _caught_up(cluster: Cluster, view: str, read_at: dict[str, str]) -> No
         ):
             return
         await asyncio.sleep(0.1)
+    raise errors.ApiError(
+        f"view {view} did not apply its sources' changes within {CATCH_UP_TIMEOUT:g} s;"
+        " cannot tell lag from differences",
+        status=504,
+        code="view_behind",
+    )
 
 
 async def verify(cluster: Cluster, view: ViewInfo, *, repair: bool = False) -> Report:
     """Compare the view with its sources (twice, see the module note); with ``repair``,
     write exactly the differences found."""
     expected, docs, read_at = await _expected(cluster, view.definition)
-    stored = await _stored(cluster, view.definition)
+    stored = await _stored(cluster, view)
     first = _compare(expected, stored)
     if any(first):
         await _caught_up(cluster, view.name, read_at)
         expected, docs, read_at = await _expected(cluster, view.definition)
-        stored = await _stored(cluster, view.definition)
+        stored = await _stored(cluster, view)
         second = _compare(expected, stored)
         first = (first[0] & second[0], first[1] & second[1], first[2] & second[2])
     missing, extra, stale = first
@@ -267,18 +262,20 @@ async def verify(cluster: Cluster, view: ViewInfo, *, repair: bool = False) -> R
 async def _repair(
     cluster: Cluster, view: ViewInfo, report: Report, *, expected_docs: dict[str, Any]
 ) -> None:
-    writes: list[tuple[str, str, Any, int]] = []
+    """Write the differences: each as the sources make it now, whatever the stored row
+    was built from (forced: it may come from an earlier life of a re-created item)."""
+    writes: list[ViewRowWrite] = []
     for pk, sk in report.extra:
         if f"{pk}\x00{sk}" not in expected_docs:
-            writes.append((pk, sk, None, FAR_VERSION))
+            writes.append(ViewRowWrite(pk, sk, None, FAR_VERSION, force=True))
     for pk, sk in [*report.missing, *report.stale]:
         doc = expected_docs.get(f"{pk}\x00{sk}")
         if doc is not None:
-            writes.append((pk, sk, doc, int(doc["source"]["version"])))
+            writes.append(ViewRowWrite(pk, sk, doc, int(doc["source"]["version"]), force=True))
     deadline = time.monotonic() + cluster.settings.view_backfill_timeout
     for start in range(0, len(writes), APPLY_CHUNK):
         await cluster.data.apply_view_rows(
-            table=rows_table(view.name), rows=writes[start : start + APPLY_CHUNK], deadline=deadline
+            table=view.rows_table, rows=writes[start : start + APPLY_CHUNK], deadline=deadline
         )
 
 
@@ -288,6 +285,7 @@ async def rebuild(cluster: Cluster, view: ViewInfo) -> Report:
     async with cluster.watcher.catalog_connection() as conn:
         async with conn.transaction():
             await conn.execute("DELETE FROM shardd_view_positions WHERE view = $1", view.name)
+            await conn.execute("UPDATE shardd_views SET covered = '{}' WHERE name = $1", view.name)
             await catalog.set_view_state(
                 conn, view.name, old=catalog.VIEW_ACTIVE, new=catalog.VIEW_BACKFILLING
             )

@@ -59,6 +59,12 @@ async def owned(conn: asyncpg.Connection, slots: Iterable[int]) -> set[int]:
     return {row["slot"] for row in rows}
 
 
+async def answered(conn: asyncpg.Connection) -> list[int]:
+    """The slots this shard answers for (owned, or frozen by a move not yet flipped)."""
+    rows = await conn.fetch("SELECT slot FROM shardd_slots WHERE state IN ('owned', 'frozen')")
+    return sorted(row["slot"] for row in rows)
+
+
 async def source_page(
     conn: asyncpg.Connection, table: str, after: tuple[str, str], limit: int = PAGE
 ) -> list[SourceItem]:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from shardd import changelog
-from shardd.errors import BadRequest
+from shardd.errors import ApiError
 from shardd.views import definition
 from shardd.views.keeper import Change, plan_rows
 from shardd.views.rows import SourceItem
@@ -44,7 +44,7 @@ def test_definition_round_trips_and_rejects_bad_ones() -> None:
         {"key": {"pk": "$.x"}, "where": {"path": "$.s", "equals": 1, "exists": True}},
         {"key": {"pk": "$.x"}, "where": {"path": "$.s", "exists": "yes"}},
     ):  # fmt: skip
-        with pytest.raises(BadRequest):
+        with pytest.raises(ApiError):
             definition.parse("v", "orders", bad, tables=TABLES)
 
 
@@ -108,13 +108,36 @@ def test_plan_moves_rows_removes_filtered_and_rejoins() -> None:
     dependents = {("orders", "u4"): [SourceItem("u4", "o9", 4, a)]}
     joined = {"u4": {("users", ""): {"name": "New"}}}
     writes = plan_rows(view(), changes, joined=joined, dependents=dependents, max_key_bytes=1024)
-    got = {(pk, definition.split_sk(sk)[1]): (doc is not None, v) for pk, sk, doc, v in writes}
+    got = {(w.pk, definition.split_sk(w.sk)[1]): (w.doc is not None, w.version) for w in writes}
+    assert not any(w.force for w in writes)
     assert got == {
         ("A", "u1"): (False, 3), ("B", "u1"): (False, 3), ("C", "u1"): (True, 3),
         ("A", "u2"): (False, 5), ("A", "u3"): (False, 7), ("A", "u4"): (True, 4),
     }  # fmt: skip
-    rejoined = next(doc for pk, sk, doc, _ in writes if definition.split_sk(sk)[1] == "u4")
+    rejoined = next(w.doc for w in writes if definition.split_sk(w.sk)[1] == "u4")
     assert rejoined["item"]["user_name"] == "New"
+
+
+def test_plan_replaces_the_row_of_an_item_deleted_and_created_again() -> None:
+    """Versions start again at 1 after a delete: the new life's row is forced over the
+    old one's, and the old view key's row goes up to the highest version seen."""
+    a = {"product_id": "A", "created_at": "t", "qty": 1, "status": "paid"}
+    b = {**a, "product_id": "B"}
+    changes = [
+        change("put", "u1", "o1", 3, a, old={**a, "qty": 0}),
+        change("delete", "u1", "o1", 3, None, old=a),
+        change("put", "u1", "o1", 1, b, old=None),  # created anew
+    ]
+    writes = plan_rows(view(), changes, joined={}, dependents={}, max_key_bytes=1024)
+    got = {w.pk: (w.doc is not None, w.version, w.force) for w in writes}
+    assert got == {"A": (False, 3, True), "B": (True, 1, True)}
+    same_key = plan_rows(
+        view(), [changes[1], change("put", "u1", "o1", 1, a, old=None)], joined={},
+        dependents={}, max_key_bytes=1024,
+    )  # fmt: skip
+    assert [(w.pk, w.doc is not None, w.version, w.force) for w in same_key] == [
+        ("A", True, 1, True)
+    ]
 
 
 def test_snapshot_coverage() -> None:
@@ -125,3 +148,24 @@ def test_snapshot_coverage() -> None:
     assert not changelog.covers("10:18:", "10:20:")
     assert changelog.covers("10:18:", "10:20:18,19")
     assert changelog.covers("30:40:35", "10:20:")
+
+
+def test_a_moved_in_slot_waits_for_its_source_to_be_applied() -> None:
+    from shardd.views.progress import held_back
+
+    moves = [(frozenset({1, 2}), "s1", "10:12:"), (frozenset({7}), "gone", "5:5:")]
+    applied = {("v", "s1"): "10:11:", ("w", "s1"): "12:12:"}
+    assert held_back(moves, {2, 3}, applied, ["v", "w"], ["s1", "s2"]) == ["s1"]
+    assert held_back(moves, {3}, applied, ["v", "w"], ["s1", "s2"]) == []
+    assert held_back(moves, {7}, applied, ["v", "w"], ["s1", "s2"]) == []  # source gone
+    caught_up = {("v", "s1"): "12:14:", ("w", "s1"): "12:12:"}
+    assert held_back(moves, {1}, caught_up, ["v", "w"], ["s1", "s2"]) == []
+    assert held_back(moves, {1}, caught_up, ["v", "w", "new"], ["s1"]) == ["s1"]  # no position
+
+
+def test_open_rounds_cover_only_where_they_started() -> None:
+    position = changelog.open_round("10:20:", "30:40:", 17)
+    assert changelog.parse_position(position) == ("10:20:", "30:40:", 17)
+    assert changelog.covers(position, "10:20:")
+    assert not changelog.covers(position, "25:26:")
+    assert changelog.parse_position("10:20:") == ("10:20:", None, 0)
