@@ -195,22 +195,28 @@ def _parse_snapshot(text: str) -> tuple[int, int, frozenset[int]]:
     return int(xmin), int(xmax), frozenset(int(x) for x in xip.split(",") if x)
 
 
-# A position may hold a round still being read in parts: "<from>|<to>|<last seq read>"
-# (every entry of the transactions visible in <to> but not in <from> up to that
-# sequence number is read).  It covers <from> only.
+# A position may hold a round still being read in parts:
+# "<from>|<to>|<last seq read>|<when <to> was taken, unix time>" (every entry of the
+# transactions visible in <to> but not in <from> up to that sequence number is read).
+# It covers <from> only.
 ROUND = "|"
 
 
-def open_round(start: str, end: str, seq: int) -> str:
-    return f"{start}{ROUND}{end}{ROUND}{seq}"
+def open_round(start: str, end: str, seq: int, taken: float) -> str:
+    return f"{start}{ROUND}{end}{ROUND}{seq}{ROUND}{taken:.3f}"
 
 
 def parse_position(position: str) -> tuple[str, str | None, int]:
     """(snapshot read up to, the round's end or None, the last sequence number read)."""
     if ROUND not in position:
         return position, None, 0
-    start, end, seq = position.split(ROUND)
+    start, end, seq, _ = position.split(ROUND)
     return start, end, int(seq)
+
+
+def round_taken(position: str) -> float:
+    """When the end snapshot of an open round was taken (unix time)."""
+    return float(position.split(ROUND)[3])
 
 
 def start_at(txid: int) -> str:

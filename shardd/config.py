@@ -231,6 +231,10 @@ class Settings:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"setting {name}: expected one of {', '.join(allowed)}")
+        if self.view_lease <= self.statement_timeout + 1.0:
+            # Applies stop statement_timeout + 0.5 s before a view lease ends; a lease
+            # no longer than that (and a renewal's worth) would leave them no time.
+            raise ValueError("setting view_lease: must exceed statement_timeout + 1 s")
 
     @classmethod
     def fields(cls) -> tuple[dataclasses.Field[Any], ...]:

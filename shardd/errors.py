@@ -213,6 +213,8 @@ _BY_SQLSTATE: dict[str, Callable[[asyncpg.PostgresError], Exception]] = {
     "SD412": _precondition_failed,
     "SD413": lambda exc: PayloadTooLarge(_message(exc), code="item_too_large"),
     "SD410": lambda exc: TableDeleting(_message(exc)),
+    # A view apply past its maintainer's lease (shardd/views/keeper.py): nothing applied.
+    "SD020": lambda exc: ApiError(_message(exc), status=503, code="view_lease_expired"),
     # Server-side timeouts of shardd's sessions: the statement was rolled back.
     "57014": lambda exc: Timeout(
         f"the shard cancelled the statement; nothing was applied: {_message(exc)}"

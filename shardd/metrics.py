@@ -134,6 +134,11 @@ VIEW_ROUND_FAILURES = Counter(
     "Maintenance rounds of a source shard that failed (retried from the same position)",
     ["shard"],
 )
+VIEW_HOLD_TIMEOUTS = Counter(
+    "shardd_view_hold_timeouts_total",
+    "Rounds that stopped waiting for a shard slots were moved from (order not ensured)",
+    ["shard"],
+)
 VIEW_BACKPRESSURE = Counter(
     "shardd_view_backpressure_total",
     "Writes slowed or refused because a view of their table lagged past max_view_lag",

@@ -27,8 +27,6 @@ import time
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-import asyncpg
-
 from . import catalog, errors, store
 from .cluster import Cluster
 from .topology import TableInfo
@@ -66,6 +64,30 @@ async def declare(
     return topology.tables[name], created
 
 
+async def fence_and_empty(cluster: Cluster, table: str, *, still: str) -> None:
+    """Step 2 of a deletion: fence the item table ``table`` on every shard primary and
+    delete its items in batches, within the request's deadline (503
+    ``deletion_incomplete``, saying ``still``, when it runs out: repeat to go on)."""
+    deadline = cluster.executor.deadline()
+    await cluster.data.on_every_primary(
+        lambda conn: store.fence_table(conn, table), deadline=deadline
+    )
+    while True:
+        if time.monotonic() > deadline - BATCH_MARGIN:
+            raise errors.ApiError(
+                f"{still}; repeat the DELETE to continue",
+                status=503,
+                code="deletion_incomplete",
+                headers={"Retry-After": "1"},
+            )
+        deleted = await cluster.data.on_every_primary(
+            lambda conn: store.delete_table_items(conn, table, batch=DELETE_BATCH),
+            deadline=deadline,
+        )
+        if not any(deleted):
+            return
+
+
 async def delete(cluster: Cluster, name: str, *, force: bool) -> None:
     """Delete a table and its items (see the module note); resumes a stopped deletion."""
     topology = cluster.watcher.require_topology()
@@ -91,26 +113,7 @@ async def delete(cluster: Cluster, name: str, *, force: bool) -> None:
         async with cluster.watcher.catalog_connection() as conn:
             await catalog.mark_table_deleting(conn, name)
         await cluster.watcher.refresh(force=True)
-    deadline = cluster.executor.deadline()
-
-    async def fence(conn: asyncpg.Connection) -> None:
-        await store.fence_table(conn, name)
-
-    await cluster.data.on_every_primary(fence, deadline=deadline)
-    while True:
-        if time.monotonic() > deadline - BATCH_MARGIN:
-            raise errors.ApiError(
-                f"table {name} still has items; repeat the DELETE to continue",
-                status=503,
-                code="deletion_incomplete",
-                headers={"Retry-After": "1"},
-            )
-        deleted = await cluster.data.on_every_primary(
-            lambda conn: store.delete_table_items(conn, name, batch=DELETE_BATCH),
-            deadline=deadline,
-        )
-        if not any(deleted):
-            break
+    await fence_and_empty(cluster, name, still=f"table {name} still has items")
     async with cluster.watcher.catalog_connection() as conn:
         await catalog.drop_table(conn, name)
     await cluster.watcher.refresh(force=True)

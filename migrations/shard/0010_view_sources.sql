@@ -1,6 +1,8 @@
 -- Views need an item's previous document to remove the row it had under an old view key.
--- Tables with views are listed here (by the view maintainer); for them the change log
--- keeps the replaced or deleted document in "old".  Other tables pay one index probe.
+-- Tables with views are listed here (by the view maintainer, which then copies a view
+-- only once every transaction older than the listing has ended); for them the change
+-- log keeps the replaced or deleted document in "old".  Other tables pay one index
+-- probe.
 CREATE TABLE shardd_view_sources (
     tbl     text COLLATE "C" PRIMARY KEY
 );
@@ -28,20 +30,6 @@ BEGIN
                 CASE WHEN keep_old THEN OLD.doc END);
     END IF;
     RETURN NULL;
-END $$;
-
--- Listing a view source waits for every write transaction in flight on the shard
--- (deletes too, which do not take the table's advisory lock): a SHARE lock on the item
--- table conflicts with the ROW EXCLUSIVE lock each holds until it ends.  Every write
--- whose change is logged after the listing commits keeps the replaced document.
-CREATE FUNCTION shardd_add_view_source(p_tbl text) RETURNS void
-LANGUAGE plpgsql AS $$
-BEGIN
-    IF EXISTS (SELECT 1 FROM shardd_view_sources WHERE tbl = p_tbl) THEN
-        RETURN;
-    END IF;
-    LOCK TABLE shardd_items IN SHARE MODE;
-    INSERT INTO shardd_view_sources (tbl) VALUES (p_tbl) ON CONFLICT (tbl) DO NOTHING;
 END $$;
 
 -- Apply view rows: each a put (doc set) or a removal (doc NULL) of (p_tbl, pk, sk), done

@@ -304,8 +304,13 @@ async def _views_done_with(cat: asyncpg.Connection, name: str, *, within: float)
     slots are gone, so nothing more is written there)."""
     topology = await catalog.load_topology(cat)
     shard = topology.shards.get(name)
-    if shard is None or shard.primary is None:
+    if shard is None or not any(v.state != "deleting" for v in topology.views.values()):
         return
+    if shard.primary is None:
+        raise MoveError(
+            f"{name} has no primary: the views' maintenance cannot confirm it applied"
+            f" {name}'s last changes; {name} is kept, without slots"
+        )
     async with admin.connect(shard.primary.dsn()) as conn:
         now = await changelog.position(conn)
     late = await progress.wait_applied(cat, name, now, within=within)

@@ -61,6 +61,7 @@ CONSUMER = "views"  # the change-log consumer that keeps what views have not app
 APPLY_CHUNK = 500  # rows per apply call
 BATCH = 5000  # changes read per round at most
 ADVANCE_EVERY = 10.0  # seconds between consumer advances of an idle shard
+HOLD_LIMIT = 30.0  # seconds a round waits at most for a shard it took slots from
 FAR_VERSION = 2**62  # a removal that no stored row is newer than
 # An apply is refused this long (plus statement_timeout, the longest one statement can
 # run after the check) before the lease ends, so none commits once another may hold it.
@@ -107,6 +108,7 @@ class Batch:
 
     changes: list[Change]
     after: str  # the position once these are applied
+    taken: float  # when (wall clock) the snapshot the round ends at was taken
 
 
 @dataclass
@@ -170,7 +172,9 @@ def plan_rows(
         key = (row.pk, row.sk)
         held = writes.get(key)
         if held is None or held.doc is None or held.version <= row.source_version or force:
-            writes[key] = ViewRowWrite(row.pk, row.sk, row.doc, row.source_version, force)
+            # A row forced for a re-created item stays forced when a join re-projects it.
+            forced = force or (held is not None and held.force)
+            writes[key] = ViewRowWrite(row.pk, row.sk, row.doc, row.source_version, forced)
 
     for (pk, sk), keyed in by_key.items():
         last = keyed[-1]
@@ -194,18 +198,10 @@ def plan_rows(
         if row is not None:
             put(row, force=created)
     for pk in rejoin:
-        for item in dependents.get((view.source, pk), ()):
-            row = project(
-                view,
-                item.doc,
-                pk=item.pk,
-                sk=item.sk,
-                version=item.version,
-                joined=joined.get(pk, {}),
-                max_key_bytes=max_key_bytes,
-            )
-            if row is not None:
-                put(row)
+        for row in source.rows_of(
+            view, dependents.get((view.source, pk), ()), joined, max_key_bytes=max_key_bytes
+        ):
+            put(row)
     return list(writes.values())
 
 
@@ -229,10 +225,21 @@ class ViewKeeper:
         self.executor = executor
         self.data = data
         data.admit_write = self.admit_write
-        self._listed: dict[str, tuple[str, frozenset[str]]] = {}  # shard -> (primary, sources)
+        # shard -> (primary, sources listed there, the xmax after the listing committed)
+        self._listed: dict[str, tuple[str, frozenset[str], int]] = {}
         self._advanced: dict[str, float] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        # (shard, view) -> its copy in progress: a copy runs beside the shard's rounds,
+        # which go on for the views already followed.
+        self._copies: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._expires: dict[str, datetime] = {}  # shard -> when its lease ends (catalog)
+        # shard -> the tenure of this instance's lease: it grows each time the lease is
+        # taken (not renewed), and work begun under an older tenure applies nothing.
+        self._tenure: dict[str, int] = {}
+        self._held_since: dict[tuple[str, str], float] = {}  # (shard, move source) -> since
+        # Whether the ``views`` consumers are known gone since the last view went (also
+        # checked once after a start: a consumer left by an earlier run holds trimming).
+        self._unregistered = False
 
     # -- the loop ----------------------------------------------------------------
 
@@ -248,22 +255,22 @@ class ViewKeeper:
             )
 
     async def close(self) -> None:
-        await self._stop(list(self._tasks))
+        """Stop following.  The leases are left to run out (an apply sent before the
+        stop may still commit until then); the other instances take them over after."""
+        await self._stop(list(set(self._tasks) | {shard for shard, _ in self._copies}))
         if self.watcher.topology is None or not self.settings.views:
             return
         try:
             async with self.watcher.catalog_connection() as conn:
                 await conn.execute(
-                    "DELETE FROM shardd_view_leases WHERE holder = $1", self.instance
-                )
-                await conn.execute(
                     "DELETE FROM shardd_view_keepers WHERE instance = $1", self.instance
                 )
-        except Exception:  # the leases lapse on their own
+        except Exception:  # an instance not seen for a lease no longer counts
             pass
 
     async def _stop(self, shards: list[str]) -> None:
         tasks = [self._tasks.pop(name) for name in shards if name in self._tasks]
+        tasks += [self._copies.pop(key) for key in list(self._copies) if key[0] in shards]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -273,16 +280,20 @@ class ViewKeeper:
         if topology is None:
             return
         views = live_views(topology)
+        if views:
+            self._unregistered = False
         await self._observe_lag(topology, views)
         if not views or not self.settings.views:
-            await self._stop(list(self._tasks))
-            if not topology.views and self._listed:
+            await self._stop(list(set(self._tasks) | {shard for shard, _ in self._copies}))
+            self._listed.clear()  # a view declared later lists its sources again
+            if not topology.views and not self._unregistered:
                 await self._unregister(topology)
             return
         held = await self._hold(sorted(topology.shards))
         # A shard no longer held is no longer followed here (its applies would be
         # refused anyway once the lease has run out).
-        await self._stop([name for name in self._tasks if name not in held])
+        followed = set(self._tasks) | {shard for shard, _ in self._copies}
+        await self._stop([name for name in followed if name not in held])
         for name in held:
             task = self._tasks.get(name)
             if task is None or task.done():
@@ -292,20 +303,28 @@ class ViewKeeper:
 
     async def _unregister(self, topology: Topology) -> None:
         """No view is left: the ``views`` consumer no longer holds back trimming.  (If
-        a view was declared meanwhile, its maintainer finds the consumer gone and copies
-        the shard again.)"""
+        a view was declared meanwhile, its maintainer finds the consumer gone and
+        registers it again where its views are.)"""
         async with self.watcher.catalog_connection() as conn:
             if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM shardd_views)"):
-                return
+                return  # declared meanwhile
 
         async def work(conn: asyncpg.Connection) -> None:
             await changelog.unregister(conn, CONSUMER)
 
+        done = True
         for shard in topology.shards.values():
-            await self.executor.write(
-                shard, work, epoch=topology.epoch, deadline=self.executor.deadline()
-            )
-        self._listed.clear()
+            if shard.primary is None:  # on a later round
+                done = False
+                continue
+            try:
+                await self.executor.write(
+                    shard, work, epoch=topology.epoch, deadline=self.executor.deadline()
+                )
+            except errors.ApiError as exc:
+                log.warning("views: cannot unregister on %s: %s", shard.name, exc.message)
+                done = False
+        self._unregistered = done
 
     async def _follow_once(self, name: str) -> None:
         topology = self.watcher.require_topology()
@@ -313,7 +332,7 @@ class ViewKeeper:
         if shard is None or shard.primary is None:
             return
         try:
-            await self.follow(topology, shard)
+            await self.follow(topology, shard, self._tenure.get(name, 0))
         except Exception as exc:
             metrics.VIEW_ROUND_FAILURES.labels(name).inc()
             log.warning("views: round on %s failed: %s", name, exc)
@@ -358,14 +377,17 @@ class ViewKeeper:
                 self.settings.view_lease,
             )
         for row in held:
+            if row["shard"] not in mine:
+                self._tenure[row["shard"]] = self._tenure.get(row["shard"], 0) + 1
             self._expires[row["shard"]] = row["expires_at"]
         return [row["shard"] for row in held]
 
-    def _not_after(self, shard: str) -> datetime:
-        """The time after which this instance's applies for ``shard`` are refused."""
+    def _not_after(self, shard: str, tenure: int) -> datetime:
+        """The time after which this instance's applies for ``shard`` are refused; work
+        begun under another tenure of the lease gets none."""
         expires = self._expires.get(shard)
-        if expires is None:
-            raise LeaseLost(f"no view lease on {shard}")
+        if expires is None or self._tenure.get(shard) != tenure:
+            raise LeaseLost(f"the view lease of {shard} changed hands since this work began")
         return expires - LEASE_MARGIN - timedelta(seconds=self.settings.statement_timeout)
 
     async def _observe_lag(self, topology: Topology, views: list[ViewInfo]) -> None:
@@ -393,112 +415,220 @@ class ViewKeeper:
 
     # -- one source shard --------------------------------------------------------
 
-    async def follow(self, topology: Topology, shard: Shard) -> None:
-        """One round on ``shard``: backfill what needs it, else apply the next batch."""
+    async def follow(self, topology: Topology, shard: Shard, tenure: int) -> None:
+        """One round on ``shard``: start copies for the views without a position there,
+        copy the slots a view's copies left out, and apply the next batch for the views
+        already followed."""
         views = live_views(topology)
         await self._list_sources(topology, shard, views)
         async with self.watcher.catalog_connection() as conn:
             every = await catalog.view_positions(conn)
+            covered = {
+                row["name"]: set(row["covered"])
+                for row in await conn.fetch(
+                    "SELECT name, covered FROM shardd_views WHERE state = $1",
+                    catalog.VIEW_BACKFILLING,
+                )
+            }
         stored = {str(row["view"]): row for row in every if row["shard"] == shard.name}
         for view in views:
             if view.name not in stored:
-                await self.backfill(view, shard)
-                return  # the next round goes on from the new position
+                self._copy(view, shard, tenure, slots=None)
+            elif view.name in covered:
+                mine = {
+                    slot
+                    for slot, owner in enumerate(topology.slot_map)
+                    if owner == shard.name and slot not in covered[view.name]
+                }
+                if mine:
+                    self._copy(view, shard, tenure, slots=sorted(mine))
+        following = [v for v in views if v.name in stored]
+        if following:
+            await self._follow_batch(topology, shard, following, stored, every, tenure)
+        await self._activate(topology, views)
+
+    def _copy(self, view: ViewInfo, shard: Shard, tenure: int, *, slots: list[int] | None) -> None:
+        """Start copying ``view``'s rows of ``shard`` (of ``slots`` only: the view is
+        followed there already) beside the shard's rounds, unless a copy runs."""
+        key = (shard.name, view.name)
+        running = self._copies.get(key)
+        if running is not None and not running.done():
+            return
+
+        async def copy() -> None:
+            try:
+                await self.backfill(view, shard, tenure, slots=slots)
+            except Exception as exc:  # the next round starts it again
+                metrics.VIEW_ROUND_FAILURES.labels(shard.name).inc()
+                log.warning("views: copying %s from %s failed: %s", view.name, shard.name, exc)
+
+        self._copies[key] = asyncio.create_task(copy(), name=f"views-copy-{key}")
+
+    async def _follow_batch(
+        self,
+        topology: Topology,
+        shard: Shard,
+        views: list[ViewInfo],
+        stored: dict[str, Any],
+        every: list[dict[str, object]],
+        tenure: int,
+    ) -> None:
         positions: Positions = {
             v.name: (str(stored[v.name]["position"]), _text(stored[v.name]["replaced"]))
             for v in views
         }
-        started = time.monotonic()
         reading = await self._read(shard, views, positions)
         if reading.lost:
             await self._forget(shard, "its change log was trimmed past the views' positions")
             return
         other = [v for v in views if stored[v.name]["origin"] != reading.origin]
         if other:
-            await self._restart(shard, other, reading.origin, stored)
+            await self._restart(shard, other, reading.origin, stored, tenure)
             return
+        if await self._held_back(topology, shard, views, reading, every):
+            return
+        await self._apply(topology, shard, views, positions, reading, tenure)
+
+    async def _held_back(
+        self,
+        topology: Topology,
+        shard: Shard,
+        views: list[ViewInfo],
+        reading: Reading,
+        every: list[dict[str, object]],
+    ) -> bool:
+        """Whether this round waits for a shard that ``shard`` took slots from: a key's
+        changes there are older than its changes here.  The wait is bounded
+        (``HOLD_LIMIT``): past it the round goes on (logged and counted), so two shards
+        that moved slots to each other cannot wait for one another for good."""
         touched = {c.slot for c in reading.changes()}
-        if touched:
-            async with self.watcher.catalog_connection() as conn:
-                moves = await progress.incoming(conn, shard.name)
-            waiting = progress.held_back(
-                moves,
-                touched,
-                {(str(r["view"]), str(r["shard"])): str(r["position"]) for r in every},
-                [v.name for v in views],
-                topology.shards,
+        if not touched:
+            return False
+        async with self.watcher.catalog_connection() as conn:
+            moves = await progress.incoming(conn, shard.name)
+        waiting = progress.held_back(
+            moves,
+            touched,
+            {(str(r["view"]), str(r["shard"])): str(r["position"]) for r in every},
+            [v.name for v in views],
+            [name for name, s in topology.shards.items() if s.primary is not None],
+        )
+        now = time.monotonic()
+        for name in list(self._held_since):
+            if name[0] == shard.name and name[1] not in waiting:
+                del self._held_since[name]
+        late = []
+        for source_shard in waiting:
+            since = self._held_since.setdefault((shard.name, source_shard), now)
+            if now - since > HOLD_LIMIT:
+                late.append(source_shard)
+        if late:
+            metrics.VIEW_HOLD_TIMEOUTS.labels(shard.name).inc()
+            log.warning(
+                "views: %s waited %.0f s for %s's changes; going on (run shardctl views verify)",
+                shard.name,
+                HOLD_LIMIT,
+                ", ".join(late),
             )
-            if waiting:
-                # Slots moved in from these shards: their older changes go first.
-                log.info("views: %s waits for %s's changes", shard.name, ", ".join(waiting))
-                return
-        await self._apply(topology, shard, views, positions, reading, started)
-        await self._activate(topology, views)
+        if set(waiting) - set(late):
+            log.debug("views: %s waits for %s's changes", shard.name, ", ".join(waiting))
+            return True
+        return False
 
     async def _list_sources(self, topology: Topology, shard: Shard, views: list[ViewInfo]) -> None:
+        """List the views' source tables on the shard and register the ``views``
+        consumer.  The listing commits without locks; a copy waits until every
+        transaction older than it has ended (see :meth:`_wait_listed`)."""
         primary = shard.primary.name if shard.primary is not None else ""
         sources = frozenset(v.source for v in views)
-        if self._listed.get(shard.name) == (primary, sources):
+        listed = self._listed.get(shard.name)
+        if listed is not None and listed[:2] == (primary, sources):
             return
 
-        async def work(conn: asyncpg.Connection) -> None:
+        async def work(conn: asyncpg.Connection) -> int:
             async with conn.transaction():
                 for table in sorted(sources):
-                    await conn.execute("SELECT shardd_add_view_source($1)", table)
+                    await conn.execute(
+                        "INSERT INTO shardd_view_sources (tbl) VALUES ($1)"
+                        " ON CONFLICT (tbl) DO NOTHING",
+                        table,
+                    )
                 await conn.execute(
                     "INSERT INTO shardd_consumers (name, position)"
                     " VALUES ($1, pg_current_snapshot()) ON CONFLICT (name) DO NOTHING",
                     CONSUMER,
                 )
+            # Every transaction from here on started after the listing committed.
+            return int(await conn.fetchval("SELECT pg_snapshot_xmax(pg_current_snapshot())::text"))
 
-        await self.executor.write(
+        xmax, _ = await self.executor.write(
             shard, work, epoch=topology.epoch, deadline=self.executor.deadline()
         )
-        self._listed[shard.name] = (primary, sources)
+        self._listed[shard.name] = (primary, sources, xmax)
 
-    async def backfill(self, view: ViewInfo, shard: Shard) -> int:
-        """Copy ``view``'s rows of the items on ``shard`` and record the position they
-        are as of; returns the rows written."""
+    async def _wait_listed(self, conn: asyncpg.Connection, shard: str, deadline: float) -> None:
+        """Before a copy takes its snapshot: every write that began before the source
+        tables were listed has ended (so its effect is in the copy, and every later
+        change keeps the document it replaced)."""
+        listed = self._listed.get(shard)
+        if listed is None:
+            raise LeaseLost(f"the view sources of {shard} are not listed yet")
+        while True:
+            oldest = int(
+                await conn.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
+            )
+            if oldest >= listed[2]:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"a transaction older than the view listing is open on {shard}")
+            await asyncio.sleep(0.1)
+
+    async def backfill(
+        self, view: ViewInfo, shard: Shard, tenure: int, *, slots: list[int] | None = None
+    ) -> int:
+        """Copy ``view``'s rows of the items on ``shard`` (of ``slots`` only, for a view
+        followed there already: its position stays) and record the position they are as
+        of and the slots they cover; returns the rows written."""
         started = time.monotonic()
         deadline = started + self.settings.view_backfill_timeout
         definition = view.definition
         key_bytes = self.settings.max_key_bytes
 
         async def work(conn: asyncpg.Connection) -> tuple[str, str, int, list[int]]:
+            await self._wait_listed(conn, shard.name, deadline)
             written = 0
             async with conn.transaction(isolation="repeatable_read", readonly=True):
                 position = await changelog.position(conn)
                 history = await changelog.origin(conn)
-                covered = await source.answered(conn)
-                after = ("", "")
-                while True:
-                    items = await source.source_page(conn, definition.source, after)
-                    if not items:
-                        break
-                    joins = await source.joined(conn, [definition], (i.pk for i in items))
-                    found = source.rows_of(definition, items, joins, max_key_bytes=key_bytes)
+                answered = await source.answered(conn)
+                covered = answered if slots is None else sorted(set(slots) & set(answered))
+                async for found in source.row_pages(
+                    conn, definition, max_key_bytes=key_bytes, slots=covered
+                ):
                     written += await self._write(
                         view,
                         shard.name,
                         [ViewRowWrite(r.pk, r.sk, r.doc, r.source_version) for r in found],
+                        tenure,
                     )
-                    after = (items[-1].pk, items[-1].sk)
             return position, history, written, covered
 
         (position, history, written, covered), _ = await self.executor.read(
             shard, work, consistency="strong", min_lsn=None, deadline=deadline
         )
-        await self._save(
-            view.name,
-            shard.name,
-            position,
-            history,
-            time.monotonic() - started,
-            batch=0,
-            applied=written,
-            create=True,
-        )
-        async with self.watcher.catalog_connection() as conn:
+        async with self.watcher.catalog_connection() as conn, conn.transaction():
+            if slots is None:
+                await self._save(
+                    view.name,
+                    shard.name,
+                    position,
+                    history,
+                    time.monotonic() - started,
+                    batch=0,
+                    applied=written,
+                    expected=None,
+                    conn=conn,
+                )
             await conn.execute(
                 "UPDATE shardd_views SET covered ="
                 " ARRAY(SELECT DISTINCT s FROM unnest(covered || $2::int[]) s ORDER BY s)"
@@ -507,11 +637,22 @@ class ViewKeeper:
                 covered,
             )
         metrics.VIEW_ROWS_APPLIED.labels(view.name).inc(written)
-        log.info("views: %s backfilled from %s (%s rows)", view.name, shard.name, written)
+        log.info(
+            "views: %s copied from %s (%s rows, %s slots)",
+            view.name,
+            shard.name,
+            written,
+            len(covered),
+        )
         return written
 
     async def _restart(
-        self, shard: Shard, views: list[ViewInfo], origin: str, stored: dict[str, Any]
+        self,
+        shard: Shard,
+        views: list[ViewInfo],
+        origin: str,
+        stored: dict[str, Any],
+        tenure: int,
     ) -> None:
         """The shard's primary writes another history than the positions were taken on:
         read its log again from the start of what it retains (applies are idempotent)."""
@@ -534,16 +675,19 @@ class ViewKeeper:
             origin,
             ", ".join(v.name for v in views),
         )
+        self._not_after(shard.name, tenure)  # still ours
         for view in views:
+            old = str(stored[view.name]["position"])
             await self._save(
                 view.name,
                 shard.name,
                 start,
                 origin,
-                0.0,
+                None,  # the lag goes on growing until the log has been read again
                 batch=0,
                 applied=0,
-                replaced=changelog.parse_position(str(stored[view.name]["position"]))[0]
+                expected=old,
+                replaced=changelog.parse_position(old)[0]
                 if stored[view.name]["replaced"] is None
                 else str(stored[view.name]["replaced"]),
             )
@@ -556,6 +700,7 @@ class ViewKeeper:
 
         async def work(conn: asyncpg.Connection) -> Reading:
             async with conn.transaction(isolation="repeatable_read", readonly=True):
+                taken = time.time()
                 now = await changelog.position(conn)
                 reading = Reading(await changelog.origin(conn), {})
                 answered = await source.answered(conn)
@@ -564,17 +709,19 @@ class ViewKeeper:
                         reading.lost = True
                         return reading
                     start, end, seq = changelog.parse_position(old)
+                    # A round read in parts: its end snapshot, and when it was taken.
+                    end_at = changelog.round_taken(old) if end is not None else taken
                     end = end or now
                     rows = await conn.fetch(
                         _CHANGES, start, end, tables, seq, BATCH, replaced, answered
                     )
                     changes = [_change(r) for r in rows]
                     after = (
-                        changelog.open_round(start, end, changes[-1].seq)
+                        changelog.open_round(start, end, changes[-1].seq, end_at)
                         if len(changes) == BATCH
                         else end
                     )
-                    reading.batches[(old, replaced)] = Batch(changes, after)
+                    reading.batches[(old, replaced)] = Batch(changes, after, end_at)
                 every = reading.changes()
                 if not every:
                     return reading
@@ -637,7 +784,9 @@ class ViewKeeper:
                         break
                     after = items[-1].sk
 
-    async def _write(self, view: ViewInfo, shard: str, writes: list[ViewRowWrite]) -> int:
+    async def _write(
+        self, view: ViewInfo, shard: str, writes: list[ViewRowWrite], tenure: int
+    ) -> int:
         """Apply row writes in chunks, each under a deadline of its own and this
         instance's lease on the source shard."""
         written = 0
@@ -646,7 +795,7 @@ class ViewKeeper:
                 table=view.rows_table,
                 rows=writes[start : start + APPLY_CHUNK],
                 deadline=self.executor.deadline(),
-                not_after=self._not_after(shard),
+                not_after=self._not_after(shard, tenure),
             )
         return written
 
@@ -657,7 +806,7 @@ class ViewKeeper:
         views: list[ViewInfo],
         positions: Positions,
         reading: Reading,
-        started: float,
+        tenure: int,
     ) -> None:
         applied: dict[str, int] = {}
         for view in views:
@@ -668,22 +817,27 @@ class ViewKeeper:
                 dependents=reading.dependents,
                 max_key_bytes=self.settings.max_key_bytes,
             )
-            applied[view.name] = await self._write(view, shard.name, writes)
+            applied[view.name] = await self._write(view, shard.name, writes, tenure)
             if applied[view.name]:
                 metrics.VIEW_ROWS_APPLIED.labels(view.name).inc(applied[view.name])
         now = datetime.now(UTC)
         for change in reading.changes():
             metrics.VIEW_PROPAGATION_SECONDS.observe(max(0.0, (now - change.at).total_seconds()))
+        self._not_after(shard.name, tenure)  # still ours
         for view in views:
             batch = reading.batches[positions[view.name]]
+            # While a round is read in parts the view is as far behind as its start:
+            # the age stays; once it ends, the view is as old as the round's end.
+            closed = changelog.ROUND not in batch.after
             await self._save(
                 view.name,
                 shard.name,
                 batch.after,
                 reading.origin,
-                time.monotonic() - started,
+                max(0.0, time.time() - batch.taken) if closed else None,
                 batch=len(batch.changes),
                 applied=applied[view.name],
+                expected=positions[view.name][0],
             )
         await self._advance(topology, shard, reading)
 
@@ -697,22 +851,31 @@ class ViewKeeper:
             key=lambda snapshot: int(snapshot.split(":", 1)[0]),
         )
 
-        async def work(conn: asyncpg.Connection) -> None:
-            await changelog.advance(conn, CONSUMER, oldest)
+        async def work(conn: asyncpg.Connection) -> bool:
+            """Advance the consumer; if it was dropped (expired, or unregistered when no
+            view was left), register it again where the views are, unless the log was
+            trimmed past that meanwhile (False: the views must copy again)."""
+            try:
+                await changelog.advance(conn, CONSUMER, oldest)
+                return True
+            except changelog.ConsumerExpired:
+                if await changelog.trimmed_past(conn, oldest):
+                    return False
+                await changelog.register(conn, CONSUMER, oldest)
+                return True
 
-        try:
-            await self.executor.write(
-                shard, work, epoch=topology.epoch, deadline=self.executor.deadline()
-            )
-        except changelog.ConsumerExpired:
-            await self._forget(shard, "its change-log consumer expired")
+        kept, _ = await self.executor.write(
+            shard, work, epoch=topology.epoch, deadline=self.executor.deadline()
+        )
+        if not kept:
+            await self._forget(shard, "its change-log consumer expired and the log was trimmed")
             return
         self._advanced[shard.name] = time.monotonic()
 
     async def _forget(self, shard: Shard, why: str) -> None:
-        """The log may have lost entries the views had not applied: copy them again.
-        (A copy writes the rows the items make now; rows of items deleted in the lost
-        entries stay until ``shardctl views repair``.)"""
+        """The log lost entries the views had not applied: copy them again.  (A copy
+        writes the rows the items make now; rows of items deleted in the lost entries
+        stay until ``shardctl views repair``.)"""
         log.warning(
             "views: %s: %s; copying every view again (run shardctl views verify)", shard.name, why
         )
@@ -726,71 +889,66 @@ class ViewKeeper:
         shard: str,
         position: str,
         history: str,
-        age: float,
+        age: float | None,
         *,
         batch: int,
         applied: int,
-        create: bool = False,
+        expected: str | None,
         replaced: str | None = None,
+        conn: asyncpg.Connection | None = None,
     ) -> None:
         """Record a view's position on a shard, only while this instance holds the
-        shard's lease (a lapsed holder's late save would move another's position on).
-        Only a backfill creates a position: a save that finds none (a rebuild dropped
-        it meanwhile) changes nothing.  ``age``: seconds since the snapshot was taken."""
-        conflict = (
-            " ON CONFLICT (view, shard) DO UPDATE SET position = excluded.position,"
-            " origin = excluded.origin, taken_at = excluded.taken_at,"
-            " last_batch = excluded.last_batch, applied = p.applied + excluded.applied,"
-            " updated_at = now()"
-        )
+        shard's lease, and only over the position the work began from (``expected``;
+        None: a copy creates the position, where there is none).  So a late save of
+        work begun under an earlier lease, or before a rebuild dropped the position,
+        changes nothing.  ``age``: seconds since the position's snapshot was taken
+        (None: unchanged)."""
         held = (
-            " EXISTS (SELECT 1 FROM shardd_view_leases WHERE shard = $2"
+            "EXISTS (SELECT 1 FROM shardd_view_leases WHERE shard = $2"
             " AND holder = $8 AND expires_at > now())"
         )
-        async with self.watcher.catalog_connection() as conn:
-            if create:
-                row = await conn.fetchrow(
-                    "INSERT INTO shardd_view_positions AS p"
-                    " (view, shard, position, origin, taken_at, last_batch, applied)"
-                    " SELECT $1, $2, $3, $4, now() - make_interval(secs => $5), $6, $7"
-                    f" WHERE {held} AND EXISTS (SELECT 1 FROM shardd_views WHERE name = $1)"
-                    f"{conflict} RETURNING 1",
-                    view,
-                    shard,
-                    position,
-                    history,
-                    age,
-                    batch,
-                    applied,
-                    self.instance,
-                )
-            else:
-                # A replay ends with the round it started: then the old position is
-                # no longer needed ($9 NULL and $10: the position is a plain one).
-                row = await conn.fetchrow(
-                    "UPDATE shardd_view_positions AS p SET position = $3, origin = $4,"
-                    " taken_at = now() - make_interval(secs => $5), last_batch = $6,"
-                    " applied = p.applied + $7, updated_at = now(),"
-                    " replaced = CASE WHEN $9::text IS NOT NULL THEN $9"
-                    " WHEN $10 THEN NULL ELSE p.replaced END"
-                    f" WHERE view = $1 AND shard = $2 AND {held} RETURNING 1",
-                    view,
-                    shard,
-                    position,
-                    history,
-                    age,
-                    batch,
-                    applied,
-                    self.instance,
-                    replaced,
-                    changelog.ROUND not in position,
-                )
+        args: tuple[object, ...] = (
+            view,
+            shard,
+            position,
+            history,
+            age,
+            batch,
+            applied,
+            self.instance,
+        )
+        if expected is None:
+            sql = (
+                "INSERT INTO shardd_view_positions"
+                " (view, shard, position, origin, taken_at, last_batch, applied)"
+                " SELECT $1, $2, $3, $4, now() - make_interval(secs => $5), $6, $7"
+                f" WHERE {held} AND EXISTS (SELECT 1 FROM shardd_views WHERE name = $1)"
+                " ON CONFLICT (view, shard) DO NOTHING RETURNING 1"
+            )
+        else:
+            # A replay ends with the round it started: then the old position is no
+            # longer needed ($10 NULL, $11: the new position is a plain one).
+            sql = (
+                "UPDATE shardd_view_positions AS p SET position = $3, origin = $4,"
+                " taken_at = coalesce(now() - make_interval(secs => $5), p.taken_at),"
+                " last_batch = $6, applied = p.applied + $7, updated_at = now(),"
+                " replaced = CASE WHEN $10::text IS NOT NULL THEN $10"
+                " WHEN $11 THEN NULL ELSE p.replaced END"
+                f" WHERE view = $1 AND shard = $2 AND position = $9 AND {held} RETURNING 1"
+            )
+            args += (expected, replaced, changelog.ROUND not in position)
+        if conn is not None:
+            row = await conn.fetchrow(sql, *args)
+        else:
+            async with self.watcher.catalog_connection() as own:
+                row = await own.fetchrow(sql, *args)
         if row is None:
-            raise LeaseLost(f"the view lease of {shard} or the position of {view} is gone")
+            raise LeaseLost(f"the view lease of {shard} or the position of {view} moved on")
 
     async def _activate(self, topology: Topology, views: list[ViewInfo]) -> None:
         """Mark views active once every shard has a position for them and their copies
-        have read every slot; a slot none has read is copied again by its owner."""
+        have read every slot (the owners of slots none has read copy them: see
+        :meth:`follow`)."""
         waiting = [v for v in views if v.state == catalog.VIEW_BACKFILLING]
         if not waiting:
             return
@@ -800,22 +958,10 @@ class ViewKeeper:
                 followed = {str(p["shard"]) for p in positions if p["view"] == view.name}
                 if not set(topology.shards) <= followed:
                     continue
-                covered = set(
-                    await conn.fetchval(
-                        "SELECT covered FROM shardd_views WHERE name = $1", view.name
-                    )
-                    or ()
+                covered = await conn.fetchval(
+                    "SELECT cardinality(covered) FROM shardd_views WHERE name = $1", view.name
                 )
-                missing = set(range(topology.slot_count)) - covered
-                if missing:
-                    owners = sorted({o for s in missing if (o := topology.slot_map[s]) is not None})
-                    log.info("views: %s copies %s again (slots moved)", view.name, owners)
-                    await conn.execute(
-                        "DELETE FROM shardd_view_positions WHERE view = $1"
-                        " AND shard = ANY($2::text[])",
-                        view.name,
-                        owners,
-                    )
+                if covered != topology.slot_count:
                     continue
                 if await catalog.set_view_state(
                     conn, view.name, old=catalog.VIEW_BACKFILLING, new=catalog.VIEW_ACTIVE

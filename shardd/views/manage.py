@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from .. import catalog, changelog, errors, store, tables
+from .. import catalog, changelog, errors, tables
 from ..cluster import Cluster
 from ..dataplane import ViewRowWrite
 from ..topology import Topology, ViewInfo
@@ -99,25 +99,7 @@ async def delete(cluster: Cluster, view: ViewInfo) -> None:
         async with cluster.watcher.catalog_connection() as conn:
             await catalog.mark_view_deleting(conn, view.name)
         await cluster.watcher.refresh(force=True)
-    table = view.rows_table
-    deadline = cluster.executor.deadline()
-    await cluster.data.on_every_primary(
-        lambda conn: store.fence_table(conn, table), deadline=deadline
-    )
-    while True:
-        if time.monotonic() > deadline - tables.BATCH_MARGIN:
-            raise errors.ApiError(
-                f"view {view.name} still has rows; repeat the DELETE to continue",
-                status=503,
-                code="deletion_incomplete",
-                headers={"Retry-After": "1"},
-            )
-        deleted = await cluster.data.on_every_primary(
-            lambda conn: store.delete_table_items(conn, table, batch=tables.DELETE_BATCH),
-            deadline=deadline,
-        )
-        if not any(deleted):
-            break
+    await tables.fence_and_empty(cluster, view.rows_table, still=f"view {view.name} still has rows")
     async with cluster.watcher.catalog_connection() as conn:
         await catalog.drop_view(conn, view.name)
     await cluster.watcher.refresh(force=True)
@@ -172,14 +154,8 @@ async def _expected(
             found: list[definition.Row] = []
             async with conn.transaction(isolation="repeatable_read", readonly=True):
                 position = await changelog.position(conn)
-                after = ("", "")
-                while True:
-                    items = await source.source_page(conn, view.source, after)
-                    if not items:
-                        break
-                    joins = await source.joined(conn, [view], (i.pk for i in items))
-                    found.extend(source.rows_of(view, items, joins, max_key_bytes=key_bytes))
-                    after = (items[-1].pk, items[-1].sk)
+                async for page in source.row_pages(conn, view, max_key_bytes=key_bytes):
+                    found.extend(page)
             return position, found
 
         (position, found), _ = await cluster.executor.read(
@@ -302,4 +278,4 @@ async def rebuild(cluster: Cluster, view: ViewInfo) -> Report:
             f"view {view.name} is still being copied", status=504, code="rebuild_incomplete"
         )
     fresh = await cluster.watcher.refresh(force=True)
-    return await verify(cluster, fresh.views[view.name], repair=True)
+    return await verify(cluster, find(fresh, None, view.name), repair=True)

@@ -77,8 +77,11 @@ def held_back(
         if source not in live or not (moved & slots):
             continue
         for view in names:
+            # A view without a position on the source is still copying it (a copy reads
+            # the slots the source answers for when it runs, and the view turns active
+            # only once its copies covered every slot): it does not hold anything back.
             position = positions.get((view, source))
-            if position is None or not changelog.covers(position, drained):
+            if position is not None and not changelog.covers(position, drained):
                 waiting.append(source)
                 break
     return sorted(set(waiting))

@@ -8,7 +8,7 @@ copied in) are left out; :func:`owned` says which slots it does.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ SELECT i.pk, i.sk, i.version, i.doc::text AS doc
 FROM shardd_items i
 JOIN shardd_slots s ON s.slot = i.slot AND s.state IN ('owned', 'frozen')
 WHERE i.tbl = $1 AND (i.pk, i.sk) > ($2, $3)
+  AND ($5::int[] IS NULL OR i.slot = ANY($5::int[]))
 ORDER BY i.pk, i.sk
 LIMIT $4
 """
@@ -66,10 +67,18 @@ async def answered(conn: asyncpg.Connection) -> list[int]:
 
 
 async def source_page(
-    conn: asyncpg.Connection, table: str, after: tuple[str, str], limit: int = PAGE
+    conn: asyncpg.Connection,
+    table: str,
+    after: tuple[str, str],
+    limit: int = PAGE,
+    *,
+    slots: Sequence[int] | None = None,
 ) -> list[SourceItem]:
-    """The next items of ``table`` on this shard in (pk, sk) order, of answered slots."""
-    rows = await conn.fetch(_SOURCE_PAGE, table, after[0], after[1], limit)
+    """The next items of ``table`` on this shard in (pk, sk) order, of answered slots
+    (of ``slots`` only, if given)."""
+    rows = await conn.fetch(
+        _SOURCE_PAGE, table, after[0], after[1], limit, list(slots) if slots is not None else None
+    )
     return [SourceItem(r["pk"], r["sk"], r["version"], orjson.loads(r["doc"])) for r in rows]
 
 
@@ -93,6 +102,25 @@ async def joined(conn: asyncpg.Connection, views: Sequence[ViewDef], pks: Iterab
     for row in rows:
         found.setdefault(row["pk"], {})[(row["tbl"], row["sk"])] = orjson.loads(row["doc"])
     return found
+
+
+async def row_pages(
+    conn: asyncpg.Connection,
+    view: ViewDef,
+    *,
+    max_key_bytes: int,
+    slots: Sequence[int] | None = None,
+) -> AsyncIterator[list[Row]]:
+    """The view rows of every source item on this shard (of the slots it answers for;
+    of ``slots`` only, if given), a page at a time, in the caller's snapshot."""
+    after = ("", "")
+    while True:
+        items = await source_page(conn, view.source, after, slots=slots)
+        if not items:
+            return
+        joins = await joined(conn, [view], (i.pk for i in items))
+        yield rows_of(view, items, joins, max_key_bytes=max_key_bytes)
+        after = (items[-1].pk, items[-1].sk)
 
 
 def rows_of(

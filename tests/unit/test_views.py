@@ -150,6 +150,19 @@ def test_snapshot_coverage() -> None:
     assert changelog.covers("30:40:35", "10:20:")
 
 
+def test_a_forced_row_stays_forced_when_a_join_re_projects_it() -> None:
+    a = {"product_id": "A", "created_at": "t", "qty": 1, "status": "paid"}
+    changes = [
+        change("delete", "u1", "o7", 7, None, old=a),
+        change("put", "u1", "o7", 1, a, old=None),  # created anew
+        change("put", "u1", "", 3, {"name": "Bob"}, old={"name": "Ann"}, tbl="users"),
+    ]
+    dependents = {("orders", "u1"): [SourceItem("u1", "o7", 1, a)]}
+    joined = {"u1": {("users", ""): {"name": "Bob"}}}
+    writes = plan_rows(view(), changes, joined=joined, dependents=dependents, max_key_bytes=1024)
+    assert [(w.version, w.force, w.doc["item"]["user_name"]) for w in writes] == [(1, True, "Bob")]
+
+
 def test_a_moved_in_slot_waits_for_its_source_to_be_applied() -> None:
     from shardd.views.progress import held_back
 
@@ -160,12 +173,13 @@ def test_a_moved_in_slot_waits_for_its_source_to_be_applied() -> None:
     assert held_back(moves, {7}, applied, ["v", "w"], ["s1", "s2"]) == []  # source gone
     caught_up = {("v", "s1"): "12:14:", ("w", "s1"): "12:12:"}
     assert held_back(moves, {1}, caught_up, ["v", "w"], ["s1", "s2"]) == []
-    assert held_back(moves, {1}, caught_up, ["v", "w", "new"], ["s1"]) == ["s1"]  # no position
+    assert held_back(moves, {1}, caught_up, ["v", "w", "new"], ["s1"]) == []  # still copying
 
 
 def test_open_rounds_cover_only_where_they_started() -> None:
-    position = changelog.open_round("10:20:", "30:40:", 17)
+    position = changelog.open_round("10:20:", "30:40:", 17, 1700000000.25)
     assert changelog.parse_position(position) == ("10:20:", "30:40:", 17)
+    assert changelog.round_taken(position) == 1700000000.25
     assert changelog.covers(position, "10:20:")
     assert not changelog.covers(position, "25:26:")
     assert changelog.parse_position("10:20:") == ("10:20:", None, 0)
