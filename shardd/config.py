@@ -173,6 +173,12 @@ class Settings:
     shutdown_timeout: float = _setting(
         10.0, "Seconds a stopping server waits for in-flight requests to finish."
     )
+    shutdown_drain: float = _setting(
+        0.0,
+        "Seconds a stopping server keeps serving with /readyz answering 503 before it "
+        "closes its listener: behind a load balancer, more than its health check's "
+        "interval x failures (deploy/haproxy.cfg: 2 s).",
+    )
     node_addresses: tuple[str, ...] = _setting(
         (),
         "This instance's own addresses for some nodes, as NODE=HOST:PORT, where it reaches "

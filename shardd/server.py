@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
+import signal
 from typing import Any
 
 import click
@@ -11,6 +13,7 @@ from aiohttp import web
 
 from . import config, logs
 from .api.app import make_app
+from .api.keys import CLUSTER
 
 log = logging.getLogger("shardd")
 
@@ -70,14 +73,31 @@ def main(config_file: str | None, **flags: Any) -> None:
     check_exposure(settings)
     logs.setup(settings.log_level)
     log.info("shardd listening on %s:%s", settings.host, settings.port)
-    web.run_app(
-        make_app(settings),
-        host=settings.host,
-        port=settings.port,
-        shutdown_timeout=settings.shutdown_timeout,
-        access_log=None,
-        print=None,
-    )
+    asyncio.run(serve(settings))
+
+
+async def serve(settings: config.Settings) -> None:
+    """Serve until SIGTERM or SIGINT; then drain: ``/readyz`` answers 503 for
+    ``shutdown_drain`` seconds while requests are still served (a load balancer stops
+    sending new ones), then the listener closes and requests in flight get
+    ``shutdown_timeout`` seconds to finish."""
+    app = make_app(settings)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.shutdown_timeout)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await web.TCPSite(runner, settings.host, settings.port).start()
+        await stop.wait()
+        if settings.shutdown_drain > 0:
+            log.info("stopping: not ready, serving for %.1f s more", settings.shutdown_drain)
+            app[CLUSTER].watcher.draining = True
+            await asyncio.sleep(settings.shutdown_drain)
+        log.info("stopping: listener closed, finishing requests in flight")
+    finally:
+        await runner.cleanup()
 
 
 if __name__ == "__main__":

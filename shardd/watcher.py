@@ -58,6 +58,9 @@ class TopologyWatcher:
         self._write_ended = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
+        # Set when the instance stops: /readyz answers 503 while it still serves, so a
+        # load balancer sends it nothing new before its listener closes.
+        self.draining = False
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -340,7 +343,8 @@ class TopologyWatcher:
 
     def readiness(self) -> dict[str, object]:
         """What this instance can serve now: reads need a topology; writes also need the
-        lease (or a catalog that answers, to renew it)."""
+        lease (or a catalog that answers, to renew it).  A stopping instance (draining,
+        see :mod:`shardd.server`) still serves but is not ready."""
         reads = self.topology is not None
         writes = reads and (self.may_send_write() or self.catalog_ok)
         return {

@@ -48,7 +48,10 @@ async def readyz(request: web.Request) -> web.Response:
     A catalog outage stops writes only (once the topology lease is used up), so a load
     balancer keeps the instance for reads; ``/readyz/writes`` is the check for writes.
     """
-    state = request.app[CLUSTER].watcher.readiness()
+    watcher = request.app[CLUSTER].watcher
+    if watcher.draining:
+        raise errors.NotReady("this instance is stopping")
+    state = watcher.readiness()
     if not state["reads"]:
         raise errors.NotReady("the topology has not been loaded from the catalog yet")
     return handlers.respond(state)
@@ -56,7 +59,10 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def readyz_writes(request: web.Request) -> web.Response:
     """200 while a write sent to this instance would be attempted, else 503."""
-    state = request.app[CLUSTER].watcher.readiness()
+    watcher = request.app[CLUSTER].watcher
+    if watcher.draining:
+        raise errors.NotReady("this instance is stopping")
+    state = watcher.readiness()
     if not state["reads"]:
         raise errors.NotReady("the topology has not been loaded from the catalog yet")
     if not state["writes"]:
