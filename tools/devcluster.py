@@ -4,7 +4,9 @@ Everything lives under --dir (default ./.devcluster): one data directory per Pos
 node, their logs, shardd's log, and cluster.json, which records what was created.  As
 root, Postgres runs as the unprivileged ``postgres`` user (Postgres refuses root).
 
-Ports: shardd on --port; Postgres nodes from --pg-port upwards (catalog first).
+Ports: shardd on --port; Postgres nodes from --pg-port upwards (catalog first).  With
+``--instances N`` (N > 1), HAProxy listens on --port (deploy/haproxy.cfg) in front of N
+shardd instances, ``shardd-1`` ... ``shardd-N``, on the ports after --port + 100.
 """
 
 from __future__ import annotations
@@ -71,6 +73,24 @@ def redis_server() -> str:
     if found is None or not Path(found).exists():
         raise click.ClickException(
             "redis-server not found. Install it with:\n    sudo apt-get install -y redis-server"
+        )
+    return found
+
+
+def haproxy_bin() -> str:
+    """The haproxy binary; installed with apt-get when missing and root."""
+    found = shutil.which("haproxy") or (
+        "/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None
+    )
+    if found is None and os.geteuid() == 0:
+        click.echo("haproxy not found; installing with apt-get ...", err=True)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-q"], check=True, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-q", "haproxy"], check=True, env=env)
+        found = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    if found is None or not Path(found).exists():
+        raise click.ClickException(
+            "haproxy not found. Install it with:\n    sudo apt-get install -y haproxy"
         )
     return found
 
@@ -312,56 +332,109 @@ class Cluster:
 
     # -- shardd
 
-    def shardd_pid(self) -> int | None:
-        pid = self.state.get("shardd_pid")
+    def instances(self) -> list[str]:
+        """The shardd instances: ``shardd``, or ``shardd-1`` ... behind HAProxy."""
+        count = int(self.state.get("instances", 1))
+        return ["shardd"] if count == 1 else [f"shardd-{i}" for i in range(1, count + 1)]
+
+    def instance_port(self, name: str) -> int:
+        if name == "shardd":
+            return int(self.state["port"])
+        return int(self.state["port"]) + 100 + int(name.rsplit("-", 1)[1])
+
+    def shardd_pid(self, name: str = "shardd") -> int | None:
+        pid = self.state.get("shardd_pid" if name == "shardd" else f"pid:{name}")
         return int(pid) if pid and pgctl.alive(int(pid)) else None
 
-    def shardd_env(self) -> dict[str, str]:
+    def shardd_env(self, name: str = "shardd") -> dict[str, str]:
         """shardd's environment: the cache on this cluster's Redis (if it has one), the
-        SHARDD_* settings given to `up`, then the cluster's."""
+        SHARDD_* settings given to `up`, then the cluster's.  Instances behind HAProxy
+        drain for 3 s when stopped (more than its checks need to take them out)."""
         redis = {}
         if self.state.get("redis_port"):
             redis = {
                 "SHARDD_CACHE_BACKEND": "redis",
                 "SHARDD_REDIS_URL": f"redis://127.0.0.1:{self.state['redis_port']}/0",
             }
+        drain = {} if name == "shardd" else {"SHARDD_SHUTDOWN_DRAIN": "3"}
         return {
             **os.environ,
             **redis,
+            **drain,
             **self.state.get("shardd_settings", {}),
             "SHARDD_CATALOG_DSN": self.catalog_dsn,
-            "SHARDD_PORT": str(self.state["port"]),
+            "SHARDD_PORT": str(self.instance_port(name)),
             "SHARDD_HOST": "127.0.0.1",
         }
 
-    def start_shardd(self) -> None:
-        if self.shardd_pid() is not None:
+    def start_shardd(self, name: str = "shardd") -> None:
+        if self.shardd_pid(name) is not None:
             return
-        if not port_free(self.state["port"]):
-            raise click.ClickException(f"port {self.state['port']} is in use")
-        log = open(self.dir / "shardd.log", "ab")
+        port = self.instance_port(name)
+        if not port_free(port):
+            raise click.ClickException(f"port {port} is in use")
+        log = open(self.dir / f"{name}.log", "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "shardd.server"],
             cwd=ROOT,
-            env=self.shardd_env(),
+            env=self.shardd_env(name),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-        self.state["shardd_pid"] = proc.pid
+        self.state["shardd_pid" if name == "shardd" else f"pid:{name}"] = proc.pid
         self.save()
-        url = f"http://127.0.0.1:{self.state['port']}/readyz"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise click.ClickException(f"shardd exited; see {self.dir / 'shardd.log'}")
-            with contextlib.suppress(OSError, urllib.error.URLError):
-                with urllib.request.urlopen(url, timeout=1) as resp:
-                    if resp.status == 200:
-                        return
-            time.sleep(0.1)
-        raise click.ClickException(f"shardd not ready after 30s; see {self.dir / 'shardd.log'}")
+        wait_ready(port, proc, self.dir / f"{name}.log")
+
+    def stop_shardd(self, name: str = "shardd") -> None:
+        pid = self.shardd_pid(name)
+        if pid is None:
+            return
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and self.shardd_pid(name) is not None:
+            time.sleep(0.05)
+        if self.shardd_pid(name) is not None:
+            os.kill(pid, signal.SIGKILL)
+
+    # -- HAProxy (with `up --instances N`)
+
+    def haproxy_pid(self) -> int | None:
+        pid = self.state.get("haproxy_pid")
+        return int(pid) if pid and pgctl.alive(int(pid)) else None
+
+    def start_haproxy(self) -> None:
+        if len(self.instances()) == 1 or self.haproxy_pid() is not None:
+            return
+        servers = self.dir / "haproxy-servers.cfg"
+        servers.write_text(
+            "backend shardd\n"
+            + "".join(
+                f"    server {name} 127.0.0.1:{self.instance_port(name)} check\n"
+                for name in self.instances()
+            )
+        )
+        log = open(self.dir / "haproxy.log", "ab")
+        proc = subprocess.Popen(
+            [haproxy_bin(), "-db", "-f", str(ROOT / "deploy" / "haproxy.cfg"), "-f", str(servers)],
+            env={**os.environ, "SHARDD_LISTEN": f"127.0.0.1:{self.state['port']}"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.state["haproxy_pid"] = proc.pid
+        self.save()
+        wait_ready(int(self.state["port"]), proc, self.dir / "haproxy.log")
+
+    def stop_haproxy(self) -> None:
+        pid = self.haproxy_pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and self.haproxy_pid() is not None:
+                time.sleep(0.05)
 
     # -- Redis (the shared cache tier, with `up --redis`)
 
@@ -417,16 +490,20 @@ class Cluster:
             while time.monotonic() < deadline and self.redis_pid() is not None:
                 time.sleep(0.05)
 
-    def stop_shardd(self) -> None:
-        pid = self.shardd_pid()
-        if pid is None:
-            return
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and self.shardd_pid() is not None:
-            time.sleep(0.05)
-        if self.shardd_pid() is not None:
-            os.kill(pid, signal.SIGKILL)
+
+def wait_ready(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Until ``/readyz`` on ``port`` answers 200 (30 s at most)."""
+    url = f"http://127.0.0.1:{port}/readyz"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise click.ClickException(f"{log.stem} exited; see {log}")
+        with contextlib.suppress(OSError, urllib.error.URLError):
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        time.sleep(0.1)
+    raise click.ClickException(f"{log.stem} not ready after 30s; see {log}")
 
 
 async def _create_database(dsn: str) -> None:
@@ -471,6 +548,12 @@ def cli() -> None:
     help="Also run redis-server and use it as shardd's shared cache.",
 )
 @click.option("--redis-port", type=int, default=None, help="Redis port [--port + 1000].")
+@click.option(
+    "--instances",
+    default=1,
+    show_default=True,
+    help="shardd instances; more than one run behind HAProxy on --port.",
+)
 def up(
     directory: Path,
     shards: int,
@@ -481,6 +564,7 @@ def up(
     slots: int,
     redis: bool,
     redis_port: int | None,
+    instances: int,
 ) -> None:
     """Create (first time) or start the cluster and shardd; idempotent."""
     cluster = Cluster(directory)
@@ -495,6 +579,7 @@ def up(
             "pg_port": pg_port or port + 1,
             "sync": sync,
             "slots": slots,
+            "instances": instances,
             "nodes": [],
         }
         catalog = {"name": "catalog", "shard": None, "role": "catalog", "port": cluster.next_port()}
@@ -514,7 +599,9 @@ def up(
         cluster.state["redis_port"] = redis_port or cluster.state["port"] + 1000
         cluster.save()
     cluster.start_redis()
-    cluster.start_shardd()
+    for name in cluster.instances():
+        cluster.start_shardd(name)
+    cluster.start_haproxy()
     url = f"http://127.0.0.1:{cluster.state['port']}"
     click.echo(f"shardd is up at {url} (cluster in {cluster.dir})\n")
     click.echo("Try:")
@@ -531,7 +618,9 @@ def up(
 def down(directory: Path, purge: bool) -> None:
     """Stop shardd and every Postgres node."""
     cluster = Cluster(directory)
-    cluster.stop_shardd()
+    cluster.stop_haproxy()
+    for name in cluster.instances() if cluster.state else []:
+        cluster.stop_shardd(name)
     cluster.stop_redis()
     for node in reversed(cluster.nodes):
         with contextlib.suppress(click.ClickException):
@@ -566,18 +655,32 @@ def status(directory: Path, as_json: bool) -> None:
                 "up": pid is not None,
             }
         )
-    pid = cluster.shardd_pid() if cluster.state else None
-    rows.append(
-        {
-            "name": "shardd",
-            "shard": None,
-            "role": "shardd",
-            "port": cluster.state.get("port"),
-            "datadir": None,
-            "pid": pid,
-            "up": pid is not None,
-        }
-    )
+    for name in cluster.instances() if cluster.state else ["shardd"]:
+        pid = cluster.shardd_pid(name) if cluster.state else None
+        rows.append(
+            {
+                "name": name,
+                "shard": None,
+                "role": "shardd",
+                "port": cluster.instance_port(name) if cluster.state else None,
+                "datadir": None,
+                "pid": pid,
+                "up": pid is not None,
+            }
+        )
+    if cluster.state and len(cluster.instances()) > 1:
+        pid = cluster.haproxy_pid()
+        rows.append(
+            {
+                "name": "haproxy",
+                "shard": None,
+                "role": "balancer",
+                "port": cluster.state.get("port"),
+                "datadir": None,
+                "pid": pid,
+                "up": pid is not None,
+            }
+        )
     if as_json:
         click.echo(json.dumps({"dir": str(cluster.dir), "nodes": rows}, indent=2))
         return
@@ -605,10 +708,12 @@ def _live_roles(cluster: Cluster) -> dict[str, str]:
 @dir_option
 @click.argument("node")
 def kill(directory: Path, node: str) -> None:
-    """SIGKILL a node's postmaster (or shardd, or redis), for fault tests."""
+    """SIGKILL a node's postmaster (or a shardd instance, haproxy, redis), for fault tests."""
     cluster = Cluster(directory)
-    if node == "shardd":
-        pid = cluster.shardd_pid()
+    if node in cluster.instances():
+        pid = cluster.shardd_pid(node)
+    elif node == "haproxy":
+        pid = cluster.haproxy_pid()
     elif node == "redis":
         pid = cluster.redis_pid()
     else:
@@ -623,15 +728,29 @@ def kill(directory: Path, node: str) -> None:
 @dir_option
 @click.argument("node")
 def start(directory: Path, node: str) -> None:
-    """Start a node (or shardd, or redis) again."""
+    """Start a node (or a shardd instance, haproxy, redis) again."""
     cluster = Cluster(directory)
-    if node == "shardd":
-        cluster.start_shardd()
+    if node in cluster.instances():
+        cluster.start_shardd(node)
+    elif node == "haproxy":
+        cluster.start_haproxy()
     elif node == "redis":
         cluster.start_redis()
     else:
         cluster.start_node(cluster.node(node))
     click.echo(f"started {node}")
+
+
+@cli.command()
+@dir_option
+@click.argument("instance")
+def stop(directory: Path, instance: str) -> None:
+    """Stop a shardd instance gracefully (SIGTERM: it drains, then exits)."""
+    cluster = Cluster(directory)
+    if instance not in cluster.instances():
+        raise click.ClickException(f"no shardd instance {instance}")
+    cluster.stop_shardd(instance)
+    click.echo(f"stopped {instance}")
 
 
 @cli.command("add-shard")

@@ -225,6 +225,9 @@ class ViewKeeper:
         self.executor = executor
         self.data = data
         data.admit_write = self.admit_write
+        # Applies stop statement_timeout + LEASE_MARGIN before the lease ends: it is
+        # long enough to leave them a few seconds.
+        self.lease = max(settings.view_lease, settings.statement_timeout + 3.0)
         # shard -> (primary, sources listed there, the xmax after the listing committed)
         self._listed: dict[str, tuple[str, frozenset[str], int]] = {}
         self._advanced: dict[str, float] = {}
@@ -349,7 +352,7 @@ class ViewKeeper:
                 " SELECT count(*) + 1 FROM shardd_view_keepers WHERE instance <> $1"
                 " AND seen_at > now() - make_interval(secs => $2)",
                 self.instance,
-                self.settings.view_lease,
+                self.lease,
             )
             rows = await conn.fetch(
                 "SELECT shard, holder, expires_at > now() AS live FROM shardd_view_leases"
@@ -374,7 +377,7 @@ class ViewKeeper:
                 " RETURNING shard, expires_at",
                 keep,
                 self.instance,
-                self.settings.view_lease,
+                self.lease,
             )
         for row in held:
             if row["shard"] not in mine:

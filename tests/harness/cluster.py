@@ -296,6 +296,7 @@ def start_cluster(
     write_buffer: float = 1.0,
     settings: dict[str, object] | None = None,
     redis: bool = False,
+    instances: int = 1,
 ) -> RunningCluster:
     """A devcluster in a temporary folder; ``failover=False`` leaves dead primaries dead.
 
@@ -305,7 +306,10 @@ def start_cluster(
     """
     directory = Path(tempfile.mkdtemp(prefix="shardd-test-"))
     os.chmod(directory, 0o755)
-    port = free_port_block(2 + (1 + replicas) * shards)
+    # Instances behind HAProxy listen after --port + 100 (see tools/devcluster).
+    port = free_port_block(
+        max(2 + (1 + replicas) * shards, 101 + instances if instances > 1 else 0)
+    )
     env = {
         **os.environ,
         "SHARDD_TOKENS": ";".join(f"{secret}:{scope}" for scope, secret in TOKENS.items()),
@@ -319,6 +323,7 @@ def start_cluster(
     cluster = RunningCluster(directory, port, env)
     options = ["--port", str(port), "--shards", str(shards), "--replicas", str(replicas)]
     options += ["--sync"] if sync else []
+    options += ["--instances", str(instances)] if instances > 1 else []
     if redis:
         options += ["--redis", "--redis-port", str(free_port_block(1))]
         env.setdefault("SHARDD_CACHE_BACKEND", "local")
