@@ -59,40 +59,36 @@ def pg_bindir() -> Path:
     return bindir
 
 
-def redis_server() -> str:
-    """The redis-server binary; installed with apt-get when missing and root."""
-    found = shutil.which("redis-server") or (
-        "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
-    )
+def apt_binary(name: str, package: str) -> str:
+    """A server binary (on the PATH or in /usr/sbin, /usr/bin); installed with apt-get
+    when missing and root, else a message saying what to install."""
+
+    def find() -> str | None:
+        return shutil.which(name) or next(
+            (str(p) for p in (Path("/usr/sbin") / name, Path("/usr/bin") / name) if p.exists()),
+            None,
+        )
+
+    found = find()
     if found is None and os.geteuid() == 0:
-        click.echo("redis-server not found; installing with apt-get ...", err=True)
+        click.echo(f"{name} not found; installing {package} with apt-get ...", err=True)
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         subprocess.run(["apt-get", "update", "-q"], check=True, env=env)
-        subprocess.run(["apt-get", "install", "-y", "-q", "redis-server"], check=True, env=env)
-        found = shutil.which("redis-server") or "/usr/bin/redis-server"
-    if found is None or not Path(found).exists():
+        subprocess.run(["apt-get", "install", "-y", "-q", package], check=True, env=env)
+        found = find()
+    if found is None:
         raise click.ClickException(
-            "redis-server not found. Install it with:\n    sudo apt-get install -y redis-server"
+            f"{name} not found. Install it with:\n    sudo apt-get install -y {package}"
         )
     return found
+
+
+def redis_server() -> str:
+    return apt_binary("redis-server", "redis-server")
 
 
 def haproxy_bin() -> str:
-    """The haproxy binary; installed with apt-get when missing and root."""
-    found = shutil.which("haproxy") or (
-        "/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None
-    )
-    if found is None and os.geteuid() == 0:
-        click.echo("haproxy not found; installing with apt-get ...", err=True)
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-q"], check=True, env=env)
-        subprocess.run(["apt-get", "install", "-y", "-q", "haproxy"], check=True, env=env)
-        found = shutil.which("haproxy") or "/usr/sbin/haproxy"
-    if found is None or not Path(found).exists():
-        raise click.ClickException(
-            "haproxy not found. Install it with:\n    sudo apt-get install -y haproxy"
-        )
-    return found
+    return apt_binary("haproxy", "haproxy")
 
 
 def as_pg_user(cmd: list[str]) -> list[str]:

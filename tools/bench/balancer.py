@@ -25,7 +25,7 @@ ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
-from loadgen import Result, closed_loop, devcluster, markdown, scratch_cluster  # noqa: E402
+from loadgen import Result, closed_loop, devcluster, markdown, ready, scratch_cluster  # noqa: E402
 
 INSTANCES = 3
 
@@ -55,16 +55,6 @@ def haproxy(directory: str, port: int, servers: list[int]) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-
-
-async def ready(http: aiohttp.ClientSession, base: str) -> None:
-    for _ in range(200):
-        with contextlib.suppress(aiohttp.ClientError):
-            async with http.get(f"{base}/readyz") as resp:
-                if resp.status == 200:
-                    return
-        await asyncio.sleep(0.1)
-    raise RuntimeError(f"{base} not ready")
 
 
 async def run(port: int, seconds: float, rounds: int, concurrency: int) -> str:

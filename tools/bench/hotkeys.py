@@ -52,6 +52,7 @@ from loadgen import (  # noqa: E402
     devcluster,
     markdown,
     percentile,
+    ready,
     scratch_cluster,
 )
 
@@ -154,17 +155,6 @@ def instance(cluster: str, catalog_dsn: str, port: int, **settings: str) -> Iter
     finally:
         process.terminate()
         process.wait(timeout=30)
-
-
-async def ready(http: aiohttp.ClientSession, base: str) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with contextlib.suppress(aiohttp.ClientError):
-            async with http.get(f"{base}/readyz") as resp:
-                if resp.status == 200:
-                    return
-        await asyncio.sleep(0.1)
-    raise RuntimeError(f"{base} not ready")
 
 
 async def metric_sum(http: aiohttp.ClientSession, base: str, name: str, **labels: str) -> float:

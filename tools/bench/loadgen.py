@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 DEVCLUSTER = Path(__file__).resolve().parent.parent / "devcluster"
 
@@ -127,3 +128,16 @@ def table(results: list[Result]) -> str:
             for r in results
         ],
     )
+
+
+async def ready(http: Any, base: str) -> None:
+    """Until ``base``'s ``/readyz`` answers 200 (30 s at most); ``http`` is an
+    aiohttp client session."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):  # not up yet, or not answering
+            async with http.get(f"{base}/readyz") as resp:
+                if resp.status == 200:
+                    return
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"{base} not ready")
