@@ -56,7 +56,8 @@ class Load:
                 else:
                     response = api.request("GET", path)
                     good = response.status in (200, 404)
-                outcome: Any = None if good else (response.status, response.body)
+                # (The balancer's own error pages are not JSON.)
+                outcome: Any = None if good else (response.status, response.raw[:200])
             except OSError as exc:  # the connection to the balancer itself
                 outcome = repr(exc)
                 api = self.cluster.api()
