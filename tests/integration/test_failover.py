@@ -17,7 +17,8 @@ import pytest
 
 from shardd.placement import slot_of
 from tests.harness.cluster import SLOTS, Instance, RunningCluster, start_cluster, wait_for
-from tests.harness.http import Api
+from tests.harness.feed import by_key, drain, end_cursor, follow
+from tests.harness.http import Api, item_path
 from tests.harness.load import Load, assert_nothing_lost
 
 TABLE = "ha"
@@ -209,3 +210,45 @@ def test_the_monitor_dies_and_another_instance_fails_over(
         else:
             replacement = healed.start_instance()  # the module's instance object lives on
             second.process, second.port = replacement.process, replacement.port
+
+
+def test_a_change_feed_cursor_survives_a_killed_primary(
+    healed: RunningCluster, second: Instance
+) -> None:
+    """A cursor taken before s1's primary is SIGKILLed still yields every acknowledged
+    write after the failover: the new primary's history is read again from the start of
+    what it keeps (at least once, never a gap and never a 410), each key in order."""
+    api = healed.api("write")
+    keys = healed.keys_on("s1", "feed", 6)
+    cursor = end_cursor(api, TABLE)
+
+    def write_round(n: int) -> None:
+        for key in keys:
+            deadline = time.monotonic() + 30
+            while True:
+                status = api.request("PUT", item_path(TABLE, key), body={"n": n}).status
+                if status in (200, 201):
+                    break
+                assert status == 503 and time.monotonic() < deadline, (key, n, status)
+                time.sleep(0.2)
+
+    for n in (1, 2, 3):
+        write_round(n)
+    ours = set(keys)
+    before, cursor = follow(
+        api, TABLE, cursor, until=lambda seen: sum(pk in ours for pk, _, _ in seen) >= 18
+    )
+    old = healed.primary_of("s1")
+    healed.devcluster("kill", old)
+    wait_for(lambda: healed.primary_of("s1") not in ("", old), timeout=30, what="s1 failover")
+    for n in (4, 5):
+        write_round(n)
+    after = drain(api, TABLE, cursor)
+
+    seen_before, seen_after = by_key(before), by_key(after)
+    for key in keys:
+        assert seen_before[key] == [1, 2, 3], key
+        assert set(seen_before[key]) | set(seen_after[key]) == {1, 2, 3, 4, 5}, key
+        # Whatever is read again after the failover comes in order and ends at the last write.
+        assert seen_after[key] == sorted(set(seen_after[key])), (key, seen_after[key])
+        assert seen_after[key][-2:] == [4, 5], (key, seen_after[key])
