@@ -69,7 +69,7 @@ import asyncpg
 import orjson
 
 from . import errors, metrics
-from .changelog import start_at
+from .changelog import ORIGIN, start_at
 from .topology import Shard, Topology
 
 POLL_INTERVAL = 0.1  # seconds between rounds while a long poll waits for a change
@@ -322,12 +322,9 @@ class Page:
     more: bool  # more changes can be read at once (a round is open, or shards waited)
 
 
-_STATE = """
+_STATE = f"""
 SELECT s.snap::text AS snapshot,
-       CASE WHEN NOT pg_is_in_recovery() THEN
-           (SELECT system_identifier FROM pg_control_system())::text || ':'
-           || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)
-       END AS origin,
+       CASE WHEN NOT pg_is_in_recovery() THEN {ORIGIN} END AS origin,
        (SELECT trimmed_to FROM shardd_changes_horizon)::text AS horizon,
        least((SELECT min(txid) FROM shardd_changes), pg_snapshot_xmin(s.snap))::text AS first,
        ARRAY(SELECT slot FROM shardd_slots WHERE state = 'owned') AS owned

@@ -237,14 +237,15 @@ def covers(position: str, other: str) -> bool:
     return all(t >= b_xmax or t in b_xip for t in a_xip)
 
 
-_ORIGIN = (
+# A primary's origin: its system identifier and timeline (a promotion changes either).
+ORIGIN = (
     "(SELECT system_identifier FROM pg_control_system())::text || ':'"
     " || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)"
 )
 
 
 async def position_and_origin(conn: asyncpg.Connection) -> tuple[str, str]:
-    row = await conn.fetchrow(f"SELECT pg_current_snapshot()::text AS p, {_ORIGIN} AS o")
+    row = await conn.fetchrow(f"SELECT pg_current_snapshot()::text AS p, {ORIGIN} AS o")
     return str(row["p"]), str(row["o"])
 
 
@@ -270,4 +271,4 @@ async def origin(conn: asyncpg.Connection) -> str:
     """Which history ``conn``'s node writes: its system identifier and current timeline.
     A promotion starts a new timeline, and snapshots from before it may not describe
     what the new primary's transaction ids mean."""
-    return str(await conn.fetchval(f"SELECT {_ORIGIN}"))
+    return str(await conn.fetchval(f"SELECT {ORIGIN}"))
