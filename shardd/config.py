@@ -27,6 +27,7 @@ CHOICES = {
     "cache_backend": ("local", "redis", "off"),
     "cache_policy": ("lru", "lfu", "fifo"),
     "view_backpressure": ("delay", "refuse", "off"),
+    "event_loop": ("uvloop", "asyncio"),
 }
 
 
@@ -187,6 +188,11 @@ class Settings:
         "Separate several with ';' in the environment.",
     )
     log_level: str = _setting("info", "Log level: debug, info, warning or error.")
+    event_loop: str = _setting(
+        "uvloop",
+        "The event loop: uvloop (libuv; cheaper socket I/O and scheduling) or asyncio "
+        "(the standard library's).",
+    )
     access_log: bool = _setting(True, "Log one JSON line per request.")
     coalesce_reads: bool = _setting(
         True,

@@ -9,6 +9,7 @@ import signal
 from typing import Any
 
 import click
+import uvloop
 from aiohttp import web
 
 from . import config, logs
@@ -73,7 +74,9 @@ def main(config_file: str | None, **flags: Any) -> None:
     check_exposure(settings)
     logs.setup(settings.log_level)
     log.info("shardd listening on %s:%s", settings.host, settings.port)
-    asyncio.run(serve(settings))
+    loop_factory = uvloop.new_event_loop if settings.event_loop == "uvloop" else None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(serve(settings))
 
 
 async def serve(settings: config.Settings) -> None:

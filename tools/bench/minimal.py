@@ -1,11 +1,16 @@
-"""The baseline a user writes by hand: one aiohttp handler over one asyncpg pool."""
+"""The baseline a user writes by hand: one aiohttp handler over one asyncpg pool.
+
+``minimal.py DSN PORT POOL_SIZE [uvloop|asyncio]``: the event loop is shardd's
+(``event_loop``), so the ratios compare like with like."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
 
 import asyncpg
 import orjson
+import uvloop
 from aiohttp import web
 
 
@@ -40,10 +45,12 @@ async def make_app(dsn: str, pool_size: int) -> web.Application:
 
 
 if __name__ == "__main__":
+    uvloop_wanted = (sys.argv[4] if len(sys.argv) > 4 else "uvloop") == "uvloop"
     web.run_app(
         make_app(sys.argv[1], int(sys.argv[3])),
         host="127.0.0.1",
         port=int(sys.argv[2]),
         access_log=None,
         print=None,
+        loop=uvloop.new_event_loop() if uvloop_wanted else asyncio.new_event_loop(),
     )

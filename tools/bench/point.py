@@ -83,6 +83,7 @@ async def run(
     port: int,
     access_log: bool,
     pool_size: int,
+    event_loop: str,
 ) -> list[Result]:
     names = [f"key-{i}" for i in range(keys)]
     doc = {"name": "benchmark item", "n": 12345, "tags": ["a", "b", "c"]}
@@ -95,6 +96,7 @@ async def run(
             **os.environ,
             "SHARDD_ACCESS_LOG": str(access_log).lower(),
             "SHARDD_POOL_SIZE": str(pool_size),
+            "SHARDD_EVENT_LOOP": event_loop,
         }
         devcluster("up", "--dir", tmp, "--port", str(port), env=env)
         minimal = None
@@ -111,7 +113,14 @@ async def run(
             )
             await conn.close()
             minimal = subprocess.Popen(  # noqa: ASYNC220 - started once, before timing
-                [sys.executable, str(HERE / "minimal.py"), pg, str(minimal_port), str(MINIMAL_POOL)]
+                [
+                    sys.executable,
+                    str(HERE / "minimal.py"),
+                    pg,
+                    str(minimal_port),
+                    str(MINIMAL_POOL),
+                    event_loop,
+                ]
             )
             await wait_http(f"http://127.0.0.1:{minimal_port}/items/x")
             results: list[Result] = []
@@ -273,6 +282,13 @@ async def run(
     default=-(-MINIMAL_POOL // SHARDS),
     show_default=True,
     help="shardd's pool_size per node (default: the minimal handler's pool over the shards).",
+)
+@click.option(
+    "--event-loop",
+    type=click.Choice(["uvloop", "asyncio"]),
+    default="uvloop",
+    show_default=True,
+    help="The loop of shardd and of the minimal handler alike (shardd's event_loop).",
 )
 def main(**options: Any) -> None:
     results = asyncio.run(run(**options))
