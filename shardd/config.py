@@ -107,6 +107,11 @@ class Settings:
         "a slot move, has not read them). The monitor trims once a minute (or once per "
         "retention, if shorter), whether or not failover is enabled.",
     )
+    idempotency_retention: float = _setting(
+        86400.0,
+        "Seconds an Idempotency-Key's claim and recorded outcomes are kept; a retry after "
+        "that is a new request. The monitor trims them with the change log.",
+    )
     consumer_expiry: float = _setting(
         86400.0,
         "Seconds after which a change-log consumer that stopped advancing (a failed move "

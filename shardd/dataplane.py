@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
-from . import catalog, changelog, errors, store
+from . import catalog, changelog, errors, idempotency, store
 from .cache import Cache, Entry, entry_size
 from .coalesce import SingleFlight
 from .config import Settings
@@ -45,6 +45,7 @@ class KeyOutcome:
 
     version: int | None = None
     error: errors.ApiError | None = None
+    replayed: bool = False  # recorded under the request's idempotency key, not written now
 
 
 @dataclass(frozen=True)
@@ -220,9 +221,10 @@ class DataPlane:
         sk: str,
         doc: Any,
         if_version: int | None,
+        once: idempotency.Once | None = None,
     ) -> tuple[store.WriteResult, Served]:
         """A put, patch or delete of one item (``op``), conditional on ``if_version``
-        (0: only if absent)."""
+        (0: only if absent); with ``once``, at most once per idempotency key."""
         deadline = self.executor.deadline()
 
         def write(
@@ -240,12 +242,15 @@ class DataPlane:
                     doc=doc,
                     if_version=if_version,
                     max_item_bytes=self.settings.max_body_bytes,
+                    once=once,
                 ),
                 epoch=topology.epoch,
                 deadline=deadline,
             )
 
         await self._admit(table, [pk], deadline)
+        if once is not None:
+            await self._claim(once, deadline)
         if self.traffic is not None:
             slot = slot_of(pk, self.watcher.require_topology().slot_count)
             self.traffic.record(table, pk, slot, write=True)
@@ -544,17 +549,22 @@ class DataPlane:
         puts: Sequence[tuple[str, str, Any]],
         deletes: Sequence[Key],
         token: SessionToken | None,
+        once: idempotency.Once | None = None,
     ) -> BatchWritten:
         """Puts (pk, sk, doc) and deletes (pk, sk), atomically per shard: each shard's
         group commits or fails as a whole, and a group's failure is its keys' outcome.
 
         Once one group has committed, a later failure (a refused group that cannot be
         routed again in time) is the outcome of the keys not written, never of the whole
-        request: the caller learns which keys were written.
+        request: the caller learns which keys were written.  With ``once`` (an
+        idempotency key) each key is written at most once per key, and a key whose outcome
+        was recorded returns it (``KeyOutcome.replayed``).
         """
         deadline = self.executor.deadline()
         slotted = self._slotted([(pk, sk) for pk, sk, _ in puts] + list(deletes))
         await self._admit(table, [pk for _, pk, _ in slotted], deadline)
+        if once is not None:
+            await self._claim(once, deadline)
         self._record(table, slotted, write=True)
         docs = [doc for _, _, doc in puts]
         outcomes: list[KeyOutcome | None] = [None] * len(slotted)
@@ -562,12 +572,13 @@ class DataPlane:
 
         async def write(topology: Topology, shard: Shard, indexes: list[int]) -> None:
             ops = [
-                store.BatchWrite(*slotted[i], docs[i] if i < len(docs) else None) for i in indexes
+                store.BatchWrite(*slotted[i], docs[i] if i < len(docs) else None, index=i)
+                for i in indexes
             ]
             try:
-                (versions, lsn), served = await self.executor.write(
+                result, served = await self.executor.write(
                     shard,
-                    lambda conn: store.write_batch(conn, table=table, ops=ops),
+                    lambda conn: store.write_batch(conn, table=table, ops=ops, once=once),
                     epoch=topology.epoch,
                     deadline=deadline,
                 )
@@ -575,10 +586,11 @@ class DataPlane:
                 for i in indexes:
                     outcomes[i] = KeyOutcome(error=exc)
                 return
+            lsn = result.lsn
             written.session = written.session.merged(served.shard, lsn)
             written.served.append(served)
-            for i, version in zip(indexes, versions, strict=True):
-                outcomes[i] = KeyOutcome(version=version)
+            for i, version, replayed in zip(indexes, result.versions, result.replayed, strict=True):
+                outcomes[i] = KeyOutcome(version=version, replayed=replayed)
                 if self.cache is not None:
                     _, pk, sk = slotted[i]
                     self.cache.note((table, pk, sk), served.shard, lsn)
@@ -625,6 +637,20 @@ class DataPlane:
 
         await self._per_shard(slotted, apply, deadline=deadline)
         return written
+
+    async def _claim(self, once: idempotency.Once, deadline: float) -> None:
+        """Claim an idempotency key for the request's digest (422 when another request
+        holds it), on the owner of the claim's slot, before the write."""
+
+        def claim(topology: Topology, shard: Shard, slot: int) -> Awaitable[tuple[None, Served]]:
+            return self.executor.write(
+                shard,
+                lambda conn: idempotency.claim(conn, slot=slot, once=once),
+                epoch=topology.epoch,
+                deadline=deadline,
+            )
+
+        await self._on_owner(once.claim, claim, deadline=deadline)
 
     async def _admit(self, table: str, pks: Sequence[str], deadline: float) -> None:
         """Back-pressure: wait for (or refuse) a write while a view of ``table`` lags

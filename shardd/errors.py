@@ -213,6 +213,11 @@ _BY_SQLSTATE: dict[str, Callable[[asyncpg.PostgresError], Exception]] = {
     "SD412": _precondition_failed,
     "SD413": lambda exc: PayloadTooLarge(_message(exc), code="item_too_large"),
     "SD410": lambda exc: TableDeleting(_message(exc)),
+    # Idempotency keys (shardd/idempotency.py): nothing was applied by this request.
+    "SD409": lambda exc: ApiError(
+        _message(exc), status=409, code="idempotency_in_flight", headers={"Retry-After": "1"}
+    ),
+    "SD422": lambda exc: ApiError(_message(exc), status=422, code="idempotency_key_reused"),
     # A view apply past its maintainer's lease (shardd/views/keeper.py): nothing applied.
     "SD020": lambda exc: ApiError(_message(exc), status=503, code="view_lease_expired"),
     # Server-side timeouts of shardd's sessions: the statement was rolled back.

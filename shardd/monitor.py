@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from . import admin, catalog, changefeed, changelog, failover, fencing, metrics
+from . import admin, catalog, changefeed, changelog, failover, fencing, idempotency, metrics
 from .config import Settings
 from .nodes import HealthMonitor
 from .topology import Shard, Topology
@@ -136,7 +136,10 @@ class Monitor:
         await self._refence(topology)
         await self._finish_switchovers(topology)
         await self._follow_standbys(topology)
-        if time.monotonic() - self._trimmed_at > min(TRIM_EVERY, self.settings.changelog_retention):
+        every = min(
+            TRIM_EVERY, self.settings.changelog_retention, self.settings.idempotency_retention
+        )
+        if time.monotonic() - self._trimmed_at > every:
             self._trimmed_at = time.monotonic()
             await self._trim(topology)
         await self._note_positions(topology)
@@ -267,10 +270,15 @@ class Monitor:
                     removed = await changelog.trim(
                         conn, keep_seconds=self.settings.changelog_retention
                     )
+                    dropped = await idempotency.trim(
+                        conn, keep_seconds=self.settings.idempotency_retention
+                    )
                 for name in expired:
                     log.warning("dropped change-log consumer %s on %s: idle", name, shard.name)
                 if removed:
                     log.info("trimmed %s change-log entries on %s", removed, shard.name)
+                if dropped:
+                    log.info("dropped %s idempotency records on %s", dropped, shard.name)
             except Exception as exc:
                 log.warning("cannot trim the change log of %s: %s", shard.name, exc)
 

@@ -18,6 +18,7 @@ import orjson
 
 from . import errors
 from .errors import NotCaughtUp, StaleMap
+from .idempotency import Once
 
 READABLE = ("owned", "frozen")
 READ_ATTEMPTS = 3
@@ -29,6 +30,7 @@ class WriteResult:
     created: bool
     doc: orjson.Fragment | None
     lsn: int
+    replayed: bool = False  # the outcome recorded under an idempotency key, not a new write
 
 
 @dataclass(frozen=True)
@@ -50,21 +52,30 @@ async def write(
     doc: Any,
     if_version: int | None,
     max_item_bytes: int,
+    once: Once | None = None,
 ) -> WriteResult:
     """One write in its own transaction.  A patch whose result would grow the item past
-    ``max_item_bytes`` is refused by the same statement (SQLSTATE SD413)."""
-    row = await conn.fetchrow(
-        "CALL shardd_write($1, $2, $3, $4, $5, $6, $7, $8)",
-        op,
-        slot,
-        table,
-        pk,
-        sk,
-        doc,
-        if_version,
-        max_item_bytes,
+    ``max_item_bytes`` is refused by the same statement (SQLSTATE SD413).  With ``once``
+    (an idempotency key) the outcome recorded under the key is returned, when there is
+    one, instead of writing (see :mod:`shardd.idempotency`)."""
+    args = (op, slot, table, pk, sk, doc, if_version, max_item_bytes)
+    if once is None:
+        row = await conn.fetchrow("CALL shardd_write($1, $2, $3, $4, $5, $6, $7, $8)", *args)
+    else:
+        row = await conn.fetchrow(
+            "CALL shardd_write_once($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            *args,
+            once.claim,
+            once.record(0),
+            once.digest,
+        )
+    return WriteResult(
+        row["version"],
+        bool(row["created"]),
+        row["doc"],
+        row["lsn"],
+        bool(row.get("replayed")),
     )
-    return WriteResult(row["version"], bool(row["created"]), row["doc"], row["lsn"])
 
 
 async def _read(conn: asyncpg.Connection, query: str, *args: Any) -> list[asyncpg.Record]:
@@ -203,22 +214,30 @@ class BatchWrite:
     pk: str
     sk: str
     doc: Any = None
+    index: int = 0  # the op's place in its request (its idempotency record)
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    versions: list[int | None]  # in the order of the ops
+    lsn: int  # the WAL position after the commit
+    replayed: list[bool]  # per op: its outcome was recorded under the idempotency key
 
 
 async def write_batch(
-    conn: asyncpg.Connection, *, table: str, ops: list[BatchWrite]
-) -> tuple[list[int | None], int]:
+    conn: asyncpg.Connection, *, table: str, ops: list[BatchWrite], once: Once | None = None
+) -> BatchResult:
     """All puts and deletes for one shard in one transaction, in one statement that also
     commits (``shardd_write_batch``: its note says why that matters and why it cannot
     deadlock).
 
     Returns, in the order of ``ops``, each put's new version and each delete's deleted
     version (None: was absent), and the WAL position after the commit.  Two ops on the
-    same key run in the order of ``ops``.
+    same key run in the order of ``ops``.  With ``once``, an op whose outcome was
+    recorded under the key returns it instead of being applied again.
     """
     order = sorted(range(len(ops)), key=lambda i: (ops[i].slot, ops[i].pk, ops[i].sk))
-    row = await conn.fetchrow(
-        "CALL shardd_write_batch($1, $2::int[], $3::text[], $4::text[], $5::jsonb[], $6::bool[])",
+    args = (
         table,
         [ops[i].slot for i in order],
         [ops[i].pk for i in order],
@@ -226,10 +245,29 @@ async def write_batch(
         [ops[i].doc for i in order],
         [ops[i].doc is not None for i in order],
     )
+    if once is None:
+        row = await conn.fetchrow(
+            "CALL shardd_write_batch($1, $2::int[], $3::text[], $4::text[], $5::jsonb[],"
+            " $6::bool[])",
+            *args,
+        )
+    else:
+        row = await conn.fetchrow(
+            "CALL shardd_write_batch_once($1, $2::int[], $3::text[], $4::text[], $5::jsonb[],"
+            " $6::bool[], $7, $8::text[], $9)",
+            *args,
+            once.claim,
+            [once.record(ops[i].index) for i in order],
+            once.digest,
+        )
     versions: list[int | None] = [None] * len(ops)
-    for i, version in zip(order, row["versions"], strict=True):
+    replayed = [False] * len(ops)
+    for i, version, again in zip(
+        order, row["versions"], row.get("replayed") or [False] * len(ops), strict=True
+    ):
         versions[i] = version
-    return versions, row["lsn"]
+        replayed[i] = again
+    return BatchResult(versions, row["lsn"], replayed)
 
 
 async def table_has_items(conn: asyncpg.Connection, table: str) -> bool:

@@ -11,9 +11,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .. import errors, metrics, store, tables
+from .. import errors, idempotency, metrics, store, tables
 from ..cluster import Cluster
 from ..config import Settings
+from ..dataplane import KeyOutcome
 from ..executor import Served
 from ..hotkeys import load_view as hotkeys_view
 from ..nodes import describe
@@ -252,12 +253,15 @@ async def _write_item(request: web.Request, op: str) -> web.Response:
                 "on PUT, If-None-Match only takes *", code="invalid_precondition"
             )
     doc = None
+    body = b""
     if op in ("put", "patch"):
+        body = await _body(request)
         doc = validate.json_object(
-            await _body(request),
+            body,
             max_depth=settings.max_json_depth,
             what="the item" if op == "put" else "a merge patch",
         )
+    once = _once(request, body)
     if none_match is not None:
         if if_version is not None:
             # The item cannot both exist at a version and be absent (RFC 9110 13.2.2).
@@ -266,9 +270,11 @@ async def _write_item(request: web.Request, op: str) -> web.Response:
             )
         if_version = 0
     result, served = await cluster.data.write(
-        op=op, table=table, pk=pk, sk=sk, doc=doc, if_version=if_version
+        op=op, table=table, pk=pk, sk=sk, doc=doc, if_version=if_version, once=once
     )
     headers = _served_headers(served, token, result.lsn)
+    if result.replayed:
+        headers[idempotency.REPLAYED] = "true"
     if result.version is None:
         raise errors.NotFound(
             f"no item {pk!r}/{sk!r} in {table}", code="item_not_found", headers=headers
@@ -285,6 +291,18 @@ async def _write_item(request: web.Request, op: str) -> web.Response:
         {"pk": pk, "sk": sk, "version": result.version},
         status=201 if result.created else 200,
         headers=headers,
+    )
+
+
+def _once(request: web.Request, body: bytes) -> idempotency.Once | None:
+    """The write's idempotency key, bound to this caller and this exact request."""
+    return idempotency.parse(
+        request.headers.get(idempotency.HEADER),
+        authorization=request.headers.get("Authorization"),
+        method=request.method,
+        path=request.rel_url.raw_path,
+        conditions=(request.headers.get("If-Match"), request.headers.get("If-None-Match")),
+        body=body,
     )
 
 
@@ -441,10 +459,23 @@ async def batch_get(request: web.Request) -> web.Response:
     )
 
 
+def _refused_once(outcomes: list[KeyOutcome]) -> None:
+    """A batch whose idempotency key was refused by a shard (in flight elsewhere, or
+    used for another request) and that wrote nothing new is answered with that refusal
+    as a whole."""
+    refused = [
+        o.error for o in outcomes if o.error is not None and o.error.code.startswith("idempotency_")
+    ]
+    if refused and all(o.replayed or o.error is not None for o in outcomes):
+        raise refused[0]
+
+
 async def batch_write(request: web.Request) -> web.Response:
     cluster, settings = _ctx(request)
     table = await _table(request)
-    body = validate.json_object(await _body(request), max_depth=settings.max_json_depth + 3)
+    raw = await _body(request)
+    once = _once(request, raw)
+    body = validate.json_object(raw, max_depth=settings.max_json_depth + 3)
     if set(body) - {"puts", "deletes"}:
         raise errors.BadRequest(
             'the body is {"puts": [...], "deletes": [...]}', code="invalid_batch"
@@ -466,7 +497,10 @@ async def batch_write(request: web.Request) -> web.Response:
         puts=puts,
         deletes=[(pk, sk) for pk, sk, _ in deletes],
         token=_session(request),
+        once=once,
     )
+    if once is not None:
+        _refused_once(written.outcomes)
     shaped = []
     for index, ((pk, sk), outcome) in enumerate(zip(keys, written.outcomes, strict=True)):
         put = index < len(puts)
@@ -481,6 +515,8 @@ async def batch_write(request: web.Request) -> web.Response:
         shaped.append(entry)
     ok = all(r["status"] != "error" for r in shaped)
     headers = _served_by(written.served)
+    if once is not None and all(o.replayed for o in written.outcomes):
+        headers[idempotency.REPLAYED] = "true"
     if written.session.positions:
         headers["Shardd-Session"] = str(written.session)
     return respond({"table": table, "ok": ok, "results": shaped}, headers=headers)

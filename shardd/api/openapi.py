@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .. import __version__, changefeed
+from .. import __version__, changefeed, idempotency
 from ..config import Settings
 from ..router import CONSISTENCY_LEVELS, SESSION_TOKEN
 from ..views.definition import MAX_JOIN_SK
@@ -29,7 +29,7 @@ NO_NUL = "^[^\\u0000]*$"
 # Statuses every route behind the table path can answer: bad input, auth, no topology
 # or shard yet (503), the deadline (504), and 404 for an undeclared table.
 TABLE_ROUTE = (400, 404, 503, 504)
-WRITE_ERRORS = (409, 412, 413)
+WRITE_ERRORS = (409, 412, 413, 422)  # 409 and 422: idempotency keys
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,17 @@ IF_NONE_MATCH = _param(
     "If-None-Match", "header", {"type": "string", "pattern": validate.ETAG_OR_ANY.pattern}
 )
 ONLY_IF_ABSENT = _param("If-None-Match", "header", {"type": "string", "enum": ["*"]})
+IDEMPOTENCY_KEY = {
+    **_param(idempotency.HEADER, "header", {"type": "string", "pattern": idempotency.KEY_PATTERN}),
+    "description": "A retry with the same key returns the first outcome and changes nothing"
+    " (409 while the first is still applied; 422 when the key was used for another request).",
+}
+
+
+def _replayable(response: Schema) -> Schema:
+    """A write's success, which may be the outcome recorded under its idempotency key."""
+    replayed = {"schema": {"type": "string", "enum": ["true"]}}
+    return {**response, "headers": {**response.get("headers", {}), idempotency.REPLAYED: replayed}}
 
 
 def _limit(settings: Settings) -> Schema:
@@ -228,13 +239,16 @@ def _item_op(method: str) -> Callable[[Settings], Schema]:
 
     def build(settings: Settings) -> Schema:
         headers = {
-            "PUT": [IF_MATCH, ONLY_IF_ABSENT, SESSION],
+            "PUT": [IF_MATCH, ONLY_IF_ABSENT, SESSION, IDEMPOTENCY_KEY],
             "GET": [CONSISTENCY, SESSION, IF_NONE_MATCH],
-            "PATCH": [IF_MATCH, SESSION],
-            "DELETE": [IF_MATCH, SESSION],
+            "PATCH": [IF_MATCH, SESSION, IDEMPOTENCY_KEY],
+            "DELETE": [IF_MATCH, SESSION, IDEMPOTENCY_KEY],
         }[method]
         responses = {
-            "PUT": {"200": _json(WRITTEN, "Replaced"), "201": _json(WRITTEN, "Created")},
+            "PUT": {
+                "200": _replayable(_json(WRITTEN, "Replaced")),
+                "201": _replayable(_json(WRITTEN, "Created")),
+            },
             "GET": {
                 "200": {
                     **_json(ITEM),
@@ -249,8 +263,8 @@ def _item_op(method: str) -> Callable[[Settings], Schema]:
                 },
                 "304": {"description": "Unchanged (If-None-Match)"},
             },
-            "PATCH": {"200": _json(ITEM)},
-            "DELETE": {"204": {"description": "Deleted"}},
+            "PATCH": {"200": _replayable(_json(ITEM))},
+            "DELETE": {"204": _replayable({"description": "Deleted"})},
         }[method]
         operation: Schema = {
             "parameters": [TABLE, *_keys(settings), *headers],
@@ -356,7 +370,7 @@ def _batch_write(settings: Settings) -> Schema:
         }
 
     return {
-        "parameters": [TABLE, SESSION],
+        "parameters": [TABLE, SESSION, IDEMPOTENCY_KEY],
         "requestBody": _body(
             {
                 "type": "object",
@@ -365,16 +379,18 @@ def _batch_write(settings: Settings) -> Schema:
             }
         ),
         "responses": {
-            "200": _json(
-                {
-                    "type": "object",
-                    "required": ["table", "ok", "results"],
-                    "properties": {
-                        "table": {"type": "string"},
-                        "ok": {"type": "boolean"},
-                        "results": {"type": "array", "items": PLAIN},
-                    },
-                }
+            "200": _replayable(
+                _json(
+                    {
+                        "type": "object",
+                        "required": ["table", "ok", "results"],
+                        "properties": {
+                            "table": {"type": "string"},
+                            "ok": {"type": "boolean"},
+                            "results": {"type": "array", "items": PLAIN},
+                        },
+                    }
+                )
             )
         },
     }
@@ -688,11 +704,11 @@ OPERATIONS: dict[str, Operation] = {
     "put_item": Operation(_item_op("PUT"), errors=(*TABLE_ROUTE, *WRITE_ERRORS)),
     "get_item": Operation(_item_op("GET"), errors=(*TABLE_ROUTE, 409)),
     "patch_item": Operation(_item_op("PATCH"), errors=(*TABLE_ROUTE, *WRITE_ERRORS)),
-    "delete_item": Operation(_item_op("DELETE"), errors=(*TABLE_ROUTE, 409, 412)),
+    "delete_item": Operation(_item_op("DELETE"), errors=(*TABLE_ROUTE, 409, 412, 422)),
     "partition": Operation(_partition, errors=(*TABLE_ROUTE, 409)),
     "scan": Operation(_scan, errors=(*TABLE_ROUTE, 409)),
     "batch_get": Operation(_batch_get, errors=(*TABLE_ROUTE, 409, 413)),
-    "batch_write": Operation(_batch_write, errors=(*TABLE_ROUTE, 409, 413)),
+    "batch_write": Operation(_batch_write, errors=(*TABLE_ROUTE, 409, 413, 422)),
     "changes": Operation(_changes, errors=(*TABLE_ROUTE, 410)),
     "put_consumer": Operation(_put_consumer, errors=(400, 410, 413, 503, 504)),
     "get_consumer": Operation(_get_consumer, errors=(400, 404, 503, 504)),

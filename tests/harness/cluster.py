@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from shardd import pgctl
+from shardd import admin, pgctl, reshard
 from shardd.placement import slot_of
 from tests.harness.http import Api
 
@@ -136,6 +136,36 @@ class RunningCluster:
                 await conn.close()
 
         return asyncio.run(go())
+
+    def move(self, source: str, target: str, slots: list[int]) -> reshard.Move:
+        """Move ``slots`` from ``source`` to ``target`` now, as ``shardctl rebalance``
+        does; returns the finished move."""
+
+        async def go() -> reshard.Move:
+            async with admin.connect(self.catalog_dsn()) as cat:
+                [move] = await reshard.create_run(
+                    cat, [reshard.PlannedMove(source, target, tuple(slots))], reason="test"
+                )
+            [done] = await reshard.run_moves(
+                reshard.Mover(self.catalog_dsn(), lease=2.0), [move], max_parallel=1
+            )
+            return done
+
+        return asyncio.run(go())
+
+    def on_primaries(self, work: Callable[[asyncpg.Connection], Any]) -> list[Any]:
+        """``await work(conn)`` on each shard's primary, directly (as the monitor does)."""
+
+        async def go(dsn: str) -> Any:
+            conn = await asyncpg.connect(dsn)
+            try:
+                return await work(conn)
+            finally:
+                await conn.close()
+
+        rows = self.sql("catalog", "SELECT name FROM shardd_shards ORDER BY name")
+        shards = [row["name"] for row in rows]
+        return [asyncio.run(go(self.node_dsn(self.primary_of(shard)))) for shard in shards]
 
     def redis_url(self) -> str:
         state = json.loads((self.dir / "cluster.json").read_text())

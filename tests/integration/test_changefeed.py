@@ -13,7 +13,7 @@ from urllib.parse import urlencode
 
 import asyncpg
 
-from shardd import admin, changefeed, changelog, reshard
+from shardd import changefeed, changelog
 from shardd.placement import slot_of
 from tests.harness.cluster import SLOTS, RunningCluster
 from tests.harness.feed import by_key, drain, end_cursor, feed_page, follow
@@ -107,20 +107,6 @@ def test_a_cursor_resumes_where_it_stopped_and_repeats_from_an_older_one(
     assert feed_page(api, tables=table, cursor=cursor)["changes"] == []
 
 
-def move_now(cluster: RunningCluster, source: str, target: str, slots: list[int]) -> None:
-    async def go() -> None:
-        async with admin.connect(cluster.catalog_dsn()) as cat:
-            [move] = await reshard.create_run(
-                cat, [reshard.PlannedMove(source, target, tuple(slots))], reason="feed test"
-            )
-        [done] = await reshard.run_moves(
-            reshard.Mover(cluster.catalog_dsn(), lease=2.0), [move], max_parallel=1
-        )
-        assert done.phase == "done", done
-
-    asyncio.run(go())
-
-
 def test_a_cursor_from_before_a_slot_move_works_after_it(
     cluster: RunningCluster, api: Api, table: str
 ) -> None:
@@ -131,7 +117,7 @@ def test_a_cursor_from_before_a_slot_move_works_after_it(
     for key in keys:
         assert api.request("PUT", item_path(table, key), body={"v": 1}).status == 201
     try:
-        move_now(cluster, "s1", "s2", [slot])
+        assert cluster.move("s1", "s2", [slot]).phase == "done"
         for key in keys:
             written = api.request("PUT", item_path(table, key), body={"v": 2})
             assert written.status == 200, written.body
@@ -140,26 +126,12 @@ def test_a_cursor_from_before_a_slot_move_works_after_it(
         assert by_key(seen) == {key: [1, 2] for key in keys}  # the copy is not a change
         after = end_cursor(api, table)
     finally:
-        move_now(cluster, "s2", "s1", [slot])
+        assert cluster.move("s2", "s1", [slot]).phase == "done"
     assert drain(api, table, after) == []  # moving back emitted nothing either
 
 
-def on_every_primary(cluster: RunningCluster, work: Any) -> list[Any]:
-    """``work(conn)`` on each shard's primary, directly (as the monitor does)."""
-
-    async def go(dsn: str) -> Any:
-        conn = await asyncpg.connect(dsn)
-        try:
-            return await work(conn)
-        finally:
-            await conn.close()
-
-    dsns = [cluster.node_dsn(cluster.primary_of(shard)) for shard in ("s1", "s2", "s3")]
-    return [asyncio.run(go(dsn)) for dsn in dsns]
-
-
 def trim_everywhere(cluster: RunningCluster) -> None:
-    on_every_primary(cluster, lambda conn: changelog.trim(conn, keep_seconds=0))
+    cluster.on_primaries(lambda conn: changelog.trim(conn, keep_seconds=0))
 
 
 def test_consumers_hold_back_trimming_and_an_expired_cursor_is_410(
@@ -183,9 +155,7 @@ def test_consumers_hold_back_trimming_and_an_expired_cursor_is_410(
     assert sorted(pk for pk, _, _ in seen) == [f"c{i}" for i in range(6)]
 
     # Past the retention cap the consumer no longer holds trimming back: its cursor is 410.
-    dropped = on_every_primary(
-        cluster, lambda conn: changefeed.expire_consumers(conn, cap_seconds=0.0)
-    )
+    dropped = cluster.on_primaries(lambda conn: changefeed.expire_consumers(conn, cap_seconds=0.0))
     assert all("feed:feed-test" in names for names in dropped)
     trim_everywhere(cluster)
     expired = api.request("GET", "/v1/changes?" + urlencode({"cursor": stored["cursor"]}))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import asyncpg
 import pytest
@@ -252,3 +253,27 @@ def test_a_change_feed_cursor_survives_a_killed_primary(
         # Whatever is read again after the failover comes in order and ends at the last write.
         assert seen_after[key] == sorted(set(seen_after[key])), (key, seen_after[key])
         assert seen_after[key][-2:] == [4, 5], (key, seen_after[key])
+
+
+def test_idempotency_records_survive_a_failover(healed: RunningCluster, second: Instance) -> None:
+    """An acknowledged write's idempotency record is in the same synchronously replicated
+    transaction: retried after its primary is killed, the write is replayed, not applied
+    again."""
+    api = healed.api("write")
+    key = healed.keys_on("s2", "once", 1)[0]
+    headers = {"Idempotency-Key": "survives"}
+    first = api.request("PUT", item_path(TABLE, key), body={"n": 1}, headers=headers)
+    assert first.status == 201, first.body
+    old = healed.primary_of("s2")
+    healed.devcluster("kill", old)
+    wait_for(lambda: healed.primary_of("s2") not in ("", old), timeout=30, what="s2 failover")
+
+    def retried() -> Any:
+        sent = api.request("PUT", item_path(TABLE, key), body={"n": 1}, headers=headers)
+        return sent if sent.status != 503 else None
+
+    again = wait_for(retried, timeout=30, what="the retry answered")
+    assert again.status == 201 and again.header("Idempotent-Replayed") == "true", again.body
+    assert again.body == first.body
+    got = api.request("GET", item_path(TABLE, key) + "?consistency=strong")
+    assert got.body["version"] == 1

@@ -264,20 +264,6 @@ def keys_in_slot(slot: int, count: int, prefix: str) -> list[str]:
     return found
 
 
-def move_now(cluster: RunningCluster, source: str, target: str, slots: list[int]) -> reshard.Move:
-    async def go() -> reshard.Move:
-        async with admin.connect(cluster.catalog_dsn()) as cat:
-            [move] = await reshard.create_run(
-                cat, [reshard.PlannedMove(source, target, tuple(slots))], reason="test"
-            )
-        [done] = await reshard.run_moves(
-            reshard.Mover(cluster.catalog_dsn(), lease=2.0), [move], max_parallel=1
-        )
-        return done
-
-    return asyncio.run(go())
-
-
 def test_a_long_transaction_across_a_move_is_applied_on_the_target(rs: RunningCluster) -> None:
     set_weight(rs, "s1", 1)
     slot_map = rs.slot_map()
@@ -334,7 +320,7 @@ def test_moves_of_empty_slots_one_huge_partition_and_a_thousand_slots(rs: Runnin
     slot_map = rs.slot_map()
     used = {slot for rows in rows_by_shard(rs, TABLE).values() for slot, _ in rows.values()}
     empty = [s for s, owner in slot_map.items() if owner == "s3" and s not in used][:5]
-    assert move_now(rs, "s3", "s1", empty).phase == "done"
+    assert rs.move("s3", "s1", empty).phase == "done"
     assert all(rs.slot_map()[s] == "s1" for s in empty)
 
     huge = "huge-partition"
@@ -347,14 +333,14 @@ def test_moves_of_empty_slots_one_huge_partition_and_a_thousand_slots(rs: Runnin
     slot = slot_of(huge, SLOTS)
     owner = rs.slot_map()[slot]
     dest = "s2" if owner != "s2" else "s3"
-    assert move_now(rs, owner, dest, [slot]).rows_copied >= 3000
+    assert rs.move(owner, dest, [slot]).rows_copied >= 3000
     page = api.request("GET", f"/v1/tables/{TABLE}/partitions/{huge}?limit=1000&consistency=strong")
     assert page.status == 200 and len(page.body["items"]) == 1000
     assert (page.header("Shardd-Served-By") or "").startswith(f"{dest}/")
 
     before = all_rows(rs)
     thousand = [s for s, owner in rs.slot_map().items() if owner == "s1"][:1000]
-    done = move_now(rs, "s1", "s2", thousand)
+    done = rs.move("s1", "s2", thousand)
     assert done.phase == "done" and len(done.slots) == 1000
     assert all_rows(rs) == before
     assert_clean(rs)
@@ -431,7 +417,7 @@ def test_an_eventual_scan_across_a_move_with_lagging_replicas_sees_each_item_onc
                 source = max(counts, key=lambda s: counts[s])
                 target = min(counts, key=lambda s: counts[s])
                 slots = [s for s, o in slot_map.items() if o == source and s in used][:64]
-                assert move_now(rs, source, target, slots).phase == "done"
+                assert rs.move(source, target, slots).phase == "done"
             page = api.request(
                 "GET", f"/v1/tables/{TABLE}/scan?limit=100&consistency=eventual{after(position)}"
             )
