@@ -1,7 +1,9 @@
 """Idempotency keys: a write may carry ``Idempotency-Key`` so that a retry of it (after a
 504 ``outcome_unknown``, a dropped connection, a dead instance) has exactly one effect.
 
-What the shards keep (shard migration 0012) is items of the internal table ``~idem``:
+What the shards keep (shard migration 0012) is items of internal tables
+``~idem:<window>:<bucket>`` (time buckets as wide as ``idempotency_retention``; a lookup
+reads the current one and the one before, and the trim drops whole buckets):
 
 - a **claim** per key and caller, pk ``<caller>:<key>`` (placed by that pk like any
   item): the digest of the first request that used the key.  A later request with the
@@ -24,14 +26,16 @@ callers' keys never meet.  Claims and records are dropped after
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import dataclass
 
 import asyncpg
+import orjson
 
 from . import errors
 
-TABLE = "~idem"  # user table names cannot start with "~"
+TABLES = "~idem:"  # the prefix of the buckets' tables; user table names cannot start with "~"
 HEADER = "Idempotency-Key"
 REPLAYED = "Idempotent-Replayed"
 KEY_PATTERN = r"^[\x21-\x7e]{1,255}$"  # visible ASCII, as Stripe's keys and UUIDs are
@@ -42,9 +46,10 @@ _KEY = re.compile(KEY_PATTERN)
 class Once:
     """One request's idempotency key, as the shards store it."""
 
-    caller: str  # digest of the bearer token ("" without tokens)
+    caller: str  # digest of the bearer token (without tokens: one for everybody)
     key: str
-    digest: str  # of the request: method, path, conditions and body
+    digest: str  # of the request: what it writes, where, under which condition
+    window: int  # seconds: the width of the records' time buckets (the retention)
 
     @property
     def claim(self) -> str:
@@ -56,45 +61,49 @@ class Once:
         return f"{self.caller}:{index}:{self.key}"
 
 
+def caller_of(authorization: str | None) -> str:
+    """Whose keys: a digest of the bearer token as authentication reads it."""
+    token = (authorization or "").removeprefix("Bearer ").strip()
+    return hashlib.sha256(b"shardd idempotency caller\0" + token.encode()).hexdigest()[:32]
+
+
 def parse(
     header: str | None,
     *,
     authorization: str | None,
-    method: str,
-    path: str,
-    conditions: tuple[str | None, ...],
-    body: bytes,
+    request: tuple[object, ...],
+    window: float,
 ) -> Once | None:
-    """The request's key (None: it carries none); 400 for a malformed one."""
+    """The request's key (None: it carries none); 400 for a malformed one.  ``request``:
+    what makes two requests the same one, parsed (operation, table, keys, condition, the
+    body as canonical JSON), so a retry that spells it differently is still the same."""
     if header is None:
         return None
     if not _KEY.match(header):
         raise errors.BadRequest(
             f"{HEADER} is 1 to 255 visible ASCII characters", code="invalid_idempotency_key"
         )
-    caller = hashlib.sha256((authorization or "").encode()).hexdigest()[:32]
-    digest = hashlib.sha256()
-    for part in (method, path, *(c or "" for c in conditions)):
-        digest.update(part.encode())
-        digest.update(b"\0")
-    digest.update(body)
-    return Once(caller, header, digest.hexdigest())
+    digest = hashlib.sha256(orjson.dumps(request, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return Once(caller_of(authorization), header, digest, max(1, math.ceil(window)))
 
 
 async def claim(conn: asyncpg.Connection, *, slot: int, once: Once) -> None:
     """Claim the key for this request's digest on the shard owning ``once.claim``'s slot
     (``slot``); SD422 when another request claimed it."""
-    await conn.execute("SELECT shardd_once_claim($1, $2, $3)", slot, once.claim, once.digest)
+    await conn.execute(
+        "SELECT shardd_once_claim($1, $2, $3, $4)", slot, once.claim, once.digest, once.window
+    )
 
 
-async def trim(conn: asyncpg.Connection, *, keep_seconds: float, batch: int = 10_000) -> int:
-    """Drop claims and records older than ``keep_seconds`` of the slots ``conn``'s node
-    owns; returns how many."""
+async def trim(conn: asyncpg.Connection, *, keep_seconds: float, batch: int = 5_000) -> int:
+    """Drop the buckets of claims and records older than ``keep_seconds``, a batch per
+    transaction (never waiting for a standby: a trim lost in a failover is done again);
+    returns how many rows went."""
     removed = 0
     while True:
-        n = await conn.fetchval(
-            "SELECT shardd_trim_once(now() - make_interval(secs => $1), $2)", keep_seconds, batch
-        )
+        async with conn.transaction():
+            await conn.execute("SET LOCAL synchronous_commit = local")
+            n = await conn.fetchval("SELECT shardd_trim_once($1, $2)", keep_seconds, batch)
         removed += n
-        if n < batch:
+        if n == 0:
             return removed

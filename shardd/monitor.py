@@ -270,17 +270,22 @@ class Monitor:
                     removed = await changelog.trim(
                         conn, keep_seconds=self.settings.changelog_retention
                     )
-                    dropped = await idempotency.trim(
-                        conn, keep_seconds=self.settings.idempotency_retention
-                    )
                 for name in expired:
                     log.warning("dropped change-log consumer %s on %s: idle", name, shard.name)
                 if removed:
                     log.info("trimmed %s change-log entries on %s", removed, shard.name)
+            except Exception as exc:
+                log.warning("cannot trim the change log of %s: %s", shard.name, exc)
+                continue
+            try:  # in transactions of its own: a slow trim never holds the one above back
+                async with asyncio.timeout(30), failover.connect(shard.primary) as conn:
+                    dropped = await idempotency.trim(
+                        conn, keep_seconds=self.settings.idempotency_retention
+                    )
                 if dropped:
                     log.info("dropped %s idempotency records on %s", dropped, shard.name)
             except Exception as exc:
-                log.warning("cannot trim the change log of %s: %s", shard.name, exc)
+                log.warning("cannot trim idempotency records of %s: %s", shard.name, exc)
 
     async def _note_positions(self, topology: Topology) -> None:
         """Record where each healthy primary's WAL was (the loss a later forced

@@ -63,11 +63,12 @@ async def write(
         row = await conn.fetchrow("CALL shardd_write($1, $2, $3, $4, $5, $6, $7, $8)", *args)
     else:
         row = await conn.fetchrow(
-            "CALL shardd_write_once($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            "CALL shardd_write_once($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
             *args,
             once.claim,
             once.record(0),
             once.digest,
+            once.window,
         )
     return WriteResult(
         row["version"],
@@ -254,11 +255,12 @@ async def write_batch(
     else:
         row = await conn.fetchrow(
             "CALL shardd_write_batch_once($1, $2::int[], $3::text[], $4::text[], $5::jsonb[],"
-            " $6::bool[], $7, $8::text[], $9)",
+            " $6::bool[], $7, $8::text[], $9, $10)",
             *args,
             once.claim,
             [once.record(ops[i].index) for i in order],
             once.digest,
+            once.window,
         )
     versions: list[int | None] = [None] * len(ops)
     replayed = [False] * len(ops)

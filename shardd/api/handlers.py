@@ -253,15 +253,12 @@ async def _write_item(request: web.Request, op: str) -> web.Response:
                 "on PUT, If-None-Match only takes *", code="invalid_precondition"
             )
     doc = None
-    body = b""
     if op in ("put", "patch"):
-        body = await _body(request)
         doc = validate.json_object(
-            body,
+            await _body(request),
             max_depth=settings.max_json_depth,
             what="the item" if op == "put" else "a merge patch",
         )
-    once = _once(request, body)
     if none_match is not None:
         if if_version is not None:
             # The item cannot both exist at a version and be absent (RFC 9110 13.2.2).
@@ -269,6 +266,7 @@ async def _write_item(request: web.Request, op: str) -> web.Response:
                 "If-Match and If-None-Match: * cannot both hold", current_version=None
             )
         if_version = 0
+    once = _once(request, (op, table, pk, sk, if_version, doc))
     result, served = await cluster.data.write(
         op=op, table=table, pk=pk, sk=sk, doc=doc, if_version=if_version, once=once
     )
@@ -294,15 +292,14 @@ async def _write_item(request: web.Request, op: str) -> web.Response:
     )
 
 
-def _once(request: web.Request, body: bytes) -> idempotency.Once | None:
-    """The write's idempotency key, bound to this caller and this exact request."""
+def _once(request: web.Request, what: tuple[object, ...]) -> idempotency.Once | None:
+    """The write's idempotency key, bound to this caller and to ``what`` it writes."""
+    _, settings = _ctx(request)
     return idempotency.parse(
         request.headers.get(idempotency.HEADER),
         authorization=request.headers.get("Authorization"),
-        method=request.method,
-        path=request.rel_url.raw_path,
-        conditions=(request.headers.get("If-Match"), request.headers.get("If-None-Match")),
-        body=body,
+        request=what,
+        window=settings.idempotency_retention,
     )
 
 
@@ -473,9 +470,7 @@ def _refused_once(outcomes: list[KeyOutcome]) -> None:
 async def batch_write(request: web.Request) -> web.Response:
     cluster, settings = _ctx(request)
     table = await _table(request)
-    raw = await _body(request)
-    once = _once(request, raw)
-    body = validate.json_object(raw, max_depth=settings.max_json_depth + 3)
+    body = validate.json_object(await _body(request), max_depth=settings.max_json_depth + 3)
     if set(body) - {"puts", "deletes"}:
         raise errors.BadRequest(
             'the body is {"puts": [...], "deletes": [...]}', code="invalid_batch"
@@ -492,6 +487,7 @@ async def batch_write(request: web.Request) -> web.Response:
     for _, _, item in puts:
         validate.json_object(orjson.dumps(item), max_depth=settings.max_json_depth, what="an item")
     keys = [(pk, sk) for pk, sk, _ in puts + deletes]
+    once = _once(request, ("batch", table, puts, [(pk, sk) for pk, sk, _ in deletes]))
     written = await cluster.data.batch_write(
         table=table,
         puts=puts,
@@ -515,7 +511,7 @@ async def batch_write(request: web.Request) -> web.Response:
         shaped.append(entry)
     ok = all(r["status"] != "error" for r in shaped)
     headers = _served_by(written.served)
-    if once is not None and all(o.replayed for o in written.outcomes):
+    if once is not None and written.outcomes and all(o.replayed for o in written.outcomes):
         headers[idempotency.REPLAYED] = "true"
     if written.session.positions:
         headers["Shardd-Session"] = str(written.session)

@@ -235,15 +235,43 @@ def test_a_batch_write_with_a_key_is_applied_once_per_key(
     assert other.status == 422 and other.body["error"]["code"] == "idempotency_key_reused"
 
 
-def test_records_expire_after_the_retention(cluster: RunningCluster, api: Api, table: str) -> None:
-    assert put(api, table, "h", {"n": 1}, key="expires").status == 201
-    removed = cluster.on_primaries(lambda conn: idempotency.trim(conn, keep_seconds=0))
-    assert sum(removed) >= 2  # at least this claim and this record
-    for shard in ("s1", "s2", "s3"):
-        rows = cluster.sql(
-            cluster.primary_of(shard), "SELECT count(*) AS n FROM shardd_items WHERE tbl = '~idem'"
+def test_records_expire_after_the_retention(cluster: RunningCluster, table: str) -> None:
+    """An instance keeping keys 1 s: a retry within the window is replayed; two windows
+    later it is a new request; the trim drops the expired buckets and only those."""
+    with cluster.instance(idempotency_retention="1") as short:
+        api = Api(short.port, token=cluster.api("write").token)
+        assert put(api, table, "h", {"n": 1}, key="expires").status == 201
+        replayed = put(api, table, "h", {"n": 1}, key="expires")
+        assert replayed.header(idempotency.REPLAYED) == "true"
+        time.sleep(2.1)  # two windows of 1 s: no bucket a lookup reads holds the record
+        again = put(api, table, "h", {"n": 1}, key="expires")
+        assert again.status == 200 and again.header(idempotency.REPLAYED) is None
+        assert version_of(api, table, "h") == 2
+
+    def short_buckets() -> int:
+        counts = cluster.on_primaries(
+            lambda conn: conn.fetchval(
+                "SELECT count(*) FROM shardd_items WHERE tbl LIKE '~idem:1:%'"
+            )
         )
-        assert rows[0]["n"] == 0
-    again = put(api, table, "h", {"n": 1}, key="expires")  # a new request now
-    assert again.status == 200 and again.header(idempotency.REPLAYED) is None
-    assert version_of(api, table, "h") == 2
+        return sum(counts)
+
+    def long_buckets() -> int:
+        counts = cluster.on_primaries(
+            lambda conn: conn.fetchval(
+                "SELECT count(*) FROM shardd_items WHERE tbl LIKE '~idem:86400:%'"
+            )
+        )
+        return sum(counts)
+
+    kept = long_buckets()
+    assert short_buckets() >= 4  # two claims and two records
+    removed: list[int] = []
+
+    def trimmed() -> bool:  # once the last bucket is a window old, the trim takes it
+        removed.extend(cluster.on_primaries(lambda c: idempotency.trim(c, keep_seconds=1)))
+        return short_buckets() == 0
+
+    wait_for(trimmed, timeout=10, what="the expired buckets trimmed", every=0.5)
+    assert sum(removed) >= 4
+    assert long_buckets() == kept  # the buckets still in their window stay

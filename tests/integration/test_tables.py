@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import asyncpg
+import pytest
+
 from tests.harness.cluster import RunningCluster, wait_for
 from tests.harness.http import Api, item_path
 
@@ -101,3 +106,54 @@ def test_table_deletion_resumes_after_a_shard_outage(cluster: RunningCluster, ap
     assert api.request("GET", f"/v1/tables/{name}/scan?consistency=strong").body["items"] == []
     assert api.request("GET", item_path(name, "old-1") + "?consistency=strong").status == 404
     assert api.request("PUT", item_path(name, "new"), body={"n": 1}).status == 201
+
+
+def test_the_shard_refuses_every_write_path_to_a_fenced_table(cluster: RunningCluster) -> None:
+    """The table fence on the shard itself, whatever a router believes: shardd_put and
+    shardd_patch check it with the slot's state, any other insert or update meets the row
+    trigger, and a check of one table never lets a write to another one through."""
+    dsn = cluster.node_dsn(cluster.primary_of("s1"))
+
+    async def scenario() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            slot = await conn.fetchval("SELECT min(slot) FROM shardd_slots WHERE state = 'owned'")
+            await conn.execute("SELECT shardd_unfence_table('fenced_t', 0)")
+            put = "CALL shardd_write('put', $1, $2, 'k', '', '{}'::jsonb, NULL, 1000)"
+            await conn.execute(put, slot, "fenced_t")  # not fenced yet
+            await conn.execute(put, slot, "open_t")
+            await conn.execute("SELECT shardd_fence_table('fenced_t')")
+            statements: list[tuple[str, tuple[object, ...]]] = [
+                (put, (slot, "fenced_t")),
+                (
+                    "CALL shardd_write('patch', $1, $2, 'k', '', '{}'::jsonb, NULL, 1000)",
+                    (slot, "fenced_t"),
+                ),
+                (
+                    "CALL shardd_write_batch($1, ARRAY[$2::int], ARRAY['k'], ARRAY[''],"
+                    " ARRAY['{}'::jsonb], ARRAY[true])",
+                    ("fenced_t", slot),
+                ),
+                ("UPDATE shardd_items SET version = version + 1 WHERE tbl = $1", ("fenced_t",)),
+            ]
+            for statement, args in statements:
+                with pytest.raises(asyncpg.PostgresError) as refused:
+                    await conn.execute(statement, *args)
+                assert refused.value.sqlstate == "SD410", statement
+            # One transaction: a checked write to open_t, then a write to fenced_t.
+            with pytest.raises(asyncpg.PostgresError) as refused:
+                async with conn.transaction():
+                    await conn.execute(
+                        "SELECT shardd_put($1, 'open_t', 'k', '', '{}'::jsonb, NULL)", slot
+                    )
+                    await conn.execute(
+                        "UPDATE shardd_items SET version = version + 1 WHERE tbl = 'fenced_t'"
+                    )
+            assert refused.value.sqlstate == "SD410"
+            await conn.execute(put, slot, "open_t")  # other tables are unaffected
+        finally:
+            await conn.execute("SELECT shardd_unfence_table('fenced_t', 0)")
+            await conn.execute("DELETE FROM shardd_items WHERE tbl IN ('fenced_t', 'open_t')")
+            await conn.close()
+
+    asyncio.run(scenario())
