@@ -18,7 +18,7 @@ from .nodes import NodePools, check_node, describe, with_lag
 from .topology import Node, Topology
 
 
-def node_from_dsn(dsn: str, *, name: str, shard: str, role: str) -> Node:
+def node_from_dsn(dsn: str, *, name: str, shard: str, role: str, zone: str = "") -> Node:
     """A Node from ``postgresql://user[:password]@host[:port]/dbname``."""
     parts = urlsplit(dsn)
     if parts.scheme not in ("postgres", "postgresql") or not parts.hostname:
@@ -32,6 +32,7 @@ def node_from_dsn(dsn: str, *, name: str, shard: str, role: str) -> Node:
         dbname=unquote(parts.path.lstrip("/")) or "postgres",
         username=unquote(parts.username or "postgres"),
         password=unquote(parts.password) if parts.password else None,
+        zone=zone,
     )
 
 
@@ -84,12 +85,18 @@ async def add_shard(
     primary_dsn: str,
     replica_dsns: Sequence[str] = (),
     weight: int = 1,
+    zones: Sequence[str] = (),
 ) -> int:
-    """Register a shard (migrating its primary first); it owns no slot until a rebalance."""
-    nodes = [node_from_dsn(primary_dsn, name=f"{name}-primary", shard=name, role="primary")]
-    nodes += [
-        node_from_dsn(dsn, name=f"{name}-replica{i}", shard=name, role="replica")
-        for i, dsn in enumerate(replica_dsns, start=1)
+    """Register a shard (migrating its primary first); it owns no slot until a rebalance.
+    ``zones``: the primary's zone, then each replica's (missing: none)."""
+    dsns = [primary_dsn, *replica_dsns]
+    if len(zones) > len(dsns):
+        raise ValueError(f"{len(zones)} zones for {len(dsns)} nodes")
+    labels = [*zones, *[""] * (len(dsns) - len(zones))]
+    names = [f"{name}-primary", *(f"{name}-replica{i}" for i in range(1, len(dsns)))]
+    nodes = [
+        node_from_dsn(dsn, name=node, shard=name, role="replica" if i else "primary", zone=zone)
+        for i, (dsn, node, zone) in enumerate(zip(dsns, names, labels, strict=True))
     ]
     async with connect(nodes[0].dsn()) as conn:
         await migrate.apply(conn, "shard")

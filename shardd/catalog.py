@@ -32,7 +32,7 @@ async def load_topology(conn: asyncpg.Connection) -> Topology:
             "SELECT name, weight, term, write_block, degraded FROM shardd_shards ORDER BY name"
         )
         node_rows = await conn.fetch(
-            "SELECT name, shard, role, host, port, dbname, username, password, fenced"
+            "SELECT name, shard, role, host, port, dbname, username, password, fenced, zone"
             " FROM shardd_nodes ORDER BY shard, role, name"
         )
         slot_rows = await conn.fetch("SELECT slot, shard FROM shardd_slot_map")
@@ -123,7 +123,7 @@ async def add_shard(
         for node in nodes:
             await conn.execute(
                 "INSERT INTO shardd_nodes (name, shard, role, host, port, dbname, username,"
-                " password) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                " password, zone) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
                 node.name,
                 name,
                 node.role,
@@ -132,7 +132,17 @@ async def add_shard(
                 node.dbname,
                 node.username,
                 node.password,
+                node.zone,
             )
+        return await bump_epoch(conn)
+
+
+async def set_zone(conn: asyncpg.Connection, node: str, zone: str) -> int:
+    """Label ``node`` with ``zone`` ('' for none); returns the new epoch."""
+    async with conn.transaction():
+        status = await conn.execute("UPDATE shardd_nodes SET zone = $2 WHERE name = $1", node, zone)
+        if status.endswith(" 0"):
+            raise LookupError(f"no node {node!r}")
         return await bump_epoch(conn)
 
 

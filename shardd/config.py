@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import types
 import typing
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ENV_PREFIX = "SHARDD_"
+ZONE = re.compile(r"^[A-Za-z0-9_.-]{0,64}$")  # a zone label, as the catalog checks it
 
 
 CHOICES = {
@@ -192,6 +194,12 @@ class Settings:
         "them other than at the address the catalog records (a NAT, a local pooler). "
         "Separate several with ';' in the environment.",
     )
+    zone: str = _setting(
+        "",
+        "This instance's zone (a data center, an availability zone): eventual and session "
+        "reads prefer replicas labelled with it (shardctl shard add --zone, shardctl node "
+        "zone). Empty: no preference.",
+    )
     log_level: str = _setting("info", "Log level: debug, info, warning or error.")
     event_loop: str = _setting(
         "uvloop",
@@ -249,6 +257,8 @@ class Settings:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"setting {name}: expected one of {', '.join(allowed)}")
+        if not ZONE.match(self.zone):
+            raise ValueError(f"setting zone: expected {ZONE.pattern}, got {self.zone!r}")
 
     @classmethod
     def fields(cls) -> tuple[dataclasses.Field[Any], ...]:

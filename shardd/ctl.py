@@ -104,9 +104,10 @@ def status(ctx: Context, as_json: bool) -> None:
                 if node["lag_seconds"] is not None and node["role"] == "replica":
                     lag += f"/{node['lag_seconds']:.1f}s"
                 fenced = " FENCED" if node["fenced"] else ""
+                zone = f" zone={node['zone']}" if node["zone"] else ""
                 click.echo(
                     f"  {node['name']:<18} {node['role']:<8} {node['host']}:{node['port']:<6}"
-                    f" {health}{lag}{fenced}"
+                    f" {health}{zone}{lag}{fenced}"
                 )
 
         for event in data["failovers"]:
@@ -187,7 +188,7 @@ def sync_mode(ctx: Context, mode: str | None) -> None:
 
 @main.group()
 def node() -> None:
-    """Nodes: list, rejoin."""
+    """Nodes: list, zone, rejoin."""
 
 
 @node.command("list")
@@ -205,10 +206,36 @@ def node_list(ctx: Context, as_json: bool) -> None:
             fenced = "fenced" if row["fenced"] else ""
             click.echo(
                 f"{row['name']:<18} {row['shard']:<8} {row['role']:<8}"
-                f" {row['host']}:{row['port']:<6} {health:<5} lag={lag:<10} {fenced}"
+                f" {row['host']}:{row['port']:<6} {health:<5} zone={row['zone'] or '-':<8}"
+                f" lag={lag:<10} {fenced}"
             )
 
     emit(rows, as_json, render)
+
+
+def _zone(value: str) -> str:
+    if not config.ZONE.match(value):
+        raise click.BadParameter(f"a zone matches {config.ZONE.pattern}")
+    return value
+
+
+@node.command("zone")
+@click.argument("name")
+@click.argument("zone", callback=lambda ctx, param, value: _zone(value))
+@pass_ctx
+def node_zone(ctx: Context, name: str, zone: str) -> None:
+    """Label node NAME with ZONE ("" for none): reads prefer replicas of their instance's
+    zone, promotions the old primary's."""
+
+    async def label() -> int:
+        async with admin.connect(ctx.dsn) as conn:
+            return await catalog.set_zone(conn, name, zone)
+
+    try:
+        epoch = run(label())
+    except LookupError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{name} is in zone {zone or '(none)'} (epoch {epoch})")
 
 
 @node.command("rejoin")
@@ -412,16 +439,38 @@ def shard_list(ctx: Context, as_json: bool) -> None:
 @click.option("--primary", "primary_dsn", required=True, help="postgresql:// DSN")
 @click.option("--replica", "replica_dsns", multiple=True, help="DSN of a replica (repeat)")
 @click.option("--weight", default=1, show_default=True)
+@click.option(
+    "--zone",
+    "zones",
+    multiple=True,
+    callback=lambda ctx, param, values: tuple(_zone(v) for v in values),
+    help="Zone of the primary, then of each replica in order (repeat).",
+)
 @yes_option
 @pass_ctx
 def shard_add(
-    ctx: Context, name: str, primary_dsn: str, replica_dsns: tuple[str, ...], weight: int, yes: bool
+    ctx: Context,
+    name: str,
+    primary_dsn: str,
+    replica_dsns: tuple[str, ...],
+    weight: int,
+    zones: tuple[str, ...],
+    yes: bool,
 ) -> None:
     """Register shard NAME (migrates its primary; it owns no slots until a rebalance)."""
+    if len(zones) > 1 + len(replica_dsns):
+        raise click.BadParameter(
+            f"{len(zones)} zones for {1 + len(replica_dsns)} nodes", param_hint="--zone"
+        )
     confirm(yes, f"Register shard {name}?")
     epoch = run(
         admin.add_shard(
-            ctx.dsn, name=name, primary_dsn=primary_dsn, replica_dsns=replica_dsns, weight=weight
+            ctx.dsn,
+            name=name,
+            primary_dsn=primary_dsn,
+            replica_dsns=replica_dsns,
+            weight=weight,
+            zones=zones,
         )
     )
     click.echo(f"shard {name} registered (epoch {epoch})")

@@ -187,6 +187,7 @@ class Executor:
             max_lag_bytes=self.settings.max_replica_lag_bytes,
             max_lag_seconds=self.settings.max_replica_lag_seconds,
             spread=spread,
+            zone=self.settings.zone,
         )
         failures = 0
         for node in candidates:

@@ -191,6 +191,7 @@ def describe(node: Node, health: HealthSnapshot) -> dict[str, object]:
     return {
         "name": node.name,
         "role": node.role,
+        "zone": node.zone,
         "host": node.host,
         "port": node.port,
         "fenced": node.fenced,

@@ -84,10 +84,13 @@ def read_candidates(
     max_lag_bytes: int,
     max_lag_seconds: float,
     spread: bool = False,
+    zone: str = "",
 ) -> tuple[Node, ...]:
     """Nodes to try for a read, best first; the primary is always the last resort, but
     with ``spread`` an eventual read takes turns over the primary as over the replicas
-    (a hot key's reads use every node of its shard)."""
+    (a hot key's reads use every node of its shard).  With ``zone`` (this instance's),
+    the usable replicas of that zone come first, taking turns among themselves; a hot
+    key's spread reads use every node whatever its zone."""
     primary = shard.primary
     tail = (primary,) if primary is not None else ()
     if consistency == "strong":
@@ -111,4 +114,6 @@ def read_candidates(
     if replicas:
         turn = next(_spread) % len(replicas)
         replicas = replicas[turn:] + replicas[:turn]
+        if zone and not spread:
+            replicas.sort(key=lambda node: node.zone != zone)  # stable: turns kept
     return (*replicas, *tail)

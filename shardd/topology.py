@@ -27,6 +27,7 @@ class Node:
     username: str
     password: str | None = None
     fenced: bool = False
+    zone: str = ""  # '' when the node has none
 
     @property
     def is_primary(self) -> bool:

@@ -32,7 +32,7 @@ import click
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from shardd import admin, failover, pgctl  # noqa: E402
+from shardd import admin, config, failover, pgctl  # noqa: E402
 
 PG_USER = "postgres"
 DB = "shardd"
@@ -288,12 +288,26 @@ class Cluster:
             )
         self.start_node(node)
 
+    def zones_of(self, shard_index: int, count: int) -> list[str]:
+        """Zones of a shard's ``count`` nodes, primary first: spread round-robin from the
+        shard's own place, so primaries spread over the zones too ([] without zones)."""
+        zones = self.state.get("zones") or []
+        return [zones[(shard_index + j) % len(zones)] for j in range(count)] if zones else []
+
+    def instance_zone(self, name: str) -> str:
+        zones = self.state.get("zones") or []
+        index = 0 if name == "shardd" else int(name.rsplit("-", 1)[1]) - 1
+        return zones[index % len(zones)] if zones else ""
+
     def create_shard(self, name: str, replicas: int) -> None:
+        index = len({n["shard"] for n in self.nodes if n["shard"]})
+        zones = self.zones_of(index, 1 + replicas)
         primary = {
             "name": f"{name}-primary",
             "shard": name,
             "role": "primary",
             "port": self.next_port(),
+            "zone": zones[0] if zones else "",
         }
         self.nodes.append(primary)
         self.save()
@@ -304,6 +318,7 @@ class Cluster:
                 "shard": name,
                 "role": "replica",
                 "port": self.next_port(),
+                "zone": zones[i] if zones else "",
             }
             self.nodes.append(replica)
             self.save()
@@ -323,6 +338,7 @@ class Cluster:
                 name=name,
                 primary_dsn=self.dsn(primary),
                 replica_dsns=replica_dsns,
+                zones=zones,
             )
         )
 
@@ -353,10 +369,12 @@ class Cluster:
                 "SHARDD_REDIS_URL": f"redis://127.0.0.1:{self.state['redis_port']}/0",
             }
         drain = {} if name == "shardd" else {"SHARDD_SHUTDOWN_DRAIN": "3"}
+        zone = self.instance_zone(name)
         return {
             **os.environ,
             **redis,
             **drain,
+            **({"SHARDD_ZONE": zone} if zone else {}),
             **self.state.get("shardd_settings", {}),
             "SHARDD_CATALOG_DSN": self.catalog_dsn,
             "SHARDD_PORT": str(self.instance_port(name)),
@@ -550,6 +568,12 @@ def cli() -> None:
     show_default=True,
     help="shardd instances; more than one run behind HAProxy on --port.",
 )
+@click.option(
+    "--zones",
+    default="",
+    help="Zone labels (a,b,c): each shard's nodes spread over them round-robin, its"
+    " primary in a different zone per shard; instance N in zone N (mod the count).",
+)
 def up(
     directory: Path,
     shards: int,
@@ -561,9 +585,14 @@ def up(
     redis: bool,
     redis_port: int | None,
     instances: int,
+    zones: str,
 ) -> None:
     """Create (first time) or start the cluster and shardd; idempotent."""
     cluster = Cluster(directory)
+    labels = [z.strip() for z in zones.split(",") if z.strip()]
+    for label in labels:
+        if not config.ZONE.match(label):
+            raise click.BadParameter(f"a zone matches {config.ZONE.pattern}", param_hint="--zones")
     if not cluster.state.get("ready"):
         if cluster.dir.exists() and any(cluster.dir.iterdir()):
             shutil.rmtree(cluster.dir)  # a half-created cluster: start over
@@ -576,6 +605,7 @@ def up(
             "sync": sync,
             "slots": slots,
             "instances": instances,
+            "zones": labels,
             "nodes": [],
         }
         catalog = {"name": "catalog", "shard": None, "role": "catalog", "port": cluster.next_port()}
@@ -645,6 +675,7 @@ def status(directory: Path, as_json: bool) -> None:
                 "name": node["name"],
                 "shard": node["shard"],
                 "role": roles.get(node["name"], node["role"]),
+                "zone": node.get("zone", ""),
                 "port": node["port"],
                 "datadir": str(cluster.datadir(node)),
                 "pid": pid,
@@ -658,6 +689,7 @@ def status(directory: Path, as_json: bool) -> None:
                 "name": name,
                 "shard": None,
                 "role": "shardd",
+                "zone": cluster.instance_zone(name) if cluster.state else "",
                 "port": cluster.instance_port(name) if cluster.state else None,
                 "datadir": None,
                 "pid": pid,
@@ -671,6 +703,7 @@ def status(directory: Path, as_json: bool) -> None:
                 "name": "haproxy",
                 "shard": None,
                 "role": "balancer",
+                "zone": "",
                 "port": cluster.state.get("port"),
                 "datadir": None,
                 "pid": pid,
@@ -683,7 +716,7 @@ def status(directory: Path, as_json: bool) -> None:
     for row in rows:
         click.echo(
             f"{row['name']:<16} {row['shard'] or '-':<6} {row['role']:<8} "
-            f"{row['port']!s:<6} {'up' if row['up'] else 'down':<5} "
+            f"{row['zone'] or '-':<6} {row['port']!s:<6} {'up' if row['up'] else 'down':<5} "
             f"pid={row['pid'] or '-'} {row['datadir'] or ''}"
         )
 

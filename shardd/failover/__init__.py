@@ -39,6 +39,7 @@ from .decisions import (
     decide,
     eligible,
     lost_bytes,
+    preferred_replicas,
     previous_primary,
     shard_view,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "connect",
     "decide",
     "eligible",
+    "preferred_replicas",
     "fail_over",
     "fence_on_node",
     "finish_switchover",

@@ -3,7 +3,9 @@ Postgres).
 
 :func:`shard_view` summarizes one shard from the health snapshot, :func:`decide` says
 whether to promote and whom, :func:`eligible` says which replicas may be promoted
-automatically and :func:`choose_candidate` picks the one with the most WAL.
+automatically and :func:`choose_candidate` picks the one with the most WAL (among
+those with as much, one in the old primary's zone: a zone is never chosen at the cost
+of WAL).
 
 Which replicas qualify (like Patroni's ``maximum_lag_on_failover``):
 
@@ -20,7 +22,7 @@ with a clear reason until an operator forces a promotion (``shardctl failover
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from ..nodes import HealthSnapshot
@@ -43,6 +45,7 @@ class ShardView:
     primary_position: int | None  # its last known WAL position
     candidates: tuple[Candidate, ...]  # healthy replicas
     primary_seen_at: float | None = None  # when the primary last answered a check
+    preferred: frozenset[str] = frozenset()  # replicas in the old primary's zone
 
     def needs_primary(self, failures_needed: int) -> bool:
         """No primary on record, or it failed ``failures_needed`` checks in a row."""
@@ -92,11 +95,20 @@ def shard_view(shard: Shard, health: HealthSnapshot) -> ShardView:
         primary_position=primary_health.lsn if primary_health else None,
         candidates=tuple(candidates),
         primary_seen_at=primary_health.last_ok_at if primary_health else None,
+        preferred=preferred_replicas(shard),
     )
 
 
-def choose_candidate(candidates: Iterable[Candidate]) -> Candidate | None:
-    """The replica to promote: the one with the most WAL (ties: the first by name).
+def choose_candidate(
+    candidates: Iterable[Candidate],
+    *,
+    preferred: Collection[str] = (),
+    enough: int | None = None,
+) -> Candidate | None:
+    """The replica to promote: the one with the most WAL (ties: one in ``preferred``,
+    the old primary's zone, then the first by name).  With ``enough``, every replica at
+    or past that position qualifies as well (a switchover's target: each of them has
+    every write).
 
     A replica already out of recovery wins outright: a previous promotion got that far
     and was not recorded, and promoting a second node would fork the shard.  A replica
@@ -110,7 +122,17 @@ def choose_candidate(candidates: Iterable[Candidate]) -> Candidate | None:
     if not known:
         return None
     best = max(c.position for c in known if c.position is not None)
-    return next(c for c in known if c.position == best)
+    bar = best if enough is None else min(best, enough)
+    qualified = [c for c in known if c.position is not None and c.position >= bar]
+    return next((c for c in qualified if c.name in preferred), qualified[0])
+
+
+def preferred_replicas(shard: Shard) -> frozenset[str]:
+    """The replicas in the zone of the shard's (previous) primary; none without zones."""
+    old = previous_primary(shard)
+    if old is None or not old.zone:
+        return frozenset()
+    return frozenset(n.name for n in shard.replicas if n.zone == old.zone)
 
 
 def eligible(view: ShardView, *, max_lag_bytes: int, tolerance: float) -> tuple[Candidate, ...]:
@@ -145,7 +167,10 @@ def decide(
         return Decision(
             view.shard, None, f"primary healthy ({view.primary_failures} failed checks)"
         )
-    candidate = choose_candidate(eligible(view, max_lag_bytes=max_lag_bytes, tolerance=tolerance))
+    candidate = choose_candidate(
+        eligible(view, max_lag_bytes=max_lag_bytes, tolerance=tolerance),
+        preferred=view.preferred,
+    )
     if candidate is None:
         best = choose_candidate(view.candidates)
         if best is None:

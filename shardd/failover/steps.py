@@ -31,10 +31,17 @@ from .actions import (
     repoint,
     set_sync_standbys,
 )
-from .decisions import Candidate, choose_candidate, lost_bytes, previous_primary
+from .decisions import (
+    Candidate,
+    choose_candidate,
+    lost_bytes,
+    preferred_replicas,
+    previous_primary,
+)
 
 log = logging.getLogger(__name__)
 CATALOG_STATEMENT_SECONDS = 60.0
+ZONE_GRACE = 1.0  # seconds a switchover waits for a replica in the primary's zone
 
 
 @contextlib.asynccontextmanager
@@ -188,7 +195,7 @@ async def fail_over(
         found = await positions(shard.replicas)
         if allowed is not None:
             found = [c for c in found if c.name in allowed]
-        candidate = choose_candidate(found)
+        candidate = choose_candidate(found, preferred=preferred_replicas(shard))
         if candidate is None:
             raise FailoverError(f"shard {shard_name} has no eligible replica with a known position")
         # What the loss is measured against: the most WAL anyone saw on this shard (the
@@ -336,7 +343,12 @@ async def _switch(
         target = int(await old_conn.fetchval("SELECT pg_current_wal_lsn()"))
         try:
             candidate = await _caught_up(
-                replicas, target, wait_seconds=catch_up_timeout, resuming=resuming, fence=fence
+                replicas,
+                target,
+                wait_seconds=catch_up_timeout,
+                resuming=resuming,
+                fence=fence,
+                preferred=preferred_replicas(shard),
             )
         except Undecided:
             raise
@@ -410,8 +422,10 @@ async def _caught_up(
     wait_seconds: float,
     resuming: bool,
     fence: UUID | None,
+    preferred: frozenset[str] = frozenset(),
 ) -> Candidate:
-    """The best replica once it has replayed up to ``target``.
+    """The best replica once it has replayed up to ``target``: one of ``preferred`` (the
+    old primary's zone) when one gets there within ``ZONE_GRACE`` seconds of the first.
 
     Resuming a switchover whose fence carries the token ``fence``: a replica the dead
     process promoted (it replayed the fence, so its fence row carries the same token)
@@ -419,6 +433,7 @@ async def _caught_up(
     may be it.
     """
     deadline = time.monotonic() + wait_seconds
+    first_ready: float | None = None  # when a replica outside ``preferred`` was ready
     while True:
         found = await positions(replicas)
         if resuming:
@@ -434,9 +449,15 @@ async def _caught_up(
                     )
                 await asyncio.sleep(0.1)
                 continue
-        best = choose_candidate([c for c in found if not c.promoted])
+        best = choose_candidate(
+            [c for c in found if not c.promoted], preferred=preferred, enough=target
+        )
         if best is not None and best.position is not None and best.position >= target:
-            return best
+            if best.name in preferred or not preferred:
+                return best
+            first_ready = first_ready or time.monotonic()
+            if time.monotonic() - first_ready > ZONE_GRACE:
+                return best
         if time.monotonic() > deadline:
             raise FailoverError(
                 f"no replica replayed the old primary's last write within {wait_seconds:.0f}s"

@@ -327,8 +327,10 @@ def start_cluster(
     settings: dict[str, object] | None = None,
     redis: bool = False,
     instances: int = 1,
+    zones: str = "",
 ) -> RunningCluster:
     """A devcluster in a temporary folder; ``failover=False`` leaves dead primaries dead.
+    ``zones`` ("a,b,c") spreads each shard's nodes over those zones (``up --zones``).
 
     ``settings`` overrides shardd settings by name (``{"topology_lease": 2.0}``).  With
     ``redis`` the cluster runs a redis-server too (:meth:`RunningCluster.redis_url`); its
@@ -354,6 +356,7 @@ def start_cluster(
     options = ["--port", str(port), "--shards", str(shards), "--replicas", str(replicas)]
     options += ["--sync"] if sync else []
     options += ["--instances", str(instances)] if instances > 1 else []
+    options += ["--zones", zones] if zones else []
     if redis:
         options += ["--redis", "--redis-port", str(free_port_block(1))]
         env.setdefault("SHARDD_CACHE_BACKEND", "local")

@@ -146,3 +146,36 @@ def test_lost_bytes_is_what_the_new_primary_had_not_received() -> None:
     assert lost_bytes(1000, 900) == 100
     assert lost_bytes(900, 1000) == 0
     assert lost_bytes(None, 5) is None
+
+
+def test_the_old_primarys_zone_wins_a_tie_but_never_costs_wal() -> None:
+    tied = [Candidate("r1", 1000), Candidate("r2", 1000), Candidate("r3", 990)]
+    assert choose_candidate(tied).name == "r1"  # type: ignore[union-attr]
+    assert choose_candidate(tied, preferred={"r2"}).name == "r2"  # type: ignore[union-attr]
+    # r3 is in the zone but behind: the most WAL wins.
+    assert choose_candidate(tied, preferred={"r3"}).name == "r1"  # type: ignore[union-attr]
+    # A switchover's target: every replica past it has every write, so the zone decides.
+    chosen = choose_candidate(tied, preferred={"r3"}, enough=990)
+    assert chosen is not None and chosen.name == "r3"
+    assert choose_candidate(tied, preferred={"r3"}, enough=995).name == "r1"  # type: ignore[union-attr]
+
+
+def test_the_view_prefers_the_replicas_in_the_old_primarys_zone() -> None:
+    nodes = (
+        Node("p", "s1", "primary", "h", 1, "d", "u", zone="a"),
+        Node("r1", "s1", "replica", "h", 2, "d", "u", zone="b"),
+        Node("r2", "s1", "replica", "h", 3, "d", "u", zone="a"),
+    )
+    health = HealthSnapshot(
+        {
+            "p": NodeHealth(healthy=False, failures=4, lsn=700, last_ok_at=9.0),
+            "r1": NodeHealth(healthy=True, in_recovery=True, lsn=700, streamed_at=9.5),
+            "r2": NodeHealth(healthy=True, in_recovery=True, lsn=700, streamed_at=9.5),
+        }
+    )
+    summary = shard_view(Shard("s1", 1, nodes), health)
+    assert summary.preferred == {"r2"}
+    decision = decide_(summary)
+    assert decision.promote is not None and decision.promote.name == "r2"
+    unzoned = tuple(Node(n.name, "s1", n.role, "h", n.port, "d", "u") for n in nodes)
+    assert shard_view(Shard("s1", 1, unzoned), health).preferred == frozenset()

@@ -109,3 +109,40 @@ def test_session_token_round_trip_and_merge() -> None:
     for bad in ("", "s1", "s1:", ":5", "s1:-1", "s1:x", "s1:" + "9" * 30):
         with pytest.raises(BadRequest):
             SessionToken.parse(bad)
+
+
+def test_reads_prefer_replicas_in_the_instances_zone() -> None:
+    zoned = Shard(
+        "s1",
+        1,
+        (
+            Node("p", "s1", "primary", "h", 1, "db", "u", zone="a"),
+            Node("r1", "s1", "replica", "h", 2, "db", "u", zone="b"),
+            Node("r2", "s1", "replica", "h", 3, "db", "u", zone="a"),
+            Node("r3", "s1", "replica", "h", 4, "db", "u", zone="a"),
+        ),
+    )
+    snapshot = health(r1=up(1000, 0), r2=up(1000, 0), r3=up(1000, 0))
+
+    def order(consistency: str, zone: str, *, spread: bool = False) -> tuple[str, ...]:
+        chosen = read_candidates(
+            zoned,
+            snapshot,
+            consistency=consistency,
+            min_lsn=1000 if consistency == "session" else None,
+            max_lag_bytes=100,
+            max_lag_seconds=5.0,
+            spread=spread,
+            zone=zone,
+        )
+        return tuple(n.name for n in chosen)
+
+    for consistency in ("eventual", "session"):
+        seen = [order(consistency, "a") for _ in range(4)]
+        assert {s[0] for s in seen} == {"r2", "r3"}  # turns within the zone
+        assert all(s[2:] == ("r1", "p") for s in seen)  # then other zones, then the primary
+    assert {order("eventual", "b")[0] for _ in range(4)} == {"r1"}
+    assert {order("eventual", "")[0] for _ in range(6)} == {"r1", "r2", "r3"}
+    assert order("strong", "a") == ("p",)
+    # A hot key's reads spread over every node, whatever the zone.
+    assert {order("eventual", "a", spread=True)[0] for _ in range(8)} == {"p", "r1", "r2", "r3"}
