@@ -108,12 +108,18 @@ def read_candidates(
         return state.lag_bytes is None or state.lag_bytes <= max_lag_bytes
 
     replicas = [node for node in shard.replicas if usable(node)]
-    if spread and consistency == "eventual" and primary is not None:
+    spreading = spread and consistency == "eventual" and primary is not None
+    if spreading:
+        assert primary is not None
         replicas.append(primary)
         tail = ()
-    if replicas:
-        turn = next(_spread) % len(replicas)
-        replicas = replicas[turn:] + replicas[:turn]
-        if zone and not spread:
-            replicas.sort(key=lambda node: node.zone != zone)  # stable: turns kept
-    return (*replicas, *tail)
+    groups = [replicas]
+    if zone and not spreading:
+        groups = [[n for n in replicas if n.zone == zone], [n for n in replicas if n.zone != zone]]
+    turn = next(_spread)
+    ordered: list[Node] = []
+    for group in groups:  # each group takes turns among its own nodes
+        if group:
+            at = turn % len(group)
+            ordered += group[at:] + group[:at]
+    return (*ordered, *tail)

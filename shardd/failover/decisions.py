@@ -100,15 +100,11 @@ def shard_view(shard: Shard, health: HealthSnapshot) -> ShardView:
 
 
 def choose_candidate(
-    candidates: Iterable[Candidate],
-    *,
-    preferred: Collection[str] = (),
-    enough: int | None = None,
+    candidates: Iterable[Candidate], *, preferred: Collection[str] = ()
 ) -> Candidate | None:
     """The replica to promote: the one with the most WAL (ties: one in ``preferred``,
-    the old primary's zone, then the first by name).  With ``enough``, every replica at
-    or past that position qualifies as well (a switchover's target: each of them has
-    every write).
+    the old primary's zone, then the first by name).  The zone never costs WAL: the
+    other replicas are repointed at the one promoted, which only works from behind it.
 
     A replica already out of recovery wins outright: a previous promotion got that far
     and was not recorded, and promoting a second node would fork the shard.  A replica
@@ -122,9 +118,8 @@ def choose_candidate(
     if not known:
         return None
     best = max(c.position for c in known if c.position is not None)
-    bar = best if enough is None else min(best, enough)
-    qualified = [c for c in known if c.position is not None and c.position >= bar]
-    return next((c for c in qualified if c.name in preferred), qualified[0])
+    tied = [c for c in known if c.position == best]
+    return next((c for c in tied if c.name in preferred), tied[0])
 
 
 def preferred_replicas(shard: Shard) -> frozenset[str]:

@@ -424,8 +424,9 @@ async def _caught_up(
     fence: UUID | None,
     preferred: frozenset[str] = frozenset(),
 ) -> Candidate:
-    """The best replica once it has replayed up to ``target``: one of ``preferred`` (the
-    old primary's zone) when one gets there within ``ZONE_GRACE`` seconds of the first.
+    """The replica with the most WAL once it has replayed up to ``target``; of those
+    with as much, one of ``preferred`` (the old primary's zone), given ``ZONE_GRACE``
+    seconds (within the deadline) to draw level.
 
     Resuming a switchover whose fence carries the token ``fence``: a replica the dead
     process promoted (it replayed the fence, so its fence row carries the same token)
@@ -433,7 +434,7 @@ async def _caught_up(
     may be it.
     """
     deadline = time.monotonic() + wait_seconds
-    first_ready: float | None = None  # when a replica outside ``preferred`` was ready
+    first_ready: float | None = None  # when a replica first had replayed ``target``
     while True:
         found = await positions(replicas)
         if resuming:
@@ -449,14 +450,18 @@ async def _caught_up(
                     )
                 await asyncio.sleep(0.1)
                 continue
-        best = choose_candidate(
-            [c for c in found if not c.promoted], preferred=preferred, enough=target
-        )
+        answered = [c for c in found if not c.promoted]
+        # Only the zone's replicas that answer can be waited for.
+        zone = preferred & {c.name for c in answered}
+        best = choose_candidate(answered, preferred=zone)
         if best is not None and best.position is not None and best.position >= target:
-            if best.name in preferred or not preferred:
-                return best
             first_ready = first_ready or time.monotonic()
-            if time.monotonic() - first_ready > ZONE_GRACE:
+            waited = time.monotonic() - first_ready
+            # The most WAL wins; the zone only on a tie, worth ZONE_GRACE seconds (never
+            # past the deadline) for the zone's replica to catch up with the best.
+            if best.name in zone or not zone or waited > ZONE_GRACE:
+                return best
+            if time.monotonic() > deadline:
                 return best
         if time.monotonic() > deadline:
             raise FailoverError(

@@ -139,10 +139,13 @@ def test_reads_prefer_replicas_in_the_instances_zone() -> None:
 
     for consistency in ("eventual", "session"):
         seen = [order(consistency, "a") for _ in range(4)]
-        assert {s[0] for s in seen} == {"r2", "r3"}  # turns within the zone
+        firsts = [s[0] for s in seen]
+        assert sorted(firsts) == ["r2", "r2", "r3", "r3"]  # even turns within the zone
         assert all(s[2:] == ("r1", "p") for s in seen)  # then other zones, then the primary
     assert {order("eventual", "b")[0] for _ in range(4)} == {"r1"}
     assert {order("eventual", "")[0] for _ in range(6)} == {"r1", "r2", "r3"}
     assert order("strong", "a") == ("p",)
-    # A hot key's reads spread over every node, whatever the zone.
+    # A hot key's eventual reads spread over every node, whatever the zone; its session
+    # reads do not spread, and keep to the zone.
     assert {order("eventual", "a", spread=True)[0] for _ in range(8)} == {"p", "r1", "r2", "r3"}
+    assert {order("session", "a", spread=True)[0] for _ in range(8)} == {"r2", "r3"}
