@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import pwd
+import shlex
 import shutil
 import signal
 import socket
@@ -33,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from shardd import admin, config, failover, pgctl  # noqa: E402
+from tools.hacatalog import HaCatalog, HaError  # noqa: E402
 
 PG_USER = "postgres"
 DB = "shardd"
@@ -102,6 +104,12 @@ def run_pg(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
             f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}{result.stderr}"
         )
     return result
+
+
+def _pg_owns(path: Path) -> None:
+    if os.geteuid() == 0:
+        pw = pwd.getpwnam(PG_USER)
+        os.chown(path, pw.pw_uid, pw.pw_gid)
 
 
 def own_dir(path: Path) -> None:
@@ -179,8 +187,35 @@ class Cluster:
         return f"postgresql://shardd@127.0.0.1:{node['port']}/{DB}"
 
     @property
+    def ha(self) -> HaCatalog | None:
+        """The catalog's Patroni cluster on etcd (``up --ha``); None for a plain catalog."""
+        return HaCatalog(self.dir, self.state["ha"]) if self.state.get("ha") else None
+
+    @property
     def catalog_dsn(self) -> str:
+        if self.ha is not None:
+            return self.ha.dsn()
         return self.dsn(self.node("catalog"))
+
+    def start_ha(self) -> None:
+        """etcd, then the Patroni members; returns once a catalog primary runs."""
+        ha = self.ha
+        assert ha is not None
+        etcd = apt_binary("etcd", "etcd-server")
+        patroni = apt_binary("patroni", "patroni")
+        for member in ha.state["etcd"]:
+            ha.start_etcd(member, etcd)
+        try:
+            ha.wait_etcd()
+            bindir = pg_bindir()
+            for member in ha.state["catalog"]:
+                ha.start_patroni(
+                    member, bindir, lambda cmd: as_pg_user([patroni, *cmd[1:]]), _pg_owns
+                )
+            leader = ha.wait_members()
+        except HaError as exc:
+            raise click.ClickException(str(exc)) from exc
+        asyncio.run(_create_database(f"postgresql://shardd@127.0.0.1:{leader['port']}/postgres"))
 
     def datadir(self, node: dict[str, Any]) -> Path:
         return self.dir / node["name"]
@@ -189,6 +224,7 @@ class Cluster:
         """The first port above every node's that nothing else listens on now (a node
         added later may find the next port taken by some other process)."""
         used = [n["port"] for n in self.nodes]
+        used += [m["port"] for m in (self.state.get("ha") or {}).get("catalog", [])]
         port = max(used) + 1 if used else int(self.state["pg_port"])
         if used:  # the first node keeps the port asked for, or fails on it
             while not port_free(port):
@@ -569,6 +605,11 @@ def cli() -> None:
     help="shardd instances; more than one run behind HAProxy on --port.",
 )
 @click.option(
+    "--ha",
+    is_flag=True,
+    help="The catalog as a Patroni cluster (3 members, synchronous) on a 3-member etcd.",
+)
+@click.option(
     "--zones",
     default="",
     help="Zone labels (a,b,c): each shard's nodes spread over them round-robin, its"
@@ -585,6 +626,7 @@ def up(
     redis: bool,
     redis_port: int | None,
     instances: int,
+    ha: bool,
     zones: str,
 ) -> None:
     """Create (first time) or start the cluster and shardd; idempotent."""
@@ -608,10 +650,20 @@ def up(
             "zones": labels,
             "nodes": [],
         }
-        catalog = {"name": "catalog", "shard": None, "role": "catalog", "port": cluster.next_port()}
-        cluster.nodes.append(catalog)
-        cluster.save()
-        cluster.create_primary(catalog)
+        if ha:
+            cluster.state["ha"] = HaCatalog.plan(pg_port or port + 1)
+            cluster.save()
+            cluster.start_ha()
+        else:
+            catalog = {
+                "name": "catalog",
+                "shard": None,
+                "role": "catalog",
+                "port": cluster.next_port(),
+            }
+            cluster.nodes.append(catalog)
+            cluster.save()
+            cluster.create_primary(catalog)
         asyncio.run(admin.migrate_all(cluster.catalog_dsn, slot_count=slots, synchronous=sync))
         for i in range(1, shards + 1):
             cluster.create_shard(f"s{i}", replicas)
@@ -619,6 +671,8 @@ def up(
         cluster.state["ready"] = True
         cluster.save()
     else:
+        if cluster.ha is not None:
+            cluster.start_ha()
         for node in cluster.nodes:
             cluster.start_node(node)
     if redis and not cluster.state.get("redis_port"):
@@ -651,6 +705,8 @@ def down(directory: Path, purge: bool) -> None:
     for node in reversed(cluster.nodes):
         with contextlib.suppress(click.ClickException):
             cluster.stop_node(node)
+    if cluster.ha is not None:
+        cluster.ha.stop()
     if purge and cluster.dir.exists():
         shutil.rmtree(cluster.dir)
     click.echo("cluster stopped" + (" and deleted" if purge else ""))
@@ -667,7 +723,7 @@ def status(directory: Path, as_json: bool) -> None:
     """
     cluster = Cluster(directory)
     roles = _live_roles(cluster)
-    rows = []
+    rows = cluster.ha.rows() if cluster.ha is not None else []
     for node in cluster.nodes:
         pid = cluster.pid(node)
         rows.append(
@@ -724,7 +780,7 @@ def status(directory: Path, as_json: bool) -> None:
 def _live_roles(cluster: Cluster) -> dict[str, str]:
     """node -> role in the catalog ("fenced" for a replaced primary); {} when unreachable."""
     catalog = next((n for n in cluster.nodes if n["name"] == "catalog"), None)
-    if catalog is None or cluster.pid(catalog) is None:
+    if cluster.ha is None and (catalog is None or cluster.pid(catalog) is None):
         return {}
     try:
         topology = asyncio.run(admin.topology(cluster.catalog_dsn))
@@ -739,6 +795,14 @@ def _live_roles(cluster: Cluster) -> dict[str, str]:
 def kill(directory: Path, node: str) -> None:
     """SIGKILL a node's postmaster (or a shardd instance, haproxy, redis), for fault tests."""
     cluster = Cluster(directory)
+    if cluster.ha is not None and node in cluster.ha.names():
+        try:
+            killed = cluster.ha.kill(node)
+        except HaError as exc:
+            raise click.ClickException(str(exc)) from exc
+        click.echo(f"killed {node} (pid {killed})")
+        return
+    pid: int | None
     if node in cluster.instances():
         pid = cluster.shardd_pid(node)
     elif node == "haproxy":
@@ -759,7 +823,17 @@ def kill(directory: Path, node: str) -> None:
 def start(directory: Path, node: str) -> None:
     """Start a node (or a shardd instance, haproxy, redis) again."""
     cluster = Cluster(directory)
-    if node in cluster.instances():
+    ha = cluster.ha
+    if ha is not None and node in ha.names():
+        member = ha.member(node)
+        if node.startswith("etcd-"):
+            ha.start_etcd(member, apt_binary("etcd", "etcd-server"))
+        else:
+            patroni = apt_binary("patroni", "patroni")
+            ha.start_patroni(
+                member, pg_bindir(), lambda cmd: as_pg_user([patroni, *cmd[1:]]), _pg_owns
+            )
+    elif node in cluster.instances():
         cluster.start_shardd(node)
     elif node == "haproxy":
         cluster.start_haproxy()
@@ -822,7 +896,7 @@ def env(directory: Path) -> None:
     cluster = Cluster(directory)
     if not cluster.state.get("ready"):
         raise click.ClickException("no cluster here; run `tools/devcluster up` first")
-    click.echo(f"export SHARDD_CATALOG_DSN={cluster.catalog_dsn}")
+    click.echo(f"export SHARDD_CATALOG_DSN={shlex.quote(cluster.catalog_dsn)}")
     click.echo(f"export SHARDD_URL=http://127.0.0.1:{cluster.state['port']}")
 
 

@@ -27,6 +27,7 @@ import asyncpg
 from shardd import admin, pgctl, reshard
 from shardd.placement import slot_of
 from tests.harness.http import Api
+from tools.hacatalog import HaCatalog
 
 ROOT = Path(__file__).resolve().parents[2]
 SLOTS = 4096  # the slot count of every test cluster (shardd's default)
@@ -120,9 +121,15 @@ class RunningCluster:
         return self._ports[name]
 
     def catalog_dsn(self) -> str:
+        """The catalog; with ``ha``, every Patroni member (the client finds the primary)."""
+        ha = json.loads((self.dir / "cluster.json").read_text()).get("ha")
+        if ha:
+            return HaCatalog(self.dir, ha).dsn()
         return f"postgresql://shardd@127.0.0.1:{self.node_port('catalog')}/shardd"
 
     def node_dsn(self, name: str) -> str:
+        if name == "catalog":
+            return self.catalog_dsn()
         return f"postgresql://shardd@127.0.0.1:{self.node_port(name)}/shardd"
 
     def sql(self, node: str, query: str, *args: Any) -> list[asyncpg.Record]:
@@ -328,9 +335,11 @@ def start_cluster(
     redis: bool = False,
     instances: int = 1,
     zones: str = "",
+    ha: bool = False,
 ) -> RunningCluster:
     """A devcluster in a temporary folder; ``failover=False`` leaves dead primaries dead.
-    ``zones`` ("a,b,c") spreads each shard's nodes over those zones (``up --zones``).
+    ``zones`` ("a,b,c") spreads each shard's nodes over those zones (``up --zones``);
+    ``ha`` runs the catalog on Patroni and etcd (``up --ha``).
 
     ``settings`` overrides shardd settings by name (``{"topology_lease": 2.0}``).  With
     ``redis`` the cluster runs a redis-server too (:meth:`RunningCluster.redis_url`); its
@@ -340,7 +349,11 @@ def start_cluster(
     os.chmod(directory, 0o755)
     # Instances behind HAProxy listen after --port + 100 (see tools/devcluster).
     port = free_port_block(
-        max(2 + (1 + replicas) * shards, 101 + instances if instances > 1 else 0)
+        max(
+            2 + (1 + replicas) * shards,
+            101 + instances if instances > 1 else 0,
+            320 if ha else 0,  # Patroni and etcd after --port + 200 (tools/hacatalog.py)
+        )
     )
     env = {
         **os.environ,
@@ -357,6 +370,7 @@ def start_cluster(
     options += ["--sync"] if sync else []
     options += ["--instances", str(instances)] if instances > 1 else []
     options += ["--zones", zones] if zones else []
+    options += ["--ha"] if ha else []
     if redis:
         options += ["--redis", "--redis-port", str(free_port_block(1))]
         env.setdefault("SHARDD_CACHE_BACKEND", "local")

@@ -22,6 +22,7 @@ class Outcomes:
     unknown: set[str] = field(default_factory=set)  # outcome_unknown or connection lost
     failed_reads: list[tuple[str, int]] = field(default_factory=list)
     ack_times: list[tuple[float, str]] = field(default_factory=list)  # (monotonic, shard)
+    failure_times: list[float] = field(default_factory=list)  # writes refused or ambiguous
     write_seconds: list[tuple[float, float, str]] = field(default_factory=list)  # start, s, shard
 
     def failures(self) -> int:
@@ -87,6 +88,7 @@ class Load:
             except OSError:
                 with self._lock:
                     self.outcomes.unknown.add(key)
+                    self.outcomes.failure_times.append(time.monotonic())
                 api = Api(base.port, token=base.token)
                 continue
             shard = (response.header("Shardd-Served-By") or "/").split("/")[0]
@@ -100,8 +102,10 @@ class Load:
                     "timeout",
                 ):
                     self.outcomes.unknown.add(key)
+                    self.outcomes.failure_times.append(time.monotonic())
                 else:
                     self.outcomes.refused[key] = response.status
+                    self.outcomes.failure_times.append(time.monotonic())
             if self.read_back and response.status in (200, 201):
                 token = response.header("Shardd-Session") or ""
                 read = api.request(

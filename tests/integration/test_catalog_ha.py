@@ -1,0 +1,153 @@
+"""The catalog on Patroni and etcd (``devcluster up --ha``), on a cluster of its own:
+three catalog members (synchronous) on a three-member etcd, two shards.
+
+Faults are real: a member is lost as a machine is (Patroni and its Postgres SIGKILLed
+together), an etcd member is SIGKILLed.  Under read/write load: reads never fail,
+writes resume within 15 s of losing the catalog primary, nothing acknowledged is lost,
+and the monitor's lease works on the new catalog primary (it fails a shard over).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.harness.cluster import RunningCluster, start_cluster, wait_for
+from tests.harness.http import item_path
+from tests.harness.load import Load, assert_nothing_lost
+
+TABLE = "ha_catalog"
+
+
+@pytest.fixture(scope="module")
+def hac() -> Iterator[RunningCluster]:
+    running = start_cluster(shards=2, replicas=1, ha=True, write_buffer=5.0)
+    try:
+        assert running.api().request("PUT", f"/v1/tables/{TABLE}").status == 201
+        yield running
+    finally:
+        running.down()
+
+
+def members(cluster: RunningCluster) -> dict[str, dict[str, Any]]:
+    return {
+        row["name"]: row
+        for row in cluster.status()["nodes"]
+        if row["name"].startswith(("catalog-", "etcd-"))
+    }
+
+
+def catalog_primary(cluster: RunningCluster) -> str:
+    primaries = [n for n, row in members(cluster).items() if row["role"] == "primary"]
+    return primaries[0] if len(primaries) == 1 else ""
+
+
+class Reader:
+    """Eventual reads of a fixed set of keys in a loop; every failure is kept."""
+
+    def __init__(self, cluster: RunningCluster, keys: list[str]) -> None:
+        self.api = cluster.api("read")
+        self.keys = keys
+        self.reads = 0
+        self.failures: list[tuple[float, str, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for key in self.keys:
+                got = self.api.request("GET", item_path(TABLE, key))
+                self.reads += 1
+                if got.status != 200:
+                    self.failures.append((time.monotonic(), key, got.status))
+
+    def __enter__(self) -> Reader:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
+def steady_keys(cluster: RunningCluster) -> list[str]:
+    keys = cluster.keys_on("s1", "steady", 5) + cluster.keys_on("s2", "steady", 5)
+    api = cluster.api("write")
+    for key in keys:
+        assert api.request("PUT", item_path(TABLE, key), body={"k": key}).status in (200, 201)
+    return keys
+
+
+def test_the_catalog_runs_as_three_patroni_members_on_etcd(hac: RunningCluster) -> None:
+    found = members(hac)
+    assert sorted(found) == [f"catalog-{i}" for i in (1, 2, 3)] + [f"etcd-{i}" for i in (1, 2, 3)]
+    assert all(row["up"] for row in found.values()), found
+    roles = sorted(found[f"catalog-{i}"]["role"] for i in (1, 2, 3))
+    assert roles == ["primary", "replica", "replica"]
+    # shardctl reaches the catalog through every member's address.
+    assert re.search(r"^monitor: \S+:\d+:\d+$", hac.shardctl("status").stdout, re.M)
+
+
+def test_losing_an_etcd_member_changes_nothing(hac: RunningCluster) -> None:
+    keys = steady_keys(hac)
+    primary = catalog_primary(hac)
+    with Reader(hac, keys) as reader, Load([hac.api("write")], TABLE, prefix="etcd") as load:
+        wait_for(lambda: len(load.outcomes.acked) > 30, timeout=30, what="load running")
+        hac.devcluster("kill", "etcd-1")
+        killed_at = time.monotonic()
+        wait_for(lambda: time.monotonic() > killed_at + 4, timeout=10, what="4 s of load")
+        acked_after = sum(1 for at, _ in load.outcomes.ack_times if at > killed_at)
+    hac.devcluster("start", "etcd-1")
+    assert reader.reads > 0 and reader.failures == []
+    assert load.outcomes.failures() == 0, (load.outcomes.refused, load.outcomes.unknown)
+    assert acked_after > 20
+    assert catalog_primary(hac) == primary  # no catalog failover
+    assert_nothing_lost(hac, load.outcomes, TABLE)
+
+
+def test_losing_the_catalog_primary_under_load(hac: RunningCluster) -> None:
+    keys = steady_keys(hac)
+    old = wait_for(lambda: catalog_primary(hac), timeout=30, what="a catalog primary")
+    with Reader(hac, keys) as reader, Load([hac.api("write")], TABLE, prefix="cat") as load:
+        wait_for(lambda: len(load.outcomes.acked) > 30, timeout=30, what="load running")
+        killed_at = time.monotonic()
+        hac.devcluster("kill", old)
+        new = wait_for(
+            lambda: (p := catalog_primary(hac)) not in ("", old) and p,
+            timeout=30,
+            what="another catalog primary",
+        )
+        seen_new = time.monotonic()
+
+        def last_failure() -> float:
+            with load._lock:
+                return max((t for t in load.outcomes.failure_times if t > killed_at), default=0)
+
+        def steady() -> bool:  # 20 writes acknowledged since the new primary and any failure
+            since = max(last_failure(), seen_new)
+            return load.acks_on("s1", after=since) + load.acks_on("s2", after=since) >= 20
+
+        wait_for(steady, timeout=40, what="writes resuming")
+        last = last_failure() or killed_at
+        took = min(t for t, _ in load.outcomes.ack_times if t > last) - killed_at
+    print(f"catalog primary {old} -> {new}: writes resumed {took:.1f} s after the kill")
+    assert took < 15, took
+    assert reader.reads > 0 and reader.failures == [], reader.failures[:5]
+    assert_nothing_lost(hac, load.outcomes, TABLE)
+    hac.devcluster("start", old)
+    wait_for(lambda: members(hac)[old]["role"] == "replica", timeout=60, what=f"{old} rejoining")
+
+    # The monitor's lease lives on the new catalog primary: it fails a shard over.
+    shard_primary = hac.primary_of("s2")
+    hac.devcluster("kill", shard_primary)
+    wait_for(
+        lambda: hac.primary_of("s2") not in ("", shard_primary),
+        timeout=30,
+        what="the monitor failing s2 over",
+    )
+    assert hac.api("write").request("PUT", item_path(TABLE, "after"), body={}).status == 201

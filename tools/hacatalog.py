@@ -1,0 +1,356 @@
+"""The dev cluster's catalog as a Patroni cluster on etcd (``tools/devcluster up --ha``).
+
+Three etcd members (``etcd-1`` ...) form the consensus store; three Patroni members
+(``catalog-1`` ...) run the catalog's Postgres, one primary and two replicas, with
+Patroni's synchronous mode (a commit waits for one standby, so a failover loses no
+acknowledged catalog write).  Everything listens on 127.0.0.1 and lives under the
+cluster's folder.  Patroni runs Postgres, so as root it runs as the ``postgres`` user;
+etcd runs as the caller.
+
+Ports, from the cluster's first Postgres port Q: the catalog members' Postgres on Q,
+Q+1, Q+2; their Patroni REST APIs on Q+200 ...; etcd clients on Q+300 ..., etcd peers
+on Q+310 ....
+
+Timings (in the DCS section Patroni bootstraps with): ``ttl`` 10 s (how long a leader
+key outlives a dead leader), ``loop_wait`` 1 s (a member's cycle), ``retry_timeout`` 3 s
+(how long a member retries the DCS and Postgres before it demotes itself).  A dead
+primary is so replaced within about ttl + loop_wait: 11 s; Patroni's defaults (30, 10,
+10) would take 40 s.  ttl >= loop_wait + 2 x retry_timeout keeps a live leader from
+losing its key to one slow cycle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+MEMBERS = 3
+TTL, LOOP_WAIT, RETRY_TIMEOUT = 10, 1, 3
+
+
+class HaError(Exception):
+    pass
+
+
+def _pids(needle: str) -> list[int]:
+    """Live processes whose command line holds ``needle``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if needle in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+class HaCatalog:
+    """etcd + Patroni for one dev cluster; ``state`` is the cluster's ``ha`` record."""
+
+    def __init__(self, directory: Path, state: dict[str, Any]) -> None:
+        self.dir = directory
+        self.state = state
+
+    @staticmethod
+    def plan(pg_port: int) -> dict[str, Any]:
+        """The ``ha`` record of a new cluster whose first Postgres port is ``pg_port``."""
+        return {
+            "catalog": [
+                {"name": f"catalog-{i}", "port": pg_port + i - 1, "rest": pg_port + 199 + i}
+                for i in range(1, MEMBERS + 1)
+            ],
+            "etcd": [
+                {"name": f"etcd-{i}", "client": pg_port + 299 + i, "peer": pg_port + 309 + i}
+                for i in range(1, MEMBERS + 1)
+            ],
+            "scope": f"shardd-catalog-{pg_port}",
+        }
+
+    # -- names and addresses
+
+    def names(self) -> list[str]:
+        return [m["name"] for m in self.state["catalog"] + self.state["etcd"]]
+
+    def member(self, name: str) -> dict[str, Any]:
+        for member in self.state["catalog"] + self.state["etcd"]:
+            if member["name"] == name:
+                return member
+        raise HaError(f"no member {name!r}")
+
+    def dsn(self, dbname: str = "shardd") -> str:
+        """Every catalog member; the client keeps to the one that takes writes."""
+        hosts = ",".join(f"127.0.0.1:{m['port']}" for m in self.state["catalog"])
+        return f"postgresql://shardd@{hosts}/{dbname}?target_session_attrs=read-write"
+
+    def _etcd_hosts(self) -> list[str]:
+        return [f"127.0.0.1:{m['client']}" for m in self.state["etcd"]]
+
+    # -- etcd
+
+    def _etcd_cmd(self, member: dict[str, Any], etcd: str) -> list[str]:
+        cluster = ",".join(f"{m['name']}=http://127.0.0.1:{m['peer']}" for m in self.state["etcd"])
+        return [
+            etcd,
+            "--name",
+            member["name"],
+            "--data-dir",
+            str(self.dir / member["name"]),
+            "--listen-client-urls",
+            f"http://127.0.0.1:{member['client']}",
+            "--advertise-client-urls",
+            f"http://127.0.0.1:{member['client']}",
+            "--listen-peer-urls",
+            f"http://127.0.0.1:{member['peer']}",
+            "--initial-advertise-peer-urls",
+            f"http://127.0.0.1:{member['peer']}",
+            "--initial-cluster",
+            cluster,
+            "--initial-cluster-token",
+            self.state["scope"],
+            "--initial-cluster-state",
+            "new",
+            "--heartbeat-interval",
+            "100",
+            "--election-timeout",
+            "1000",
+        ]
+
+    def etcd_pid(self, member: dict[str, Any]) -> int | None:
+        pids = _pids(f"--data-dir {self.dir / member['name']} ")
+        return pids[0] if pids else None
+
+    def start_etcd(self, member: dict[str, Any], etcd: str) -> None:
+        if self.etcd_pid(member) is not None:
+            return
+        log = open(self.dir / f"{member['name']}.log", "ab")
+        subprocess.Popen(
+            self._etcd_cmd(member, etcd),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def wait_etcd(self, timeout: float = 30) -> None:
+        """Until a member answers with a leader elected (a quorum is up)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for host in self._etcd_hosts():
+                try:
+                    request = urllib.request.Request(
+                        f"http://{host}/v3/maintenance/status", data=b"{}", method="POST"
+                    )
+                    with urllib.request.urlopen(request, timeout=1) as resp:
+                        if json.loads(resp.read()).get("leader"):
+                            return
+                except (OSError, urllib.error.URLError, ValueError):
+                    continue
+            time.sleep(0.1)
+        raise HaError(f"etcd has no leader after {timeout:.0f}s; see {self.dir}/etcd-*.log")
+
+    # -- Patroni
+
+    def config(self, member: dict[str, Any], bindir: Path) -> dict[str, Any]:
+        data_dir = self.dir / member["name"]
+        return {
+            "scope": self.state["scope"],
+            "namespace": "/shardd/",
+            "name": member["name"],
+            "log": {"level": "INFO"},
+            "restapi": {
+                "listen": f"127.0.0.1:{member['rest']}",
+                "connect_address": f"127.0.0.1:{member['rest']}",
+            },
+            "etcd3": {"hosts": self._etcd_hosts()},
+            "bootstrap": {
+                "dcs": {
+                    "ttl": TTL,
+                    "loop_wait": LOOP_WAIT,
+                    "retry_timeout": RETRY_TIMEOUT,
+                    "maximum_lag_on_failover": 1048576,
+                    "synchronous_mode": True,
+                    "postgresql": {
+                        "use_pg_rewind": True,
+                        "use_slots": True,
+                        "parameters": {
+                            "wal_level": "replica",
+                            "wal_log_hints": "on",
+                            "max_wal_senders": 10,
+                            "max_replication_slots": 10,
+                            "hot_standby": "on",
+                        },
+                    },
+                },
+                "initdb": [{"encoding": "UTF8"}, {"locale": "C"}, "no-sync"],
+                "pg_hba": [
+                    "local all all trust",
+                    "host all all 127.0.0.1/32 trust",
+                    "host replication all 127.0.0.1/32 trust",
+                ],
+            },
+            "postgresql": {
+                "listen": f"127.0.0.1:{member['port']}",
+                "connect_address": f"127.0.0.1:{member['port']}",
+                "data_dir": str(data_dir),
+                "bin_dir": str(bindir),
+                "pgpass": str(self.dir / f"{member['name']}.pgpass"),
+                "authentication": {
+                    "superuser": {"username": "shardd"},
+                    "replication": {"username": "shardd"},
+                    "rewind": {"username": "shardd"},
+                },
+                "parameters": {
+                    "unix_socket_directories": str(self.dir),
+                    "cluster_name": f"{member['name']}-{member['port']}",
+                },
+            },
+            "tags": {"nofailover": False, "noloadbalance": False},
+        }
+
+    def patroni_pids(self, member: dict[str, Any]) -> list[int]:
+        """Patroni's process (and, as root, the runuser that started it)."""
+        return _pids(f"patroni {self.dir / member['name']}.yml")
+
+    def patroni_pid(self, member: dict[str, Any]) -> int | None:
+        pids = self.patroni_pids(member)
+        return max(pids) if pids else None  # Patroni itself, started after runuser
+
+    def postmaster_pid(self, member: dict[str, Any]) -> int | None:
+        try:
+            pid = int((self.dir / member["name"] / "postmaster.pid").read_text().split()[0])
+            os.kill(pid, 0)
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid
+
+    def start_patroni(
+        self, member: dict[str, Any], bindir: Path, as_user: Any, owner: Any = None
+    ) -> None:
+        if self.patroni_pid(member) is not None:
+            return
+        conf = self.dir / f"{member['name']}.yml"
+        # YAML is a superset of JSON: Patroni reads this as its configuration.
+        conf.write_text(json.dumps(self.config(member, bindir), indent=2))
+        if owner is not None:
+            owner(conf)
+        log = open(self.dir / f"{member['name']}.log", "ab")
+        subprocess.Popen(
+            as_user(["patroni", str(conf)]),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def role(self, member: dict[str, Any]) -> str | None:
+        """``primary`` or ``replica`` as Patroni reports it; None when it does not answer."""
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{member['rest']}/patroni", timeout=1
+            ) as resp:
+                data = json.loads(resp.read())
+        except urllib.error.HTTPError as exc:  # 503 from a member without Postgres
+            data = json.loads(exc.read() or b"{}")
+        except (OSError, ValueError):
+            return None
+        role = data.get("role")
+        if data.get("state") != "running":
+            return None
+        return "primary" if role in ("master", "primary") else "replica"
+
+    def leader(self) -> dict[str, Any] | None:
+        for member in self.state["catalog"]:
+            if self.role(member) == "primary":
+                return member
+        return None
+
+    def wait_members(self, timeout: float = 90) -> dict[str, Any]:
+        """Until a leader runs and every member answers; returns the leader."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            roles = [self.role(m) for m in self.state["catalog"]]
+            if roles.count("primary") == 1 and None not in roles:
+                return self.state["catalog"][roles.index("primary")]
+            time.sleep(0.2)
+        raise HaError(f"the Patroni catalog is not up after {timeout:.0f}s; see {self.dir}")
+
+    def kill(self, name: str) -> int:
+        """SIGKILL a member as a lost machine: Patroni and its Postgres (or etcd)."""
+        member = self.member(name)
+        if name.startswith("etcd-"):
+            pids = [p for p in [self.etcd_pid(member)] if p is not None]
+        else:
+            postmaster = self.postmaster_pid(member)
+            pids = self.patroni_pids(member) + ([postmaster] if postmaster else [])
+        if not pids:
+            raise HaError(f"{name} is not running")
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        return pids[0]
+
+    def stop(self) -> None:
+        """Patroni members first (they stop their Postgres), then etcd."""
+        members = self.state["catalog"]
+        for member in members:
+            for pid in self.patroni_pids(member):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(
+            self.patroni_pid(m) or self.postmaster_pid(m) for m in members
+        ):
+            time.sleep(0.1)
+        for member in members:
+            for pid in [*self.patroni_pids(member), self.postmaster_pid(member)]:
+                if pid:
+                    os.kill(pid, signal.SIGKILL)
+        for member in self.state["etcd"]:
+            pid = self.etcd_pid(member)
+            if pid is not None:
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(self.etcd_pid(m) for m in self.state["etcd"]):
+            time.sleep(0.1)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """``devcluster status`` rows for every member."""
+        rows = []
+        for member in self.state["catalog"]:
+            pid = self.patroni_pid(member)
+            rows.append(
+                {
+                    "name": member["name"],
+                    "shard": None,
+                    "role": self.role(member) or "down",
+                    "zone": "",
+                    "port": member["port"],
+                    "datadir": str(self.dir / member["name"]),
+                    "pid": pid,
+                    "up": pid is not None and self.postmaster_pid(member) is not None,
+                }
+            )
+        for member in self.state["etcd"]:
+            pid = self.etcd_pid(member)
+            rows.append(
+                {
+                    "name": member["name"],
+                    "shard": None,
+                    "role": "etcd",
+                    "zone": "",
+                    "port": member["client"],
+                    "datadir": str(self.dir / member["name"]),
+                    "pid": pid,
+                    "up": pid is not None,
+                }
+            )
+        return rows
