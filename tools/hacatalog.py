@@ -311,13 +311,13 @@ class HaCatalog:
         ):
             time.sleep(0.1)
         for member in members:
-            for pid in [*self.patroni_pids(member), self.postmaster_pid(member)]:
-                if pid:
-                    os.kill(pid, signal.SIGKILL)
+            postmaster = self.postmaster_pid(member)
+            for pid in [*self.patroni_pids(member), *([postmaster] if postmaster else [])]:
+                os.kill(pid, signal.SIGKILL)
         for member in self.state["etcd"]:
-            pid = self.etcd_pid(member)
-            if pid is not None:
-                os.kill(pid, signal.SIGTERM)
+            etcd = self.etcd_pid(member)
+            if etcd is not None:
+                os.kill(etcd, signal.SIGTERM)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and any(self.etcd_pid(m) for m in self.state["etcd"]):
             time.sleep(0.1)
