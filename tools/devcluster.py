@@ -216,6 +216,9 @@ class Cluster:
         except HaError as exc:
             raise click.ClickException(str(exc)) from exc
         asyncio.run(_create_database(f"postgresql://shardd@127.0.0.1:{leader['port']}/postgres"))
+        # A client trying the members in turn stops at one that lacks the database
+        # (asyncpg does): wait until every member has replayed its creation.
+        asyncio.run(_database_everywhere([m["port"] for m in ha.state["catalog"]]))
 
     def datadir(self, node: dict[str, Any]) -> Path:
         return self.dir / node["name"]
@@ -565,6 +568,22 @@ async def _create_database(dsn: str) -> None:
             await conn.execute(f"CREATE DATABASE {DB}")
     finally:
         await conn.close()
+
+
+async def _database_everywhere(ports: list[int]) -> None:
+    import asyncpg
+
+    deadline = time.monotonic() + 60
+    for port in ports:
+        while True:
+            try:
+                conn = await asyncpg.connect(f"postgresql://shardd@127.0.0.1:{port}/{DB}")
+                await conn.close()
+                break
+            except (OSError, asyncpg.PostgresError) as exc:
+                if time.monotonic() > deadline:
+                    raise click.ClickException(f"catalog member on {port}: {exc}") from exc
+                await asyncio.sleep(0.1)
 
 
 # -- commands -----------------------------------------------------------------------
