@@ -44,7 +44,9 @@ async def connect(
 
     ``command_timeout`` bounds each statement (None: unbounded, for copies and
     migrations whose length depends on the data)."""
-    conn = await asyncpg.connect(dsn, timeout=connect_seconds, command_timeout=command_timeout)
+    conn = await catalog.connect(
+        dsn, connect_seconds=connect_seconds, command_timeout=command_timeout
+    )
     try:
         yield conn
     finally:

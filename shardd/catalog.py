@@ -12,6 +12,8 @@ import asyncio
 import time
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import orjson
@@ -21,6 +23,61 @@ from .topology import Node, Shard, TableInfo, Topology, ViewInfo
 from .views import definition
 
 CHANNEL = "shardd_topology"
+
+
+def members(dsn: str) -> list[str]:
+    """One DSN per host of a multi-host DSN (``postgresql://u@h1:p1,h2:p2/db?...``, as
+    for a catalog on Patroni), ``target_session_attrs`` dropped; [dsn] for one host."""
+    parts = urlsplit(dsn)
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    if "," not in hosts:
+        return [dsn]
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k != "target_session_attrs"])
+    prefix = f"{userinfo}@" if userinfo else ""
+    return [
+        urlunsplit(parts._replace(netloc=prefix + host, query=query)) for host in hosts.split(",")
+    ]
+
+
+async def connect(dsn: str, *, connect_seconds: float, **options: Any) -> asyncpg.Connection:
+    """A connection to the catalog: with several hosts, to the one that takes writes.
+
+    The hosts are tried at once rather than in turn (asyncpg's way), so a member that
+    hangs (SIGSTOP, a dead machine that drops packets) costs nothing while the primary
+    answers; a member that is in recovery, or that refuses, is passed over."""
+    dsns = members(dsn)
+    if len(dsns) == 1:
+        return await asyncpg.connect(dsn, timeout=connect_seconds, **options)
+
+    async def writable(one: str) -> asyncpg.Connection:
+        conn = await asyncpg.connect(one, timeout=connect_seconds, **options)
+        try:
+            if await conn.fetchval("SELECT pg_is_in_recovery()", timeout=connect_seconds):
+                raise ConnectionError(f"{urlsplit(one).netloc} is in recovery")
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn
+
+    tasks = [asyncio.ensure_future(writable(one)) for one in dsns]
+    failures: list[BaseException] = []
+    chosen: asyncpg.Connection | None = None
+    try:
+        for next_done in asyncio.as_completed(tasks, timeout=connect_seconds):
+            try:
+                chosen = await next_done
+                return chosen
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                failures.append(exc)
+        raise ConnectionError(f"no catalog member takes writes: {failures}")
+    except TimeoutError:
+        raise ConnectionError(f"no catalog member took writes in {connect_seconds}s") from None
+    finally:
+        for task in tasks:
+            task.cancel()
+        for result in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(result, asyncpg.Connection) and result is not chosen:
+                result.terminate()  # a second writable member: a split the next try sorts
 
 
 async def load_topology(conn: asyncpg.Connection) -> Topology:
@@ -97,6 +154,12 @@ async def load_topology(conn: asyncpg.Connection) -> Topology:
 async def current_epoch(conn: asyncpg.Connection) -> int:
     epoch: int = await conn.fetchval("SELECT epoch FROM shardd_cluster")
     return epoch
+
+
+async def pool_connect(dsn: str, **options: Any) -> asyncpg.Connection:
+    """:func:`connect` for ``asyncpg.create_pool(connect=...)``."""
+    options.pop("loop", None)
+    return await connect(dsn, connect_seconds=options.pop("timeout", 5.0), **options)
 
 
 async def bump_epoch(conn: asyncpg.Connection) -> int:

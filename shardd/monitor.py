@@ -87,7 +87,7 @@ class Monitor:
         """Take or confirm the lease; False (and not leading) on any doubt."""
         if self._conn is None or self._conn.is_closed():
             self._set_leading(False)
-            self._conn = await asyncpg.connect(self.settings.catalog_dsn, timeout=2.0)
+            self._conn = await catalog.connect(self.settings.catalog_dsn, connect_seconds=2.0)
         async with asyncio.timeout(max(1.0, self.settings.health_interval * 2)):
             if self.leading:
                 # Still ours?  The query fails if the connection (and so the lock) is gone.

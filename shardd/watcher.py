@@ -67,6 +67,7 @@ class TopologyWatcher:
     async def start(self) -> None:
         self._catalog = await asyncpg.create_pool(
             self.settings.catalog_dsn,
+            connect=catalog.pool_connect,
             min_size=0,
             max_size=4,
             timeout=self.settings.catalog_timeout,
@@ -242,9 +243,9 @@ class TopologyWatcher:
     async def _ensure_listener(self) -> None:
         if self._listener is not None and not self._listener.is_closed():
             return
-        conn = await asyncpg.connect(
+        conn = await catalog.connect(
             self.settings.catalog_dsn,
-            timeout=self.settings.catalog_timeout,
+            connect_seconds=self.settings.catalog_timeout,
             command_timeout=self.settings.catalog_timeout,
         )
 

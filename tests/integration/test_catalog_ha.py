@@ -9,16 +9,19 @@ and the monitor's lease works on the new catalog primary (it fails a shard over)
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.harness.cluster import RunningCluster, start_cluster, wait_for
-from tests.harness.http import item_path
+from tests.harness.http import Api, item_path
 from tests.harness.load import Load, assert_nothing_lost
 
 TABLE = "ha_catalog"
@@ -108,6 +111,31 @@ def test_losing_an_etcd_member_changes_nothing(hac: RunningCluster) -> None:
     assert acked_after > 20
     assert catalog_primary(hac) == primary  # no catalog failover
     assert_nothing_lost(hac, load.outcomes, TABLE)
+
+
+def test_a_hung_catalog_replica_costs_nothing(hac: RunningCluster) -> None:
+    """The first replica in the DSN's order is SIGSTOPped: new catalog connections
+    (shardctl's, a restarted instance's) go to the primary all the same, because the
+    members are tried at once, not in turn."""
+    found = members(hac)
+    hung = next(f"catalog-{i}" for i in (1, 2, 3) if found[f"catalog-{i}"]["role"] == "replica")
+    postmaster = int((Path(found[hung]["datadir"]) / "postmaster.pid").read_text().split()[0])
+    os.kill(postmaster, signal.SIGSTOP)
+    try:
+        assert "monitor:" in hac.shardctl("status").stdout  # a new catalog connection
+        with hac.instance() as other:  # an instance starting now loads its topology
+            api = Api(other.port, token=hac.api("write").token)
+            wait_for(
+                lambda: api.request("GET", "/readyz/writes").status == 200,
+                timeout=20,
+                what="the new instance ready for writes",
+            )
+            assert api.request("PUT", item_path(TABLE, "through-new"), body={}).status in (
+                200,
+                201,
+            )
+    finally:
+        os.kill(postmaster, signal.SIGCONT)
 
 
 def test_losing_the_catalog_primary_under_load(hac: RunningCluster) -> None:
