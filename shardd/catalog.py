@@ -66,18 +66,28 @@ async def connect(dsn: str, *, connect_seconds: float, **options: Any) -> asyncp
         for next_done in asyncio.as_completed(tasks, timeout=connect_seconds):
             try:
                 chosen = await next_done
-                return chosen
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except Exception as exc:  # one member's failure (or the deadline), not the race's
                 failures.append(exc)
+                continue
+            return chosen
         raise ConnectionError(f"no catalog member takes writes: {failures}")
-    except TimeoutError:
-        raise ConnectionError(f"no catalog member took writes in {connect_seconds}s") from None
     finally:
+        # Without awaiting (a cancelled caller must not leak): the others' connections are
+        # dropped now, or when they arrive.
         for task in tasks:
-            task.cancel()
-        for result in await asyncio.gather(*tasks, return_exceptions=True):
-            if isinstance(result, asyncpg.Connection) and result is not chosen:
-                result.terminate()  # a second writable member: a split the next try sorts
+            if task.done():
+                _drop_unless(task, chosen)
+            else:
+                task.cancel()
+                task.add_done_callback(lambda late: _drop_unless(late, None))
+
+
+def _drop_unless(task: asyncio.Future[asyncpg.Connection], keep: object) -> None:
+    if task.cancelled() or task.exception() is not None:
+        return
+    conn = task.result()
+    if conn is not keep:
+        conn.terminate()
 
 
 async def load_topology(conn: asyncpg.Connection) -> Topology:

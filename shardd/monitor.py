@@ -98,6 +98,17 @@ class Monitor:
                     fencing.FAILOVER_LOCK_CLASS,
                     fencing.MONITOR_KEY,
                 )
+                # And the catalog node still commits: a write, not a read.  A primary left
+                # behind by a catalog failover (its Patroni gone, its Postgres still up) keeps
+                # the lock and answers reads, but with synchronous replication it commits
+                # nothing any more, so this times out and the lease goes.
+                held = held and bool(
+                    await self._conn.fetchval(
+                        "UPDATE shardd_leases SET holder = holder"
+                        " WHERE name = 'monitor' AND holder = $1 RETURNING true",
+                        self.instance,
+                    )
+                )
             else:
                 held = await self._conn.fetchval(
                     "SELECT pg_try_advisory_lock($1, $2)",

@@ -220,16 +220,22 @@ class HaCatalog:
 
     def patroni_pids(self, member: dict[str, Any]) -> list[int]:
         """Patroni's process (and, as root, the runuser that started it)."""
-        return _pids(f"patroni {self.dir / member['name']}.yml")
+        return _pids(f"patroni {self.dir / member['name']}.yml ")  # the end of the argument
 
     def patroni_pid(self, member: dict[str, Any]) -> int | None:
         pids = self.patroni_pids(member)
         return max(pids) if pids else None  # Patroni itself, started after runuser
 
     def postmaster_pid(self, member: dict[str, Any]) -> int | None:
+        """The member's postmaster, if it runs: the pid file's process, working in the data
+        directory and not a zombie (a stale pid file's pid may belong to anything now)."""
+        data_dir = self.dir / member["name"]
         try:
-            pid = int((self.dir / member["name"] / "postmaster.pid").read_text().split()[0])
-            os.kill(pid, 0)
+            pid = int((data_dir / "postmaster.pid").read_text().split()[0])
+            if Path(f"/proc/{pid}/cwd").resolve() != data_dir.resolve():
+                return None
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return None
         except (OSError, ValueError, IndexError):
             return None
         return pid
@@ -256,12 +262,13 @@ class HaCatalog:
     def role(self, member: dict[str, Any]) -> str | None:
         """``primary`` or ``replica`` as Patroni reports it; None when it does not answer."""
         try:
-            with urllib.request.urlopen(
-                f"http://127.0.0.1:{member['rest']}/patroni", timeout=1
-            ) as resp:
-                data = json.loads(resp.read())
-        except urllib.error.HTTPError as exc:  # 503 from a member without Postgres
-            data = json.loads(exc.read() or b"{}")
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{member['rest']}/patroni", timeout=1
+                ) as resp:
+                    data = json.loads(resp.read())
+            except urllib.error.HTTPError as exc:  # 503 from a member without Postgres
+                data = json.loads(exc.read() or b"{}")
         except (OSError, ValueError):
             return None
         role = data.get("role")
@@ -292,7 +299,8 @@ class HaCatalog:
             pids = [p for p in [self.etcd_pid(member)] if p is not None]
         else:
             postmaster = self.postmaster_pid(member)
-            pids = self.patroni_pids(member) + ([postmaster] if postmaster else [])
+            pids = sorted(self.patroni_pids(member), reverse=True)  # Patroni, then runuser
+            pids += [postmaster] if postmaster else []
         if not pids:
             raise HaError(f"{name} is not running")
         for pid in pids:
@@ -321,6 +329,10 @@ class HaCatalog:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and any(self.etcd_pid(m) for m in self.state["etcd"]):
             time.sleep(0.1)
+        for member in self.state["etcd"]:
+            etcd = self.etcd_pid(member)
+            if etcd is not None:
+                os.kill(etcd, signal.SIGKILL)
 
     def rows(self) -> list[dict[str, Any]]:
         """``devcluster status`` rows for every member."""

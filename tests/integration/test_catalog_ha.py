@@ -9,6 +9,7 @@ and the monitor's lease works on the new catalog primary (it fails a shard over)
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from tests.harness.cluster import RunningCluster, start_cluster, wait_for
@@ -64,10 +66,14 @@ class Reader:
     def _run(self) -> None:
         while not self._stop.is_set():
             for key in self.keys:
-                got = self.api.request("GET", item_path(TABLE, key))
+                try:
+                    status = self.api.request("GET", item_path(TABLE, key)).status
+                except OSError:  # a read that got no answer failed too
+                    status = 0
+                    self.api = Api(self.api.port, token=self.api.token)
                 self.reads += 1
-                if got.status != 200:
-                    self.failures.append((time.monotonic(), key, got.status))
+                if status != 200:
+                    self.failures.append((time.monotonic(), key, status))
 
     def __enter__(self) -> Reader:
         self._thread.start()
@@ -99,6 +105,7 @@ def test_the_catalog_runs_as_three_patroni_members_on_etcd(hac: RunningCluster) 
 def test_losing_an_etcd_member_changes_nothing(hac: RunningCluster) -> None:
     keys = steady_keys(hac)
     primary = catalog_primary(hac)
+    assert primary
     with Reader(hac, keys) as reader, Load([hac.api("write")], TABLE, prefix="etcd") as load:
         wait_for(lambda: len(load.outcomes.acked) > 30, timeout=30, what="load running")
         hac.devcluster("kill", "etcd-1")
@@ -114,26 +121,35 @@ def test_losing_an_etcd_member_changes_nothing(hac: RunningCluster) -> None:
 
 
 def test_a_hung_catalog_replica_costs_nothing(hac: RunningCluster) -> None:
-    """The first replica in the DSN's order is SIGSTOPped: new catalog connections
-    (shardctl's, a restarted instance's) go to the primary all the same, because the
-    members are tried at once, not in turn."""
+    """A catalog replica is SIGSTOPped and listed first in the DSN: new catalog
+    connections (shardctl's, a starting instance's) still reach the primary, because the
+    members are tried at once.  asyncpg's own connect, which tries them in turn, times
+    out on the same DSN."""
     found = members(hac)
     hung = next(f"catalog-{i}" for i in (1, 2, 3) if found[f"catalog-{i}"]["role"] == "replica")
+    order = [hung] + [f"catalog-{i}" for i in (1, 2, 3) if f"catalog-{i}" != hung]
+    hosts = ",".join(f"127.0.0.1:{found[name]['port']}" for name in order)
+    dsn = f"postgresql://shardd@{hosts}/shardd?target_session_attrs=read-write"
     postmaster = int((Path(found[hung]["datadir"]) / "postmaster.pid").read_text().split()[0])
     os.kill(postmaster, signal.SIGSTOP)
     try:
-        assert "monitor:" in hac.shardctl("status").stdout  # a new catalog connection
-        with hac.instance() as other:  # an instance starting now loads its topology
+
+        async def in_turn() -> None:
+            conn = await asyncpg.connect(dsn, timeout=3)
+            await conn.close()
+
+        with pytest.raises((TimeoutError, OSError)):
+            asyncio.run(in_turn())
+        assert "monitor:" in hac.shardctl("--catalog-dsn", dsn, "status").stdout
+        with hac.instance(catalog_dsn=dsn) as other:  # an instance starting now
             api = Api(other.port, token=hac.api("write").token)
             wait_for(
                 lambda: api.request("GET", "/readyz/writes").status == 200,
                 timeout=20,
                 what="the new instance ready for writes",
             )
-            assert api.request("PUT", item_path(TABLE, "through-new"), body={}).status in (
-                200,
-                201,
-            )
+            written = api.request("PUT", item_path(TABLE, "through-new"), body={})
+            assert written.status in (200, 201), written.body
     finally:
         os.kill(postmaster, signal.SIGCONT)
 
@@ -156,9 +172,9 @@ def test_losing_the_catalog_primary_under_load(hac: RunningCluster) -> None:
             with load._lock:
                 return max((t for t in load.outcomes.failure_times if t > killed_at), default=0)
 
-        def steady() -> bool:  # 20 writes acknowledged since the new primary and any failure
+        def steady() -> bool:  # writes acknowledged on each shard since any failure
             since = max(last_failure(), seen_new)
-            return load.acks_on("s1", after=since) + load.acks_on("s2", after=since) >= 20
+            return min(load.acks_on("s1", after=since), load.acks_on("s2", after=since)) >= 10
 
         wait_for(steady, timeout=40, what="writes resuming")
         last = last_failure() or killed_at
