@@ -294,9 +294,12 @@ async def _write_item(request: web.Request, op: str) -> web.Response:
 
 def _once(request: web.Request, what: tuple[object, ...]) -> idempotency.Once | None:
     """The write's idempotency key, bound to this caller and to ``what`` it writes."""
+    header = request.headers.get(idempotency.HEADER)
+    if header is None:
+        return None
     _, settings = _ctx(request)
     return idempotency.parse(
-        request.headers.get(idempotency.HEADER),
+        header,
         authorization=request.headers.get("Authorization"),
         request=what,
         window=settings.idempotency_retention,

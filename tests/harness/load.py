@@ -118,6 +118,41 @@ class Load:
                         self.outcomes.failed_reads.append((key, read.status))
 
 
+class Reader:
+    """Reads of a fixed set of keys in a loop (``?consistency=...``) until the block ends;
+    every failure, an unanswered read included, is kept."""
+
+    def __init__(
+        self, api: Api, table: str, keys: list[str], *, consistency: str = "eventual"
+    ) -> None:
+        self.api = api
+        self.paths = [f"/v1/tables/{table}/items/{k}?consistency={consistency}" for k in keys]
+        self.reads = 0
+        self.failures: list[tuple[float, str, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for path in self.paths:
+                try:
+                    status = self.api.request("GET", path).status
+                except OSError:  # a read that got no answer failed too
+                    status = 0
+                    self.api = Api(self.api.port, token=self.api.token)
+                self.reads += 1
+                if status != 200:
+                    self.failures.append((time.monotonic(), path, status))
+
+    def __enter__(self) -> Reader:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
 def create_and_seed(cluster: RunningCluster, table: str, *, items: int = 2000) -> None:
     """Create ``table`` and write ``items`` items (pk ``pre-N``) in batches of 100."""
     api = cluster.api()

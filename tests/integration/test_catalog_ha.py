@@ -13,7 +13,6 @@ import asyncio
 import os
 import re
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +23,7 @@ import pytest
 
 from tests.harness.cluster import RunningCluster, start_cluster, wait_for
 from tests.harness.http import Api, item_path
-from tests.harness.load import Load, assert_nothing_lost
+from tests.harness.load import Load, Reader, assert_nothing_lost
 
 TABLE = "ha_catalog"
 
@@ -52,38 +51,6 @@ def catalog_primary(cluster: RunningCluster) -> str:
     return primaries[0] if len(primaries) == 1 else ""
 
 
-class Reader:
-    """Eventual reads of a fixed set of keys in a loop; every failure is kept."""
-
-    def __init__(self, cluster: RunningCluster, keys: list[str]) -> None:
-        self.api = cluster.api("read")
-        self.keys = keys
-        self.reads = 0
-        self.failures: list[tuple[float, str, int]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for key in self.keys:
-                try:
-                    status = self.api.request("GET", item_path(TABLE, key)).status
-                except OSError:  # a read that got no answer failed too
-                    status = 0
-                    self.api = Api(self.api.port, token=self.api.token)
-                self.reads += 1
-                if status != 200:
-                    self.failures.append((time.monotonic(), key, status))
-
-    def __enter__(self) -> Reader:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-
-
 def steady_keys(cluster: RunningCluster) -> list[str]:
     keys = cluster.keys_on("s1", "steady", 5) + cluster.keys_on("s2", "steady", 5)
     api = cluster.api("write")
@@ -106,7 +73,10 @@ def test_losing_an_etcd_member_changes_nothing(hac: RunningCluster) -> None:
     keys = steady_keys(hac)
     primary = catalog_primary(hac)
     assert primary
-    with Reader(hac, keys) as reader, Load([hac.api("write")], TABLE, prefix="etcd") as load:
+    with (
+        Reader(hac.api("read"), TABLE, keys) as reader,
+        Load([hac.api("write")], TABLE, prefix="etcd") as load,
+    ):
         wait_for(lambda: len(load.outcomes.acked) > 30, timeout=30, what="load running")
         hac.devcluster("kill", "etcd-1")
         killed_at = time.monotonic()
@@ -157,7 +127,10 @@ def test_a_hung_catalog_replica_costs_nothing(hac: RunningCluster) -> None:
 def test_losing_the_catalog_primary_under_load(hac: RunningCluster) -> None:
     keys = steady_keys(hac)
     old = wait_for(lambda: catalog_primary(hac), timeout=30, what="a catalog primary")
-    with Reader(hac, keys) as reader, Load([hac.api("write")], TABLE, prefix="cat") as load:
+    with (
+        Reader(hac.api("read"), TABLE, keys) as reader,
+        Load([hac.api("write")], TABLE, prefix="cat") as load,
+    ):
         wait_for(lambda: len(load.outcomes.acked) > 30, timeout=30, what="load running")
         killed_at = time.monotonic()
         hac.devcluster("kill", old)

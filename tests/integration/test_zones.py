@@ -6,7 +6,6 @@ another zone while reads go on and nothing acknowledged is lost."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 
@@ -14,7 +13,7 @@ import pytest
 
 from tests.harness.cluster import RunningCluster, start_cluster, wait_for
 from tests.harness.http import item_path
-from tests.harness.load import Load, assert_nothing_lost
+from tests.harness.load import Load, Reader, assert_nothing_lost
 
 TABLE = "zoned"
 
@@ -70,43 +69,26 @@ def test_losing_a_zone_fails_over_to_another_and_loses_nothing(zoned: RunningClu
     readable = zoned.keys_on("s1", "steady", 10) + zoned.keys_on("s2", "steady", 10)
     for key in readable:
         assert api.request("PUT", item_path(TABLE, key), body={"k": key}).status == 201
-    failed_reads: list[tuple[str, int]] = []
-    reads = 0
-    stop = threading.Event()
-
-    def reader() -> None:
-        nonlocal reads
-        mine = zoned.api("read")
-        while not stop.is_set():
-            for key in readable:
-                got = mine.request("GET", item_path(TABLE, key) + "?consistency=eventual")
-                reads += 1
-                if got.status != 200:
-                    failed_reads.append((key, got.status))
-
-    thread = threading.Thread(target=reader, daemon=True)
-    thread.start()
-    try:
-        with Load([api], TABLE, prefix="zone", writers=6) as load:
-            wait_for(lambda: len(load.outcomes.acked) > 100, timeout=30, what="load running")
-            lost_at = time.monotonic()
-            for node in in_a:
-                zoned.devcluster("kill", node)
-            wait_for(
-                lambda: zoned.primary_of(shard) not in ("", primary_in_a),
-                timeout=30,
-                what=f"{shard} failing over",
-            )
-            wait_for(
-                lambda: load.acks_on(shard, after=lost_at) > 20,
-                timeout=30,
-                what=f"writes to {shard} resuming",
-            )
-    finally:
-        stop.set()
-        thread.join(timeout=30)
+    with (
+        Reader(zoned.api("read"), TABLE, readable) as reader,
+        Load([api], TABLE, prefix="zone", writers=6) as load,
+    ):
+        wait_for(lambda: len(load.outcomes.acked) > 100, timeout=30, what="load running")
+        lost_at = time.monotonic()
+        for node in in_a:
+            zoned.devcluster("kill", node)
+        wait_for(
+            lambda: zoned.primary_of(shard) not in ("", primary_in_a),
+            timeout=30,
+            what=f"{shard} failing over",
+        )
+        wait_for(
+            lambda: load.acks_on(shard, after=lost_at) > 20,
+            timeout=30,
+            what=f"writes to {shard} resuming",
+        )
     assert_nothing_lost(zoned, load.outcomes, TABLE)
-    assert reads > 0 and failed_reads == [], failed_reads[:5]
+    assert reader.reads > 0 and reader.failures == [], reader.failures[:5]
     after = zones_of(zoned)
     new_primary = zoned.primary_of(shard)
     assert after[new_primary][2] in ("b", "c")  # zone a had no node left to qualify
