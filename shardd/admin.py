@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -88,22 +89,38 @@ async def add_shard(
     replica_dsns: Sequence[str] = (),
     weight: int = 1,
     zones: Sequence[str] = (),
+    patroni_urls: Sequence[str] = (),
 ) -> int:
     """Register a shard (migrating its primary first); it owns no slot until a rebalance.
-    ``zones``: the primary's zone, then each replica's (missing: none)."""
+    ``zones``: the primary's zone, then each replica's (missing: none).  ``patroni_urls``:
+    each node's Patroni REST API, in the same order, for a shard whose primary Patroni
+    chooses (``failover_mode = 'patroni'``, see :mod:`shardd.failover.patroni`)."""
     dsns = [primary_dsn, *replica_dsns]
     if len(zones) > len(dsns):
         raise ValueError(f"{len(zones)} zones for {len(dsns)} nodes")
+    if patroni_urls and len(patroni_urls) != len(dsns):
+        raise ValueError(f"{len(patroni_urls)} Patroni URLs for {len(dsns)} nodes: give one each")
     labels = [*zones, *[""] * (len(dsns) - len(zones))]
     names = [f"{name}-primary", *(f"{name}-replica{i}" for i in range(1, len(dsns)))]
     nodes = [
-        node_from_dsn(dsn, name=node, shard=name, role="replica" if i else "primary", zone=zone)
+        dataclasses.replace(
+            node_from_dsn(
+                dsn, name=node, shard=name, role="replica" if i else "primary", zone=zone
+            ),
+            patroni_url=patroni_urls[i].rstrip("/") if patroni_urls else None,
+        )
         for i, (dsn, node, zone) in enumerate(zip(dsns, names, labels, strict=True))
     ]
     async with connect(nodes[0].dsn()) as conn:
         await migrate.apply(conn, "shard")
     async with connect(catalog_dsn) as conn:
-        return await catalog.add_shard(conn, name=name, weight=weight, nodes=nodes)
+        return await catalog.add_shard(
+            conn,
+            name=name,
+            weight=weight,
+            nodes=nodes,
+            failover_mode="patroni" if patroni_urls else "builtin",
+        )
 
 
 async def init_slots(catalog_dsn: str) -> dict[str, int]:
@@ -170,6 +187,7 @@ async def status(catalog_dsn: str) -> dict[str, Any]:
                 "term": shard.term,
                 "write_block": shard.write_block,
                 "degraded": shard.degraded,
+                "failover_mode": shard.failover_mode,
                 "slots": slots.get(shard.name, 0),
                 "items": items,
                 "nodes": shard_nodes,

@@ -96,11 +96,12 @@ async def load_topology(conn: asyncpg.Connection) -> Topology:
         if cluster is None:
             raise LookupError("the catalog has no cluster; run `shardctl init`")
         shard_rows = await conn.fetch(
-            "SELECT name, weight, term, write_block, degraded FROM shardd_shards ORDER BY name"
+            "SELECT name, weight, term, write_block, degraded, failover_mode FROM shardd_shards"
+            " ORDER BY name"
         )
         node_rows = await conn.fetch(
-            "SELECT name, shard, role, host, port, dbname, username, password, fenced, zone"
-            " FROM shardd_nodes ORDER BY shard, role, name"
+            "SELECT name, shard, role, host, port, dbname, username, password, fenced, zone,"
+            " patroni_url FROM shardd_nodes ORDER BY shard, role, name"
         )
         slot_rows = await conn.fetch("SELECT slot, shard FROM shardd_slot_map")
         table_rows = await conn.fetch(
@@ -122,6 +123,7 @@ async def load_topology(conn: asyncpg.Connection) -> Topology:
             term=row["term"],
             write_block=row["write_block"],
             degraded=row["degraded"],
+            failover_mode=row["failover_mode"],
         )
         for row in shard_rows
     }
@@ -189,14 +191,24 @@ async def create_cluster(conn: asyncpg.Connection, *, slot_count: int) -> bool:
 
 
 async def add_shard(
-    conn: asyncpg.Connection, *, name: str, weight: int, nodes: Sequence[Node]
+    conn: asyncpg.Connection,
+    *,
+    name: str,
+    weight: int,
+    nodes: Sequence[Node],
+    failover_mode: str = "builtin",
 ) -> int:
     async with conn.transaction():
-        await conn.execute("INSERT INTO shardd_shards (name, weight) VALUES ($1, $2)", name, weight)
+        await conn.execute(
+            "INSERT INTO shardd_shards (name, weight, failover_mode) VALUES ($1, $2, $3)",
+            name,
+            weight,
+            failover_mode,
+        )
         for node in nodes:
             await conn.execute(
                 "INSERT INTO shardd_nodes (name, shard, role, host, port, dbname, username,"
-                " password, zone) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                " password, zone, patroni_url) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
                 node.name,
                 name,
                 node.role,
@@ -206,6 +218,7 @@ async def add_shard(
                 node.username,
                 node.password,
                 node.zone,
+                node.patroni_url,
             )
         return await bump_epoch(conn)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -93,6 +94,7 @@ def status(ctx: Context, as_json: bool) -> None:
             items = "?" if shard["items"] is None else shard["items"]
             notes = "".join(
                 [
+                    ", under Patroni" if shard["failover_mode"] == "patroni" else "",
                     " DEGRADED (asynchronous)" if shard["degraded"] else "",
                     f" WRITES REFUSED: {shard['write_block']}" if shard["write_block"] else "",
                 ]
@@ -145,6 +147,21 @@ def failover_command(
     that is down although no replica is within max_lag_on_failover: acknowledged writes
     the promoted replica never received are lost, and the loss is reported.
     """
+    shard = run(admin.topology(ctx.dsn)).shards.get(shard_name)
+    if shard is not None and shard.failover_mode == "patroni":
+        if force:
+            raise click.ClickException(
+                f"Patroni chooses the primary of {shard_name}: force a failover with"
+                " `patronictl failover`; shardd follows the leader Patroni elects"
+            )
+        confirm(yes, f"Ask Patroni to switch shard {shard_name} over to {to or 'a replica'}?")
+        outcome = run(failover.patroni.switch_over(ctx.dsn, shard_name, to=to))
+        click.echo(
+            f"shard {outcome.shard}: {outcome.new_primary} is the primary (was"
+            f" {outcome.old_primary}; Patroni's switchover; writes paused {outcome.seconds:.3f}s;"
+            f" epoch {outcome.epoch})"
+        )
+        return
     if force:
         confirm(yes, f"Promote a replica of {shard_name} even if it lacks acknowledged writes?")
         outcome = run(
@@ -446,6 +463,13 @@ def shard_list(ctx: Context, as_json: bool) -> None:
     callback=lambda ctx, param, values: tuple(_zone(v) for v in values),
     help="Zone of the primary, then of each replica in order (repeat).",
 )
+@click.option(
+    "--patroni-url",
+    "patroni_urls",
+    multiple=True,
+    help="Patroni REST API (http://host:port) of the primary, then of each replica (repeat):"
+    " Patroni chooses this shard's primary and shardd follows it.",
+)
 @yes_option
 @pass_ctx
 def shard_add(
@@ -455,6 +479,7 @@ def shard_add(
     replica_dsns: tuple[str, ...],
     weight: int,
     zones: tuple[str, ...],
+    patroni_urls: tuple[str, ...],
     yes: bool,
 ) -> None:
     """Register shard NAME (migrates its primary; it owns no slots until a rebalance)."""
@@ -462,6 +487,16 @@ def shard_add(
         raise click.BadParameter(
             f"{len(zones)} zones for {1 + len(replica_dsns)} nodes", param_hint="--zone"
         )
+    if patroni_urls and len(patroni_urls) != 1 + len(replica_dsns):
+        raise click.BadParameter(
+            f"{len(patroni_urls)} URLs for {1 + len(replica_dsns)} nodes: give one each",
+            param_hint="--patroni-url",
+        )
+    for url in patroni_urls:
+        if not re.fullmatch(r"https?://[^/\s]+/?", url):
+            raise click.BadParameter(
+                f"not http(s)://host:port: {url!r}", param_hint="--patroni-url"
+            )
     confirm(yes, f"Register shard {name}?")
     epoch = run(
         admin.add_shard(
@@ -471,6 +506,7 @@ def shard_add(
             replica_dsns=replica_dsns,
             weight=weight,
             zones=zones,
+            patroni_urls=patroni_urls,
         )
     )
     click.echo(f"shard {name} registered (epoch {epoch})")

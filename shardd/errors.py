@@ -170,6 +170,11 @@ class StaleMap(Exception):
     """The node refused the operation for its slot or role: refresh topology and retry."""
 
 
+class NodeFenced(StaleMap):
+    """The node is fenced (a failover or switchover is replacing it): it refuses every
+    write until the catalog names its replacement."""
+
+
 class NotCaughtUp(Exception):
     """The node (a replica) has not replayed what the read needs yet: the caller's session
     position, or the cutover that gave it the slots.  Read on another node."""
@@ -208,7 +213,7 @@ def _precondition_failed(exc: asyncpg.PostgresError) -> Exception:
 # which know whether a write was in flight (ambiguous) or not.
 _BY_SQLSTATE: dict[str, Callable[[asyncpg.PostgresError], Exception]] = {
     "SD001": lambda exc: StaleMap(_message(exc)),  # the shard does not own the slot
-    "SD002": lambda exc: StaleMap(_message(exc)),  # a fenced former primary
+    "SD002": lambda exc: NodeFenced(_message(exc)),  # a fenced (former) primary
     "25006": lambda exc: StaleMap(_message(exc)),  # a replica (read-only transaction)
     "SD412": _precondition_failed,
     "SD413": lambda exc: PayloadTooLarge(_message(exc), code="item_too_large"),

@@ -15,6 +15,8 @@ Safety notes:
   committed: it is reported as ``OutcomeUnknown`` and never retried.
 * A write that could not reach a primary (none on record, or the connection was
   refused) wrote nothing: it waits for a new primary up to ``write_buffer_timeout``.
+  So does a read that no node could serve (a primary gone while its replica is being
+  promoted: out of recovery, so no replica any more, and not recorded as primary yet).
 * A write goes out only under the watcher's topology lease and is counted in flight
   until it ends (see :mod:`shardd.watcher`).
 * A query interrupted by the deadline is cancelled on the server, not left running.
@@ -87,6 +89,8 @@ class Executor:
         self.health = health
         self.pools = pools
         self._background: set[asyncio.Task[None]] = set()
+        # node -> (epoch, when) it refused a write as fenced (see _known_fenced)
+        self._fenced: dict[str, tuple[int, float]] = {}
 
     async def close(self) -> None:
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -120,7 +124,23 @@ class Executor:
             try:
                 if primary is None:
                     raise errors.ShardUnavailable(shard.name, "it has no primary")
-                result = await self._run(shard.name, primary, work, writing=True, deadline=deadline)
+                if self._known_fenced(primary):
+                    raise errors.ShardUnavailable(shard.name, f"{primary.name} is fenced")
+                try:
+                    result = await self._run(
+                        shard.name, primary, work, writing=True, deadline=deadline
+                    )
+                except errors.NodeFenced:
+                    # Its replacement is on the way: more writes sent there are refused
+                    # too, and one sent as it shuts down (Patroni restarts a replaced
+                    # primary) would end ambiguous.  Wait for the new primary instead.
+                    self._fenced[primary.name] = (
+                        self.watcher.require_topology().epoch,
+                        time.monotonic(),
+                    )
+                    raise errors.ShardUnavailable(
+                        shard.name, f"{primary.name} is fenced; its replacement is not recorded yet"
+                    ) from None
                 return result, Served(shard.name, primary.name)
             except NotSent:  # route again under the topology now current
                 fresh = self.watcher.require_topology().shards.get(shard.name)
@@ -133,31 +153,50 @@ class Executor:
                     buffer_until = min(
                         deadline - 0.05, time.monotonic() + self.settings.write_buffer_timeout
                     )
-                await self._await_primary(epoch, exc, buffer_until)
+                await self._await_topology(epoch, exc, buffer_until, writing=True)
                 topology = self.watcher.require_topology()
                 epoch = topology.epoch
                 shard = topology.shards.get(shard.name, shard)
 
-    async def _await_primary(
-        self, epoch: int, failure: errors.ShardUnavailable, until: float
+    def _known_fenced(self, node: Node) -> bool:
+        """Whether ``node`` refused a write as fenced under the current topology and no
+        health check has found it unfenced since (a switchover undone)."""
+        seen = self._fenced.get(node.name)
+        if seen is None:
+            return False
+        epoch, at = seen
+        topology = self.watcher.topology
+        state = self.health.snapshot.get(node.name)
+        if (topology is not None and topology.epoch != epoch) or (
+            state is not None and state.checked_at > at and state.fenced is False
+        ):
+            del self._fenced[node.name]
+            return False
+        return True
+
+    async def _await_topology(
+        self, epoch: int, failure: errors.ShardUnavailable, until: float, *, writing: bool = False
     ) -> None:
-        """Buffer a write that found no reachable primary: wait for a new topology (or a
-        moment, to try again) until ``until``; then fail with the original 503."""
+        """Buffer an operation that found no node to serve it (a write: no reachable
+        primary): wait for a new topology (or a moment, to try again) until ``until``;
+        then fail with the original 503."""
         remaining = until - time.monotonic()
         if remaining <= 0:
-            metrics.WRITES_NO_PRIMARY.labels(failure.shard).inc()
+            if writing:
+                metrics.WRITES_NO_PRIMARY.labels(failure.shard).inc()
             raise failure
         changed = self.watcher.changed()
         current = self.watcher.topology
         if current is not None and current.epoch != epoch:
             return
-        metrics.BUFFERED_WRITES.inc()
+        gauge = metrics.BUFFERED_WRITES if writing else metrics.BUFFERED_READS
+        gauge.inc()
         try:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(remaining, 0.25)):
                     await changed.wait()
         finally:
-            metrics.BUFFERED_WRITES.dec()
+            gauge.dec()
 
     # -- reads -------------------------------------------------------------------
 
@@ -179,6 +218,44 @@ class Executor:
         cutover of: the next candidate, finally the primary, is tried.  A node that fails
         is skipped once; raises StaleMap when the primary refuses the slot.
         """
+        buffer_until: float | None = None
+        while True:
+            epoch = self.watcher.require_topology().epoch
+            try:
+                return await self._read_once(
+                    shard,
+                    work,
+                    consistency=consistency,
+                    min_lsn=min_lsn,
+                    deadline=deadline,
+                    spread=spread,
+                )
+            except errors.ShardUnavailable as exc:
+                # No node could serve it.  If its primary is gone too, a new one is on
+                # the way (a replica being promoted is out of recovery, so no replica,
+                # before it is recorded): like a write, it waits for a new topology.
+                primary = shard.primary
+                state = self.health.snapshot.get(primary.name) if primary else None
+                if state is not None and state.healthy:
+                    raise
+                if buffer_until is None:
+                    buffer_until = min(
+                        deadline - 0.05, time.monotonic() + self.settings.write_buffer_timeout
+                    )
+                await self._await_topology(epoch, exc, buffer_until)
+                topology = self.watcher.require_topology()
+                shard = topology.shards.get(shard.name, shard)
+
+    async def _read_once(
+        self,
+        shard: Shard,
+        work: Work[T],
+        *,
+        consistency: str,
+        min_lsn: int | None,
+        deadline: float,
+        spread: bool,
+    ) -> tuple[T, Served]:
         candidates = router.read_candidates(
             shard,
             self.health.snapshot,

@@ -170,6 +170,9 @@ MONITOR_LEADER = Gauge("shardd_monitor_leader", "1 while this instance is the fa
 BUFFERED_WRITES = Gauge(
     "shardd_buffered_writes", "Writes waiting for their shard to have a reachable primary"
 )
+BUFFERED_READS = Gauge(
+    "shardd_buffered_reads", "Reads waiting for their shard to have a node that can serve them"
+)
 WRITES_NO_PRIMARY = Counter(
     "shardd_writes_failed_no_primary_total",
     "Writes that failed because their shard had no reachable primary in time",

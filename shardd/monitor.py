@@ -144,6 +144,7 @@ class Monitor:
         if topology is None:
             return
         snapshot = self.health.snapshot
+        await self._follow_patroni(topology)
         await self._refence(topology)
         await self._finish_switchovers(topology)
         await self._follow_standbys(topology)
@@ -156,7 +157,7 @@ class Monitor:
         await self._note_positions(topology)
         if not self.settings.failover:
             return
-        for shard in topology.shards.values():
+        for shard in _builtin(topology):
             view = failover.shard_view(shard, snapshot)
             decision = failover.decide(
                 view,
@@ -228,7 +229,7 @@ class Monitor:
             mode = await catalog.synchronous_mode(conn)
         if not synchronous:
             return
-        for shard in topology.shards.values():
+        for shard in _builtin(topology):  # Patroni sets its shards' commit mode itself
             primary = shard.primary
             state = self.health.snapshot.get(primary.name) if primary else None
             if primary is None or state is None or not state.healthy or state.standbys is None:
@@ -319,7 +320,7 @@ class Monitor:
         :func:`~shardd.failover.finish_switchover`).  Lossless either way, so it runs
         whether or not automatic failover is on."""
         snapshot = self.health.snapshot
-        for shard in topology.shards.values():
+        for shard in _builtin(topology):  # shardd never fences a Patroni shard's primary
             primary = shard.primary
             health = snapshot.get(primary.name) if primary else None
             if primary is None or health is None or not (health.healthy and health.fenced):
@@ -337,11 +338,59 @@ class Monitor:
             except STEP_ERRORS as exc:
                 log.error("shard %s: interrupted switchover not finished: %s", shard.name, exc)
 
+    async def _follow_patroni(self, topology: Topology) -> None:
+        """For each shard under Patroni: record the leader Patroni elected, lift a stale
+        fence off a primary that still leads, record fenced nodes Patroni runs as
+        replicas again as replicas (see :mod:`shardd.failover.patroni`), and in a
+        synchronous cluster mark the shard degraded while its leader has no synchronous
+        standby (Patroni's ``synchronous_mode`` commits without one then)."""
+        shards = [s for s in topology.shards.values() if s.failover_mode == "patroni"]
+        if not shards:
+            return
+        patroni = failover.patroni
+        snapshot = self.health.snapshot
+        states = await patroni.member_states(n for s in shards for n in s.nodes)
+        async with self._catalog() as conn:
+            synchronous = await catalog.is_synchronous(conn)
+        for shard in shards:
+            leader = patroni.leader_of(
+                {n.name: states[n.name] for n in shard.nodes if n.name in states}
+            )
+            health = snapshot.get(leader) if leader else None
+            primary = shard.primary.name if shard.primary else None
+            try:
+                if leader is not None and leader == primary:
+                    if health and health.fenced:
+                        await patroni.lift_stale_fence(
+                            self.settings.catalog_dsn, shard.name, leader
+                        )
+                    degraded = synchronous and patroni.sync_standbys(shard, states) == 0
+                    if shard.degraded != degraded:
+                        async with self._catalog() as conn:
+                            await catalog.set_degraded(conn, shard.name, degraded)
+                    metrics.DEGRADED.labels(shard.name).set(int(degraded))
+                elif leader is not None and health and health.healthy and not health.in_recovery:
+                    await patroni.follow(
+                        self.settings.catalog_dsn,
+                        shard.name,
+                        leader=leader,
+                        expected_primary=primary,
+                    )
+                for name in patroni.rejoined(shard, states):
+                    health = snapshot.get(name)
+                    if health and health.healthy and health.in_recovery and health.streaming:
+                        await patroni.record_rejoin(self.settings.catalog_dsn, shard.name, name)
+            except STEP_ERRORS as exc:  # one shard's trouble does not hold the others up
+                log.error("shard %s: cannot follow Patroni: %s", shard.name, exc)
+
     async def _refence(self, topology: Topology) -> None:
         """Fence on the node every fenced former primary that answers again, and make
-        the loss of the promotion that replaced it exact from its end of WAL."""
+        the loss of the promotion that replaced it exact from its end of WAL.  Not on a
+        shard under Patroni: a node out of recovery there may be the leader Patroni
+        elected again, which this round's topology may not show yet; following fences
+        the old primary there (see :mod:`shardd.failover.patroni`)."""
         snapshot = self.health.snapshot
-        for node in topology.nodes():
+        for node in (n for s in _builtin(topology) for n in s.nodes):
             state = snapshot.get(node.name)
             if not node.fenced:
                 self._refenced.discard(node.name)
@@ -356,3 +405,8 @@ class Monitor:
                     self._refenced.add(node.name)
                     async with self._catalog() as conn:
                         await catalog.record_exact_loss(conn, old_primary=node.name, end_lsn=end)
+
+
+def _builtin(topology: Topology) -> list[Shard]:
+    """The shards whose primary shardd's monitor chooses (not Patroni)."""
+    return [s for s in topology.shards.values() if s.failover_mode == "builtin"]

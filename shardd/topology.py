@@ -28,6 +28,7 @@ class Node:
     password: str | None = None
     fenced: bool = False
     zone: str = ""  # '' when the node has none
+    patroni_url: str | None = None  # its Patroni REST API (a 'patroni' shard's node)
 
     @property
     def is_primary(self) -> bool:
@@ -58,6 +59,7 @@ class Shard:
     term: int = 0  # grows with every promotion recorded for the shard
     write_block: str | None = None  # why writes are refused at once (see catalog 0004)
     degraded: bool = False  # running asynchronously although the cluster is synchronous
+    failover_mode: str = "builtin"  # 'patroni': Patroni chooses the primary, shardd follows
 
     @functools.cached_property
     def primary(self) -> Node | None:

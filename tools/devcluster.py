@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from shardd import admin, config, failover, pgctl  # noqa: E402
-from tools.hacatalog import HaCatalog, HaError  # noqa: E402
+from tools.ha import Ha, HaError  # noqa: E402
 
 PG_USER = "postgres"
 DB = "shardd"
@@ -187,9 +187,9 @@ class Cluster:
         return f"postgresql://shardd@127.0.0.1:{node['port']}/{DB}"
 
     @property
-    def ha(self) -> HaCatalog | None:
+    def ha(self) -> Ha | None:
         """The catalog's Patroni cluster on etcd (``up --ha``); None for a plain catalog."""
-        return HaCatalog(self.dir, self.state["ha"]) if self.state.get("ha") else None
+        return Ha(self.dir, self.state["ha"]) if self.state.get("ha") else None
 
     @property
     def catalog_dsn(self) -> str:
@@ -198,27 +198,41 @@ class Cluster:
         return self.dsn(self.node("catalog"))
 
     def start_ha(self) -> None:
-        """etcd, then the Patroni members; returns once a catalog primary runs."""
+        """etcd, then the Patroni members (the catalog's and the shards'); returns once
+        each runs a leader and every member has the database."""
         ha = self.ha
         assert ha is not None
         etcd = apt_binary("etcd", "etcd-server")
-        patroni = apt_binary("patroni", "patroni")
         for member in ha.state["etcd"]:
             ha.start_etcd(member, etcd)
         try:
             ha.wait_etcd()
-            bindir = pg_bindir()
-            for member in ha.state["catalog"]:
-                ha.start_patroni(
-                    member, bindir, lambda cmd: as_pg_user([patroni, *cmd[1:]]), _pg_owns
-                )
-            leader = ha.wait_members()
+        except HaError as exc:
+            raise click.ClickException(str(exc)) from exc
+        self.start_patroni(ha.state["catalog"], new=False)
+        for shard in ha.state.get("shards", {}).values():
+            self.start_patroni(shard, new=False)
+
+    def start_patroni(self, members: list[dict[str, Any]], *, new: bool = True) -> None:
+        """Start one Patroni cluster's members (a ``new`` one: the first, which
+        bootstraps it, then the others); returns once every member has the database."""
+        ha = self.ha
+        assert ha is not None
+        patroni = apt_binary("patroni", "patroni")
+        bindir = pg_bindir()
+        try:
+            for count in (1, len(members)) if new else (len(members),):
+                for member in members[:count]:
+                    ha.start_patroni(
+                        member, bindir, lambda cmd: as_pg_user([patroni, *cmd[1:]]), _pg_owns
+                    )
+                leader = ha.wait_members(members[:count])
         except HaError as exc:
             raise click.ClickException(str(exc)) from exc
         asyncio.run(_create_database(f"postgresql://shardd@127.0.0.1:{leader['port']}/postgres"))
         # A client trying the members in turn stops at one that lacks the database
         # (asyncpg does): wait until every member has replayed its creation.
-        asyncio.run(_database_everywhere([m["port"] for m in ha.state["catalog"]]))
+        asyncio.run(_database_everywhere([m["port"] for m in members]))
 
     def datadir(self, node: dict[str, Any]) -> Path:
         return self.dir / node["name"]
@@ -227,7 +241,7 @@ class Cluster:
         """The first port above every node's that nothing else listens on now (a node
         added later may find the next port taken by some other process)."""
         used = [n["port"] for n in self.nodes]
-        used += [m["port"] for m in (self.state.get("ha") or {}).get("catalog", [])]
+        used += [m["port"] for m in self.ha.patroni_members()] if self.ha else []
         port = max(used) + 1 if used else int(self.state["pg_port"])
         if used:  # the first node keeps the port asked for, or fails on it
             while not port_free(port):
@@ -340,7 +354,11 @@ class Cluster:
 
     def create_shard(self, name: str, replicas: int) -> None:
         index = len({n["shard"] for n in self.nodes if n["shard"]})
+        index += len((self.state.get("ha") or {}).get("shards", {}))
         zones = self.zones_of(index, 1 + replicas)
+        if self.ha is not None:
+            self.create_patroni_shard(name, replicas, zones)
+            return
         primary = {
             "name": f"{name}-primary",
             "shard": name,
@@ -378,6 +396,32 @@ class Cluster:
                 primary_dsn=self.dsn(primary),
                 replica_dsns=replica_dsns,
                 zones=zones,
+            )
+        )
+
+    def create_patroni_shard(self, name: str, replicas: int, zones: list[str]) -> None:
+        """Shard ``name`` as a Patroni cluster on the cluster's etcd, registered with
+        each member's REST API: Patroni chooses its primary, shardd follows."""
+        ha = self.ha
+        assert ha is not None
+        ports: list[int] = []
+        for _ in range(1 + replicas):
+            port = self.next_port()
+            while port in ports or not port_free(port) or not port_free(port + 200):
+                port += 1
+            ports.append(port)
+        ha.add_shard(name, ports, synchronous=bool(self.state.get("sync")), zones=zones)
+        self.save()
+        members = ha.shard_members(name)
+        self.start_patroni(members)
+        asyncio.run(
+            admin.add_shard(
+                self.catalog_dsn,
+                name=name,
+                primary_dsn=self.dsn(members[0]),
+                replica_dsns=[self.dsn(m) for m in members[1:]],
+                zones=zones,
+                patroni_urls=[ha.rest_url(m) for m in members],
             )
         )
 
@@ -626,7 +670,8 @@ def cli() -> None:
 @click.option(
     "--ha",
     is_flag=True,
-    help="The catalog as a Patroni cluster (3 members, synchronous) on a 3-member etcd.",
+    help="The catalog as a Patroni cluster (3 members, synchronous) on a 3-member etcd,"
+    " and each shard as a Patroni cluster on it (shardd follows Patroni's leader).",
 )
 @click.option(
     "--zones",
@@ -670,7 +715,7 @@ def up(
             "nodes": [],
         }
         if ha:
-            cluster.state["ha"] = HaCatalog.plan(pg_port or port + 1)
+            cluster.state["ha"] = Ha.plan(pg_port or port + 1)
             cluster.save()
             cluster.start_ha()
         else:
@@ -742,7 +787,7 @@ def status(directory: Path, as_json: bool) -> None:
     """
     cluster = Cluster(directory)
     roles = _live_roles(cluster)
-    rows = cluster.ha.rows() if cluster.ha is not None else []
+    rows = cluster.ha.rows(roles) if cluster.ha is not None else []
     for node in cluster.nodes:
         pid = cluster.pid(node)
         rows.append(
@@ -896,15 +941,20 @@ def add_shard(directory: Path, name: str, replicas: int) -> None:
 def rejoin(directory: Path, node: str) -> None:
     """Rebuild a fenced former primary as a replica of its shard (shardctl node rejoin)."""
     cluster = Cluster(directory)
+    if cluster.ha is not None and node in cluster.ha.names():
+        raise click.ClickException(f"Patroni rejoins {node}; shardd records it once it streams")
     target = cluster.node(node)
-    epoch = asyncio.run(
-        failover.rejoin(
-            cluster.catalog_dsn,
-            node,
-            datadir=str(cluster.datadir(target)),
-            logfile=str(cluster.dir / f"{node}.log"),
+    try:
+        epoch = asyncio.run(
+            failover.rejoin(
+                cluster.catalog_dsn,
+                node,
+                datadir=str(cluster.datadir(target)),
+                logfile=str(cluster.dir / f"{node}.log"),
+            )
         )
-    )
+    except failover.FailoverError as exc:
+        raise click.ClickException(str(exc)) from exc
     click.echo(f"{node} rejoined as a replica (epoch {epoch})")
 
 

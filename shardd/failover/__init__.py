@@ -5,7 +5,8 @@
 * :mod:`.actions` — what is done to nodes (positions, fence, promote, repoint, commit
   mode);
 * :mod:`.steps` — the failover, forced promotion and planned switchover, in order;
-* :mod:`.rejoin` — a fenced former primary back as a replica.
+* :mod:`.rejoin` — a fenced former primary back as a replica;
+* :mod:`.patroni` — shards whose primary Patroni chooses: shardd follows its leader.
 
 Safety, in short (each step's docstring has the details):
 
@@ -21,6 +22,7 @@ Safety, in short (each step's docstring has the details):
   operator's ``--force``, which records and reports the loss.
 """
 
+from . import patroni
 from .actions import (
     SYNC_STANDBYS,
     FailoverError,
@@ -69,6 +71,7 @@ __all__ = [
     "finish_switchover",
     "force_promotion",
     "lost_bytes",
+    "patroni",
     "positions",
     "preferred_replicas",
     "previous_primary",

@@ -36,6 +36,11 @@ async def rejoin(
     async with shard_lock(catalog_dsn, node.shard) as conn:
         topo = await catalog.load_topology(conn)
         shard = topo.shards[node.shard]
+        if shard.failover_mode == "patroni":
+            raise FailoverError(
+                f"Patroni rejoins {node_name} (pg_rewind or a new copy); the monitor records it"
+                " as a replica once it streams from the primary"
+            )
         node = next(n for n in shard.nodes if n.name == node_name)
         primary = shard.primary
         if primary is None:

@@ -27,7 +27,7 @@ import asyncpg
 from shardd import admin, pgctl, reshard
 from shardd.placement import slot_of
 from tests.harness.http import Api
-from tools.hacatalog import HaCatalog
+from tools.ha import Ha
 
 ROOT = Path(__file__).resolve().parents[2]
 SLOTS = 4096  # the slot count of every test cluster (shardd's default)
@@ -124,7 +124,7 @@ class RunningCluster:
         """The catalog; with ``ha``, every Patroni member (the client finds the primary)."""
         ha = json.loads((self.dir / "cluster.json").read_text()).get("ha")
         if ha:
-            return HaCatalog(self.dir, ha).dsn()
+            return Ha(self.dir, ha).dsn()
         return f"postgresql://shardd@127.0.0.1:{self.node_port('catalog')}/shardd"
 
     def node_dsn(self, name: str) -> str:
@@ -352,7 +352,7 @@ def start_cluster(
         max(
             2 + (1 + replicas) * shards,
             101 + instances if instances > 1 else 0,
-            320 if ha else 0,  # Patroni and etcd after --port + 200 (tools/hacatalog.py)
+            320 if ha else 0,  # Patroni and etcd after --port + 200 (tools/ha.py)
         )
     )
     env = {

@@ -12,6 +12,13 @@ from shardd.failover import (
     lost_bytes,
     shard_view,
 )
+from shardd.failover.patroni import (
+    MemberState,
+    _member_state,
+    leader_of,
+    rejoined,
+    sync_standbys,
+)
 from shardd.nodes import HealthSnapshot, NodeHealth
 from shardd.topology import Node, Shard
 
@@ -175,3 +182,77 @@ def test_the_view_prefers_the_replicas_in_the_old_primarys_zone() -> None:
     assert decision.promote is not None and decision.promote.name == "r2"
     unzoned = tuple(Node(n.name, "s1", n.role, "h", n.port, "d", "u") for n in nodes)
     assert shard_view(Shard("s1", 1, unzoned), health).preferred == frozenset()
+
+
+# -- shards whose primary Patroni chooses (shardd/failover/patroni.py) -------------------
+
+
+def patroni_node(name: str, *, role: str = "replica", fenced: bool = False) -> Node:
+    return Node(
+        name,
+        "s1",
+        role,
+        "127.0.0.1",
+        5432,
+        "shardd",
+        "shardd",
+        fenced=fenced,
+        patroni_url=f"http://127.0.0.1:8{len(name)}",
+    )
+
+
+def test_patroni_leadership_is_the_leader_key_not_the_role() -> None:
+    primary = {"state": "running", "role": "master", "timeline": 3}
+    assert _member_state(primary, holds_lock=True).role == "leader"
+    assert _member_state({**primary, "role": "primary"}, holds_lock=True).role == "leader"
+    # Out of recovery without the key (paused, promoted by hand, losing its key): no leader.
+    assert _member_state(primary, holds_lock=False).role == "master"
+    assert _member_state({"state": "starting", "role": "replica"}, holds_lock=False) == (
+        MemberState("replica", False)
+    )
+    assert _member_state({}, holds_lock=True) == MemberState("unknown", False)
+
+
+def test_synchronous_standbys_are_the_replicas_the_dcs_names() -> None:
+    shard = Shard("s1", 1, (patroni_node("a"), patroni_node("b"), patroni_node("c")))
+    states = {
+        "a": _member_state({"state": "running", "role": "master"}, holds_lock=True),
+        "b": _member_state(
+            {"state": "running", "role": "replica", "sync_standby": True}, holds_lock=False
+        ),
+        "c": _member_state({"state": "running", "role": "replica"}, holds_lock=False),
+    }
+    assert sync_standbys(shard, states) == 1
+    assert sync_standbys(shard, {**states, "b": MemberState("replica", False, True)}) == 0
+    assert sync_standbys(shard, {"a": states["a"]}) == 0
+
+
+def test_the_leader_is_followed_only_when_exactly_one_running_member_claims_it() -> None:
+    lead, rep = MemberState("leader", True), MemberState("replica", True)
+    assert leader_of({"a": lead, "b": rep}) == "a"
+    assert leader_of({"a": rep, "b": rep}) is None  # an election in progress
+    assert leader_of({"a": lead, "b": lead}) is None  # a transition: wait until one remains
+    assert leader_of({"a": MemberState("leader", False), "b": rep}) is None  # not running
+    assert leader_of({}) is None
+
+
+def test_fenced_nodes_patroni_runs_as_replicas_are_rejoin_candidates() -> None:
+    shard = Shard(
+        "s1",
+        1,
+        (
+            patroni_node("old", role="primary", fenced=True),
+            patroni_node("new", role="primary"),
+            patroni_node("gone", fenced=True),
+            patroni_node("r1"),
+        ),
+        failover_mode="patroni",
+    )
+    states = {
+        "old": MemberState("replica", True),
+        "new": MemberState("leader", True),
+        "gone": MemberState("replica", False),  # not running yet
+        "r1": MemberState("replica", True),  # not fenced: nothing to record
+    }
+    assert rejoined(shard, states) == ["old"]
+    assert rejoined(shard, {**states, "old": MemberState("leader", True)}) == []

@@ -1,21 +1,29 @@
-"""Failover under a steady write load: unplanned (SIGKILL) and planned, one run.
+"""Failover under a steady write load: unplanned (SIGKILL) and planned, one run per
+engine, the same load for each.
 
-Starts its own devcluster in synchronous mode (3 shards x primary + replica, default
-failover settings), runs closed-loop writers with unique keys through shardd, and:
+``--engine builtin`` starts a devcluster in synchronous mode (3 shards x primary +
+replica, default failover settings) whose primaries shardd's monitor chooses;
+``--engine patroni`` the same shards under Patroni on etcd (``devcluster up --ha
+--sync``), whose leaders shardd follows; ``both`` (the default) runs one, then the other.
+Each runs closed-loop writers with unique keys through shardd, and:
 
-* kills a shard primary five times (shards in turn; the old primary rejoins as a replica
-  before the next round) and reports per kill the time from the kill to the first
-  successful write on that shard, the requests that failed, and the acknowledged
-  writes lost (checked at the end against the shards themselves);
-* switches five primaries over with the planned switchover and reports failed requests
-  and the write pause clients saw on that shard.
+* kills a shard primary five times (shards in turn; the old primary is back as a
+  replica before the next round: ``devcluster rejoin``, or under Patroni started again)
+  and reports per kill the time from the kill to the first successful write on that
+  shard, the requests that failed, and the acknowledged writes lost (checked at the
+  end against the shards themselves);
+* switches five primaries over (``shardctl failover``: shardd's switchover, or
+  Patroni's followed by shardd) and reports failed requests and the write pause
+  clients saw on that shard.
 
-The baseline is the same load's write latency before any fault, measured in this run.
+The baseline is the same load's write latency before any fault, measured in the same
+run; with ``both``, a last table sets Patroni's numbers against the built-in monitor's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import platform
 import statistics
@@ -37,6 +45,7 @@ from loadgen import devcluster, markdown, percentile, scratch_cluster  # noqa: E
 
 from shardd import failover  # noqa: E402
 from shardd.placement import slot_of  # noqa: E402
+from tools.ha import Ha  # noqa: E402
 
 
 @dataclass
@@ -138,9 +147,56 @@ async def sql(dsn: str, query: str, *args: object) -> list[asyncpg.Record]:
         await conn.close()
 
 
-async def run(*, port: int, concurrency: int, rounds: int, directory: str) -> None:
-    devcluster(directory, "up", "--port", str(port), "--sync")
-    catalog = f"postgresql://shardd@127.0.0.1:{port + 1}/shardd"
+@dataclass
+class Summary:
+    engine: str
+    recovery_p50: float
+    recovery_max: float
+    pause_p50: float
+    failed: int
+    lost: int
+
+
+async def wait_replica(catalog: str, node: str, *, within: float = 120) -> None:
+    """Until the catalog records ``node`` as an unfenced replica again."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        rows = await sql(catalog, "SELECT role, fenced FROM shardd_nodes WHERE name = $1", node)
+        if rows and rows[0]["role"] == "replica" and not rows[0]["fenced"]:
+            return
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"{node} is not back as a replica after {within:.0f} s")
+
+
+async def wait_synchronous(catalog: str, shard: str, *, within: float = 120) -> None:
+    """Until the shard has a synchronous standby again (not degraded): a replica that
+    only just came back is not one yet, and Patroni's synchronous mode promotes no other."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        rows = await sql(catalog, "SELECT degraded FROM shardd_shards WHERE name = $1", shard)
+        if rows and not rows[0]["degraded"]:
+            return
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"{shard} has no synchronous standby after {within:.0f} s")
+
+
+async def run(*, engine: str, port: int, concurrency: int, rounds: int, directory: str) -> Summary:
+    patroni = engine == "patroni"
+    devcluster(directory, "up", "--port", str(port), "--sync", *(["--ha"] if patroni else []))
+    if patroni:
+        state = json.loads((Path(directory) / "cluster.json").read_text())
+        catalog = Ha(Path(directory), state["ha"]).dsn()
+    else:
+        catalog = f"postgresql://shardd@127.0.0.1:{port + 1}/shardd"
+
+    async def back_as_replica(old: str) -> None:
+        """The old primary back as a replica: Patroni rewinds it once it runs again; the
+        built-in cluster rebuilds it (``devcluster rejoin``)."""
+        if patroni:
+            devcluster(directory, "start", old)
+        else:
+            devcluster(directory, "rejoin", old)
+        await wait_replica(catalog, old)
 
     async def primary(shard: str) -> tuple[str, str]:
         rows = await sql(
@@ -166,6 +222,7 @@ async def run(*, port: int, concurrency: int, rounds: int, directory: str) -> No
         baseline = [r.finished - r.started for r in writers.acked()]
         for n in range(rounds):
             shard = shards[n % len(shards)]
+            await wait_synchronous(catalog, shard)
             old, _ = await primary(shard)
             devcluster(directory, "kill", old)
             killed = time.monotonic()  # the SIGKILL is the command's last act
@@ -183,13 +240,17 @@ async def run(*, port: int, concurrency: int, rounds: int, directory: str) -> No
                     until=first,
                 )
             )
-            devcluster(directory, "rejoin", old)
+            await back_as_replica(old)
             await asyncio.sleep(2)
         for n in range(rounds):
             shard = shards[n % len(shards)]
+            await wait_synchronous(catalog, shard)
             old, _ = await primary(shard)
             started = time.monotonic()
-            outcome = await failover.switch_over(catalog, shard)
+            if patroni:
+                outcome = await failover.patroni.switch_over(catalog, shard, to=None)
+            else:
+                outcome = await failover.switch_over(catalog, shard)
             ended = time.monotonic()
             await asyncio.sleep(1)
             window = writers.window(started, ended)
@@ -201,7 +262,10 @@ async def run(*, port: int, concurrency: int, rounds: int, directory: str) -> No
                     server=outcome.seconds,
                 )
             )
-            devcluster(directory, "rejoin", old)
+            if patroni:
+                await wait_replica(catalog, old)  # Patroni restarts it as a replica
+            else:
+                devcluster(directory, "rejoin", old)
             await asyncio.sleep(2)
     # Lost: acknowledged writes missing from the shards' current primaries.
     present: set[str] = set()
@@ -213,6 +277,7 @@ async def run(*, port: int, concurrency: int, rounds: int, directory: str) -> No
     lost = [r for r in acked if r.key not in present]
     base50, base99 = percentile(baseline, 0.5), percentile(baseline, 0.99)
 
+    click.echo(f"\n## {engine}: {'Patroni on etcd, followed by shardd' if patroni else 'shardd'}")
     click.echo(
         f"\nmachine: {os.cpu_count()} cores, {platform.machine()},"
         f" Python {platform.python_version()}; {concurrency} writers,"
@@ -257,16 +322,60 @@ async def run(*, port: int, concurrency: int, rounds: int, directory: str) -> No
     )
     failed_total = sum(1 for r in writers.log if not r.ok)
     click.echo(f"acknowledged writes lost: {len(lost)}; failed requests in all: {failed_total}")
+    return Summary(
+        engine,
+        statistics.median(recoveries),
+        max(recoveries),
+        statistics.median(pauses),
+        failed_total,
+        len(lost),
+    )
 
 
 @click.command()
 @click.option("--port", default=28080, show_default=True)
 @click.option("--concurrency", default=16, show_default=True)
 @click.option("--rounds", default=5, show_default=True, help="Kills, then switchovers.")
-def main(port: int, concurrency: int, rounds: int) -> None:
+@click.option(
+    "--engine",
+    type=click.Choice(["builtin", "patroni", "both"]),
+    default="both",
+    show_default=True,
+    help="Who chooses the shards' primaries.",
+)
+def main(port: int, concurrency: int, rounds: int, engine: str) -> None:
     """Measure unplanned failover and planned switchover under load."""
-    with scratch_cluster() as directory:
-        asyncio.run(run(port=port, concurrency=concurrency, rounds=rounds, directory=directory))
+    summaries = []
+    for name in ["builtin", "patroni"] if engine == "both" else [engine]:
+        with scratch_cluster() as directory:
+            summaries.append(
+                asyncio.run(
+                    run(
+                        engine=name,
+                        port=port,
+                        concurrency=concurrency,
+                        rounds=rounds,
+                        directory=directory,
+                    )
+                )
+            )
+    if len(summaries) < 2:
+        return
+    base = summaries[0]
+    rows = [
+        [
+            s.engine,
+            f"{s.recovery_p50:.2f}",
+            f"{s.recovery_max:.2f}",
+            f"{s.recovery_p50 / base.recovery_p50:.1f}x",
+            f"{s.pause_p50 * 1000:.0f}",
+            str(s.failed),
+            str(s.lost),
+        ]
+        for s in summaries
+    ]
+    headers = ["engine", "kill → write p50 s", "max s", "p50 / builtin", "switchover pause ms"]
+    click.echo("\n" + markdown([*headers, "failed requests", "acked lost"], rows))
 
 
 if __name__ == "__main__":

@@ -1,22 +1,30 @@
-"""The dev cluster's catalog as a Patroni cluster on etcd (``tools/devcluster up --ha``).
+"""The dev cluster on Patroni and etcd (``tools/devcluster up --ha``).
 
-Three etcd members (``etcd-1`` ...) form the consensus store; three Patroni members
-(``catalog-1`` ...) run the catalog's Postgres, one primary and two replicas, with
+Three etcd members (``etcd-1`` ...) form the consensus store.  Three Patroni members
+(``catalog-1`` ...) run the catalog's Postgres, one primary and two replicas, in
 Patroni's synchronous mode (a commit waits for one standby, so a failover loses no
-acknowledged catalog write).  Everything listens on 127.0.0.1 and lives under the
-cluster's folder.  Patroni runs Postgres, so as root it runs as the ``postgres`` user;
-etcd runs as the caller.
+acknowledged catalog write).  Each shard is a Patroni cluster of its own on the same
+etcd (scope ``shardd-<shard>-<port>``), its members named as the catalog knows its
+nodes (``s1-primary``, ``s1-replica1`` ...: the names they were created with, whatever
+their role now), synchronous when the cluster is (``--sync``); shardd follows the
+leader Patroni elects (``failover_mode = 'patroni'``, see shardd/failover/patroni.py).
+Everything listens on 127.0.0.1 and lives under the cluster's folder.  Patroni runs
+Postgres, so as root it runs as the ``postgres`` user; etcd runs as the caller.
 
 Ports, from the cluster's first Postgres port Q: the catalog members' Postgres on Q,
-Q+1, Q+2; their Patroni REST APIs on Q+200 ...; etcd clients on Q+300 ..., etcd peers
-on Q+310 ....
+Q+1, Q+2, shard members' after them; each member's Patroni REST API on its Postgres
+port + 200; etcd clients on Q+300 ..., etcd peers on Q+310 ....
 
 Timings (in the DCS section Patroni bootstraps with): ``ttl`` 10 s (how long a leader
 key outlives a dead leader), ``loop_wait`` 1 s (a member's cycle), ``retry_timeout`` 3 s
 (how long a member retries the DCS and Postgres before it demotes itself).  A dead
 primary is so replaced within about ttl + loop_wait: 11 s; Patroni's defaults (30, 10,
 10) would take 40 s.  ttl >= loop_wait + 2 x retry_timeout keeps a live leader from
-losing its key to one slow cycle.
+losing its key to one slow cycle.  ``failsafe_mode`` keeps a leader that cannot reach
+etcd (an etcd member lost while it was etcd's leader: requests time out for the second
+an election takes, and retries use up ``retry_timeout``) in place while every other
+member confirms it over the REST API, instead of demoting it: without it, losing one
+etcd member restarted primaries.
 """
 
 from __future__ import annotations
@@ -55,8 +63,9 @@ def _pids(needle: str) -> list[int]:
     return found
 
 
-class HaCatalog:
-    """etcd + Patroni for one dev cluster; ``state`` is the cluster's ``ha`` record."""
+class Ha:
+    """etcd + Patroni for one dev cluster; ``state`` is the cluster's ``ha`` record:
+    ``catalog`` and ``etcd`` members, and ``shards``: shard -> its Patroni members."""
 
     def __init__(self, directory: Path, state: dict[str, Any]) -> None:
         self.dir = directory
@@ -77,16 +86,45 @@ class HaCatalog:
             "scope": f"shardd-catalog-{pg_port}",
         }
 
+    def add_shard(
+        self, shard: str, ports: list[int], *, synchronous: bool, zones: list[str]
+    ) -> None:
+        """Plan shard ``shard``'s Patroni members on ``ports`` (its first member the
+        leader it bootstraps with)."""
+        self.state.setdefault("shards", {})[shard] = [
+            {
+                "name": f"{shard}-primary" if i == 0 else f"{shard}-replica{i}",
+                "shard": shard,
+                "port": port,
+                "rest": port + 200,
+                "scope": f"shardd-{shard}-{self.state['catalog'][0]['port']}",
+                "synchronous": synchronous,
+                "zone": zones[i] if zones else "",
+            }
+            for i, port in enumerate(ports)
+        ]
+
     # -- names and addresses
 
+    def shard_members(self, shard: str | None = None) -> list[dict[str, Any]]:
+        shards = self.state.get("shards", {})
+        return [m for name, group in shards.items() if shard in (None, name) for m in group]
+
+    def patroni_members(self) -> list[dict[str, Any]]:
+        return [*self.state["catalog"], *self.shard_members()]
+
     def names(self) -> list[str]:
-        return [m["name"] for m in self.state["catalog"] + self.state["etcd"]]
+        return [m["name"] for m in self.patroni_members() + self.state["etcd"]]
 
     def member(self, name: str) -> dict[str, Any]:
-        for member in self.state["catalog"] + self.state["etcd"]:
+        for member in self.patroni_members() + self.state["etcd"]:
             if member["name"] == name:
                 return member
         raise HaError(f"no member {name!r}")
+
+    @staticmethod
+    def rest_url(member: dict[str, Any]) -> str:
+        return f"http://127.0.0.1:{member['rest']}"
 
     def dsn(self, dbname: str = "shardd") -> str:
         """Every catalog member; the client keeps to the one that takes writes."""
@@ -163,8 +201,20 @@ class HaCatalog:
 
     def config(self, member: dict[str, Any], bindir: Path) -> dict[str, Any]:
         data_dir = self.dir / member["name"]
+        # A shard's members get what the built-in dev cluster's nodes get (see devcluster).
+        shard_parameters = (
+            {
+                "max_connections": 200,
+                "hot_standby_feedback": "on",
+                "wal_keep_size": "256MB",
+                "fsync": "off",
+                "shared_buffers": "64MB",
+            }
+            if member.get("shard")
+            else {}
+        )
         return {
-            "scope": self.state["scope"],
+            "scope": member.get("scope", self.state["scope"]),
             "namespace": "/shardd/",
             "name": member["name"],
             "log": {"level": "INFO"},
@@ -179,7 +229,11 @@ class HaCatalog:
                     "loop_wait": LOOP_WAIT,
                     "retry_timeout": RETRY_TIMEOUT,
                     "maximum_lag_on_failover": 1048576,
-                    "synchronous_mode": True,
+                    # A leader that cannot reach etcd (a member lost mid-election: its
+                    # requests time out past retry_timeout) stays leader while every
+                    # other member answers it, instead of demoting itself.
+                    "failsafe_mode": True,
+                    "synchronous_mode": member.get("synchronous", True),
                     "postgresql": {
                         "use_pg_rewind": True,
                         "use_slots": True,
@@ -189,6 +243,7 @@ class HaCatalog:
                             "max_wal_senders": 10,
                             "max_replication_slots": 10,
                             "hot_standby": "on",
+                            **shard_parameters,
                         },
                     },
                 },
@@ -276,21 +331,20 @@ class HaCatalog:
             return None
         return "primary" if role in ("master", "primary") else "replica"
 
-    def leader(self) -> dict[str, Any] | None:
-        for member in self.state["catalog"]:
-            if self.role(member) == "primary":
-                return member
-        return None
-
-    def wait_members(self, timeout: float = 90) -> dict[str, Any]:
-        """Until a leader runs and every member answers; returns the leader."""
+    def wait_members(
+        self, members: list[dict[str, Any]] | None = None, timeout: float = 90
+    ) -> dict[str, Any]:
+        """Until a leader runs and every member answers (the catalog's unless
+        ``members`` are given); returns the leader."""
+        members = self.state["catalog"] if members is None else members
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            roles = [self.role(m) for m in self.state["catalog"]]
+            roles = [self.role(m) for m in members]
             if roles.count("primary") == 1 and None not in roles:
-                return self.state["catalog"][roles.index("primary")]
+                return members[roles.index("primary")]
             time.sleep(0.2)
-        raise HaError(f"the Patroni catalog is not up after {timeout:.0f}s; see {self.dir}")
+        names = ", ".join(m["name"] for m in members)
+        raise HaError(f"Patroni members {names} are not up after {timeout:.0f}s; see {self.dir}")
 
     def kill(self, name: str) -> int:
         """SIGKILL a member as a lost machine: Patroni and its Postgres (or etcd)."""
@@ -309,7 +363,7 @@ class HaCatalog:
 
     def stop(self) -> None:
         """Patroni members first (they stop their Postgres), then etcd."""
-        members = self.state["catalog"]
+        members = self.patroni_members()
         for member in members:
             for pid in self.patroni_pids(member):
                 os.kill(pid, signal.SIGTERM)
@@ -334,9 +388,25 @@ class HaCatalog:
             if etcd is not None:
                 os.kill(etcd, signal.SIGKILL)
 
-    def rows(self) -> list[dict[str, Any]]:
-        """``devcluster status`` rows for every member."""
+    def rows(self, roles: dict[str, str]) -> list[dict[str, Any]]:
+        """``devcluster status`` rows for every member; a shard member's role is the
+        catalog's (``roles``, as for every shard node) when it answers, its pid its
+        postmaster's."""
         rows = []
+        for member in self.shard_members():
+            pid = self.postmaster_pid(member)
+            rows.append(
+                {
+                    "name": member["name"],
+                    "shard": member["shard"],
+                    "role": roles.get(member["name"]) or self.role(member) or "down",
+                    "zone": member.get("zone", ""),
+                    "port": member["port"],
+                    "datadir": str(self.dir / member["name"]),
+                    "pid": pid,
+                    "up": pid is not None and self.patroni_pid(member) is not None,
+                }
+            )
         for member in self.state["catalog"]:
             pid = self.patroni_pid(member)
             rows.append(
