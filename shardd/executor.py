@@ -168,7 +168,10 @@ class Executor:
         topology = self.watcher.topology
         state = self.health.snapshot.get(node.name)
         if (topology is not None and topology.epoch != epoch) or (
-            state is not None and state.checked_at > at and state.fenced is False
+            state is not None
+            and state.checked_at > at
+            and state.fenced is False
+            and state.in_recovery is False
         ):
             del self._fenced[node.name]
             return False
@@ -236,7 +239,10 @@ class Executor:
                 # before it is recorded): like a write, it waits for a new topology.
                 primary = shard.primary
                 state = self.health.snapshot.get(primary.name) if primary else None
-                if state is not None and state.healthy:
+                coming = shard.write_block is None and (
+                    shard.failover_mode == "patroni" or self.settings.failover
+                )
+                if (state is not None and state.healthy) or not coming:
                     raise
                 if buffer_until is None:
                     buffer_until = min(

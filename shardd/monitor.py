@@ -365,7 +365,10 @@ class Monitor:
                             self.settings.catalog_dsn, shard.name, leader
                         )
                     degraded = synchronous and patroni.sync_standbys(shard, states) == 0
-                    if shard.degraded != degraded:
+                    # A member that did not answer this round is unknown, not "not
+                    # synchronous": the flag (an epoch for every instance) waits for all.
+                    answered = all(n.name in states for n in shard.nodes if not n.fenced)
+                    if answered and shard.degraded != degraded:
                         async with self._catalog() as conn:
                             await catalog.set_degraded(conn, shard.name, degraded)
                     metrics.DEGRADED.labels(shard.name).set(int(degraded))
@@ -380,8 +383,30 @@ class Monitor:
                     health = snapshot.get(name)
                     if health and health.healthy and health.in_recovery and health.streaming:
                         await patroni.record_rejoin(self.settings.catalog_dsn, shard.name, name)
+                await self._refence_left_running(shard, states)
             except STEP_ERRORS as exc:  # one shard's trouble does not hold the others up
                 log.error("shard %s: cannot follow Patroni: %s", shard.name, exc)
+
+    async def _refence_left_running(
+        self, shard: Shard, states: dict[str, failover.patroni.MemberState]
+    ) -> None:
+        """Fence on its node a replaced primary of a shard under Patroni that runs as a
+        primary without holding the leader key (its Patroni dead or hung, its Postgres
+        up): following fences it once, but it may not have answered then, or the
+        follower died first.  Its own Patroni must answer that it does not lead (one
+        that does not answer may be the leader this round's topology does not show)."""
+        for node in shard.nodes:
+            health = self.health.snapshot.get(node.name)
+            state = states.get(node.name)
+            if not node.fenced or health is None or not health.healthy or health.in_recovery:
+                continue
+            if health.fenced or state is None or state.role == "leader":
+                continue
+            if (
+                await failover.fence_on_node(node, "replaced; Patroni does not lead here")
+                is not None
+            ):
+                log.warning("fenced %s: a replaced primary still running as one", node.name)
 
     async def _refence(self, topology: Topology) -> None:
         """Fence on the node every fenced former primary that answers again, and make

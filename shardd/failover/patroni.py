@@ -198,9 +198,8 @@ async def _follow(
     new = next((n for n in shard.nodes if n.name == leader), None)
     if new is None:
         raise FailoverError(f"Patroni's leader {leader} is not a node of shard {shard.name}")
-    found = await positions([new])
-    if not found or not found[0].promoted:
-        raise FailoverError(f"{leader} is still in recovery; Patroni has not promoted it yet")
+    if not await _leads(new):  # asked again under the lock: a round can be long
+        raise FailoverError(f"{leader} no longer holds Patroni's leader key")
     async with asyncio.timeout(10), connect(new) as node_conn:
         await fencing.unfence_node(node_conn, "Patroni's leader")
     old = previous_primary(shard)
@@ -302,8 +301,8 @@ async def switch_over(
     (:func:`lift_stale_fence`).
     """
     started = time.monotonic()
-    deadline = started + wait_seconds
     async with shard_lock(catalog_dsn, shard_name) as conn:
+        deadline = time.monotonic() + wait_seconds  # from the lock on
         shard = (await catalog.load_topology(conn)).shards.get(shard_name)
         if shard is None or shard.failover_mode != "patroni":
             raise FailoverError(f"no shard {shard_name} under Patroni")
@@ -317,32 +316,25 @@ async def switch_over(
             if target is None:
                 raise FailoverError(f"no replica {to!r} in shard {shard_name}")
             request["candidate"] = names.get((target.host, target.port), target.name)
-        answer: int | None = None  # Patroni's HTTP status; None: no answer
         try:
             async with asyncio.timeout(10), connect(old) as old_conn:
                 await fencing.fence_node(
                     old_conn, "switchover", wait_for_writes=True, expires_in=wait_seconds + 10
                 )
-            async with (
-                aiohttp.ClientSession() as session,
-                asyncio.timeout(max(1.0, deadline - time.monotonic())),
-                session.post(f"{old.patroni_url}/switchover", data=orjson.dumps(request)) as resp,
-            ):
-                answer = resp.status
-                text = (await resp.read()).decode(errors="replace").strip()
-        except (TimeoutError, aiohttp.ClientError, OSError):
-            text = "no answer"
         except BaseException:
-            await _undo_fence(old)
+            await _undo_fence(old)  # a fence committed before a timeout cut the wait
             raise
+        answer, text = await _ask_switchover(old, request, deadline)
         if answer is not None and 400 <= answer < 500:
             # A clear refusal (a candidate that is not the synchronous standby, a leader
-            # that changed): nothing happens, so the primary takes writes again.
+            # that changed; or never sent): nothing happens, so the primary takes writes.
             await _undo_fence(old)
             raise FailoverError(f"Patroni refused the switchover ({answer}): {text}")
-        # 200, or an answer that does not say (Patroni's 503 "status unknown", none at
-        # all): Patroni may still switch over, so the fence stays (it expires, and the
+        # 200, or an answer that does not settle it (Patroni's 503 "status unknown", none
+        # at all): Patroni may still switch over, so the fence stays (it expires, and the
         # monitor lifts it while that primary still leads) and the new leader is awaited.
+        # A 503 that says it failed settles it once the old primary is seen leading.
+        failed = answer == 503 and "failed" in text.lower()
         while True:
             leader = leader_of(await member_states(shard.nodes))
             if leader is not None and leader != old.name:
@@ -355,6 +347,9 @@ async def switch_over(
                         detected_at=datetime.now(UTC),
                         fence_old=False,  # fenced above; Patroni restarts it as a replica
                     )
+            if failed and leader == old.name and await _still_primary(old):
+                await _undo_fence(old)
+                raise FailoverError(f"Patroni did not switch over ({answer}): {text}")
             if time.monotonic() > deadline:
                 raise FailoverError(
                     f"Patroni's answer ({answer or 'none'}: {text}) leaves the outcome open, and"
@@ -365,11 +360,44 @@ async def switch_over(
             await asyncio.sleep(0.1)
 
 
+async def _ask_switchover(
+    leader: Node, request: Mapping[str, str], deadline: float
+) -> tuple[int | None, str]:
+    """POST the switchover to Patroni's leader: (HTTP status, text); (None, ...) when no
+    answer came (it may have been acted on), (400, ...) when it was never sent."""
+    url = f"{leader.patroni_url}/switchover"
+    try:
+        async with aiohttp.ClientSession() as session:
+            try:
+                async with (
+                    asyncio.timeout(max(5.0, deadline - time.monotonic())),
+                    session.post(url, data=orjson.dumps(request)) as resp,
+                ):
+                    return resp.status, (await resp.read()).decode(errors="replace").strip()
+            except aiohttp.ClientConnectorError as exc:  # never reached Patroni
+                return 400, f"cannot reach {url}: {exc}"
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        return None, f"no answer ({type(exc).__name__})"
+
+
 async def _undo_fence(node: Node) -> None:
-    """Unfence a primary whose switchover did not happen (if it still is one)."""
-    if await _still_primary(node):
-        async with asyncio.timeout(10), connect(node) as node_conn:
-            await fencing.unfence_node(node_conn, "switchover undone")
+    """Unfence a primary whose switchover did not happen (if it still is one); a failure
+    leaves the fence to expire (the monitor then lifts it)."""
+    try:
+        if await _still_primary(node):
+            async with asyncio.timeout(10), connect(node) as node_conn:
+                await fencing.unfence_node(node_conn, "switchover undone")
+    except Exception as exc:
+        log.warning("cannot unfence %s after its switchover did not happen: %s", node.name, exc)
+
+
+async def _leads(node: Node) -> bool:
+    """Whether ``node``'s Patroni holds the leader key now and its Postgres says it is out
+    of recovery."""
+    states = await member_states([node])
+    return states.get(node.name, MemberState("", False)).role == "leader" and (
+        await _still_primary(node)
+    )
 
 
 async def _still_primary(node: Node) -> bool:
@@ -388,7 +416,7 @@ async def lift_stale_fence(catalog_dsn: str, shard_name: str, node_name: str) ->
             return False
         shard = (await catalog.load_topology(conn)).shards.get(shard_name)
         primary = shard.primary if shard else None
-        if primary is None or primary.name != node_name or not await _still_primary(primary):
+        if primary is None or primary.name != node_name or not await _leads(primary):
             return False
         async with asyncio.timeout(10), connect(primary) as node_conn:
             lifted = await node_conn.execute(
