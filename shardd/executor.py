@@ -153,6 +153,14 @@ class Executor:
                     buffer_until = min(
                         deadline - 0.05, time.monotonic() + self.settings.write_buffer_timeout
                     )
+                if primary is not None and self._known_fenced(primary):
+                    # Its replacement is recorded any moment: ask the catalog (one query
+                    # shared by every waiting write) rather than wait for its notice.
+                    with contextlib.suppress(errors.CatalogUnavailable):
+                        await self.watcher.refresh(
+                            seen_epoch=self.watcher.require_topology().epoch,
+                            deadline=buffer_until,
+                        )
                 await self._await_topology(epoch, exc, buffer_until, writing=True)
                 topology = self.watcher.require_topology()
                 epoch = topology.epoch

@@ -392,47 +392,31 @@ class Ha:
         """``devcluster status`` rows for every member; a shard member's role is the
         catalog's (``roles``, as for every shard node) when it answers, its pid its
         postmaster's."""
+
+        def row(member: dict[str, Any], role: str, pid: int | None, up: bool) -> dict[str, Any]:
+            return {
+                "name": member["name"],
+                "shard": member.get("shard"),
+                "role": role,
+                "zone": member.get("zone", ""),
+                "port": member.get("port", member.get("client")),
+                "datadir": str(self.dir / member["name"]),
+                "pid": pid,
+                "up": up,
+            }
+
         rows = []
         for member in self.shard_members():
             pid = self.postmaster_pid(member)
-            rows.append(
-                {
-                    "name": member["name"],
-                    "shard": member["shard"],
-                    "role": roles.get(member["name"]) or self.role(member) or "down",
-                    "zone": member.get("zone", ""),
-                    "port": member["port"],
-                    "datadir": str(self.dir / member["name"]),
-                    "pid": pid,
-                    "up": pid is not None and self.patroni_pid(member) is not None,
-                }
-            )
+            role = roles.get(member["name"]) or self.role(member) or "down"
+            rows.append(row(member, role, pid, pid is not None and bool(self.patroni_pid(member))))
         for member in self.state["catalog"]:
             pid = self.patroni_pid(member)
+            role = self.role(member) or "down"
             rows.append(
-                {
-                    "name": member["name"],
-                    "shard": None,
-                    "role": self.role(member) or "down",
-                    "zone": "",
-                    "port": member["port"],
-                    "datadir": str(self.dir / member["name"]),
-                    "pid": pid,
-                    "up": pid is not None and self.postmaster_pid(member) is not None,
-                }
+                row(member, role, pid, pid is not None and bool(self.postmaster_pid(member)))
             )
         for member in self.state["etcd"]:
             pid = self.etcd_pid(member)
-            rows.append(
-                {
-                    "name": member["name"],
-                    "shard": None,
-                    "role": "etcd",
-                    "zone": "",
-                    "port": member["client"],
-                    "datadir": str(self.dir / member["name"]),
-                    "pid": pid,
-                    "up": pid is not None,
-                }
-            )
+            rows.append(row(member, "etcd", pid, pid is not None))
         return rows

@@ -14,6 +14,7 @@ while a shard needs following) lose nothing either.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -92,6 +93,19 @@ def wait_synchronous(cluster: RunningCluster, shard: str) -> None:
     )
 
 
+@contextlib.contextmanager
+def under_load(
+    cluster: RunningCluster, keys: list[str], prefix: str
+) -> Iterator[tuple[Reader, Load]]:
+    """A reader of ``keys`` and 8 writers of new keys, running once this yields."""
+    with (
+        Reader(cluster.api("read"), TABLE, keys) as reader,
+        Load([cluster.api("write")], TABLE, prefix=prefix) as load,
+    ):
+        wait_for(lambda: len(load.outcomes.acked) > 30, timeout=30, what="load running")
+        yield reader, load
+
+
 def steady_keys(cluster: RunningCluster) -> list[str]:
     keys = cluster.keys_on("s1", "steady", 5) + cluster.keys_on("s2", "steady", 5)
     api = cluster.api("write")
@@ -114,11 +128,7 @@ def test_losing_an_etcd_member_changes_nothing(hac: RunningCluster) -> None:
     keys = steady_keys(hac)
     primary = catalog_primary(hac)
     assert primary
-    with (
-        Reader(hac.api("read"), TABLE, keys) as reader,
-        Load([hac.api("write")], TABLE, prefix="etcd") as load,
-    ):
-        wait_for(lambda: len(load.outcomes.acked) > 30, timeout=30, what="load running")
+    with under_load(hac, keys, "etcd") as (reader, load):
         hac.devcluster("kill", "etcd-1")
         killed_at = time.monotonic()
         wait_for(lambda: time.monotonic() > killed_at + 4, timeout=10, what="4 s of load")
@@ -168,11 +178,7 @@ def test_a_hung_catalog_replica_costs_nothing(hac: RunningCluster) -> None:
 def test_losing_the_catalog_primary_under_load(hac: RunningCluster) -> None:
     keys = steady_keys(hac)
     old = wait_for(lambda: catalog_primary(hac), timeout=30, what="a catalog primary")
-    with (
-        Reader(hac.api("read"), TABLE, keys) as reader,
-        Load([hac.api("write")], TABLE, prefix="cat") as load,
-    ):
-        wait_for(lambda: len(load.outcomes.acked) > 30, timeout=30, what="load running")
+    with under_load(hac, keys, "cat") as (reader, load):
         killed_at = time.monotonic()
         hac.devcluster("kill", old)
         new = wait_for(
@@ -218,11 +224,7 @@ def test_a_patroni_switchover_under_load_fails_no_write(hac: RunningCluster) -> 
     keys = steady_keys(hac)
     wait_synchronous(hac, "s1")
     old = hac.primary_of("s1")
-    with (
-        Reader(hac.api("read"), TABLE, keys) as reader,
-        Load([hac.api("write")], TABLE, prefix="psw") as load,
-    ):
-        wait_for(lambda: len(load.outcomes.acked) > 30, timeout=30, what="load running")
+    with under_load(hac, keys, "psw") as (reader, load):
         said = hac.shardctl("failover", "--shard", "s1", "--yes").stdout
         switched = time.monotonic()
         wait_for(lambda: load.acks_on("s1", after=switched) >= 10, timeout=30, what="s1 writes")
@@ -240,11 +242,7 @@ def test_losing_a_patroni_shard_primary_under_sync_writes(hac: RunningCluster) -
     keys = steady_keys(hac)
     wait_synchronous(hac, "s1")  # the old primary, back as a replica, is synchronous
     old = hac.primary_of("s1")
-    with (
-        Reader(hac.api("read"), TABLE, keys) as reader,
-        Load([hac.api("write")], TABLE, prefix="pkill") as load,
-    ):
-        wait_for(lambda: len(load.outcomes.acked) > 30, timeout=30, what="load running")
+    with under_load(hac, keys, "pkill") as (reader, load):
         hac.devcluster("kill", old)
         killed_at = time.monotonic()
         new = wait_for(
@@ -274,11 +272,7 @@ def test_losing_the_catalog_and_a_shard_primary_together(hac: RunningCluster) ->
     catalog_old = wait_for(lambda: catalog_primary(hac), timeout=30, what="a catalog primary")
     wait_synchronous(hac, "s2")
     shard_old = hac.primary_of("s2")
-    with (
-        Reader(hac.api("read"), TABLE, keys) as reader,
-        Load([hac.api("write")], TABLE, prefix="pair") as load,
-    ):
-        wait_for(lambda: len(load.outcomes.acked) > 30, timeout=30, what="load running")
+    with under_load(hac, keys, "pair") as (reader, load):
         hac.devcluster("kill", catalog_old)
         hac.devcluster("kill", shard_old)
         killed_at = time.monotonic()
