@@ -1,7 +1,7 @@
 """Catalog failover under a steady read/write load (``devcluster up --ha``), one run.
 
 Starts its own devcluster with the catalog on Patroni and etcd (2 shards x primary +
-replica), runs closed-loop writers (unique keys) and readers through shardd, and kills
+replica, each under Patroni too), runs closed-loop writers (unique keys) and readers through shardd, and kills
 the catalog's primary member (Patroni and its Postgres, SIGKILL) ``--kills`` times; the
 member is started again and rejoins as a replica before the next kill.  Per kill: the
 seconds from the kill to the first write acknowledged after the last failed one
