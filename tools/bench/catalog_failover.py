@@ -1,12 +1,13 @@
 """Catalog failover under a steady read/write load (``devcluster up --ha``), one run.
 
 Starts its own devcluster with the catalog on Patroni and etcd (2 shards x primary +
-replica, each under Patroni too), runs closed-loop writers (unique keys) and readers through shardd, and kills
-the catalog's primary member (Patroni and its Postgres, SIGKILL) ``--kills`` times; the
-member is started again and rejoins as a replica before the next kill.  Per kill: the
-seconds from the kill to the first write acknowledged after the last failed one
-("writes resume"), the failed writes and reads, and the catalog primary before and
-after.  The baseline is the same load's write latency before any kill, in this run.
+replica, each under Patroni too), runs closed-loop writers (unique keys) and readers
+through shardd, and kills the catalog's primary member (Patroni and its Postgres,
+SIGKILL) ``--kills`` times; the member is started again and rejoins as a replica before
+the next kill.  Per kill: the seconds from the kill to the first write acknowledged
+after the last failed one ("writes resume"), the failed writes and reads, and the
+catalog primary before and after.  The baseline is the same load's write latency before
+any kill, in this run.
 """
 
 from __future__ import annotations
