@@ -342,8 +342,9 @@ class Monitor:
         """For each shard under Patroni: record the leader Patroni elected, lift a stale
         fence off a primary that still leads, record fenced nodes Patroni runs as
         replicas again as replicas (see :mod:`shardd.failover.patroni`), and in a
-        synchronous cluster mark the shard degraded while its leader has no synchronous
-        standby (Patroni's ``synchronous_mode`` commits without one then)."""
+        synchronous cluster mark the shard degraded while Patroni's DCS names no running
+        synchronous standby (its non-strict ``synchronous_mode`` commits without one then,
+        and would promote nobody)."""
         shards = [s for s in topology.shards.values() if s.failover_mode == "patroni"]
         if not shards:
             return

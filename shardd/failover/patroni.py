@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -42,11 +42,11 @@ import aiohttp
 import asyncpg
 import orjson
 
-from .. import admin, catalog, fencing, metrics
+from .. import catalog, fencing, metrics
 from ..topology import Node, Shard
 from .actions import FailoverError, connect, fence_on_node, positions
 from .decisions import lost_bytes, previous_primary
-from .steps import CATALOG_STATEMENT_SECONDS, Outcome, shard_lock
+from .steps import Outcome, shard_lock, try_shard_lock
 
 log = logging.getLogger(__name__)
 REST_SECONDS = 1.0  # a Patroni REST call's deadline (a hung member is no answer)
@@ -141,17 +141,6 @@ async def _fork_of(leader: Node) -> int | None:
         return None
 
 
-@contextlib.asynccontextmanager
-async def _try_shard_lock(catalog_dsn: str, shard: str) -> AsyncIterator[asyncpg.Connection | None]:
-    """The shard's failover lock if it is free now, else None: the monitor never waits
-    for it (a switchover holds it while Patroni works), it tries again next round."""
-    async with admin.connect(catalog_dsn, command_timeout=CATALOG_STATEMENT_SECONDS) as conn:
-        taken = await conn.fetchval(
-            "SELECT pg_try_advisory_lock($1, hashtext($2))", fencing.FAILOVER_LOCK_CLASS, shard
-        )
-        yield conn if taken else None
-
-
 async def follow(
     catalog_dsn: str,
     shard_name: str,
@@ -167,7 +156,7 @@ async def follow(
     None); see :func:`_follow`.
     """
     started = time.monotonic()
-    async with _try_shard_lock(catalog_dsn, shard_name) as conn:
+    async with try_shard_lock(catalog_dsn, shard_name) as conn:
         if conn is None:
             return None
         shard = (await catalog.load_topology(conn)).shards.get(shard_name)
@@ -239,7 +228,7 @@ async def record_rejoin(catalog_dsn: str, shard_name: str, node_name: str) -> in
     """Record a fenced node as a replica once it streams from the recorded primary (so
     its data is that primary's: Postgres streams only along the same history); returns
     the new epoch, or None when it does not (yet)."""
-    async with _try_shard_lock(catalog_dsn, shard_name) as conn:
+    async with try_shard_lock(catalog_dsn, shard_name) as conn:
         if conn is None:
             return None
         shard = (await catalog.load_topology(conn)).shards.get(shard_name)
@@ -411,7 +400,7 @@ async def lift_stale_fence(catalog_dsn: str, shard_name: str, node_name: str) ->
     expired), or a fence from before the node was replaced and elected again (replayed
     or written by a step working on an older topology).  Only while the shard's lock is
     free (a live switchover holds it).  True when lifted."""
-    async with _try_shard_lock(catalog_dsn, shard_name) as conn:
+    async with try_shard_lock(catalog_dsn, shard_name) as conn:
         if conn is None:
             return False
         shard = (await catalog.load_topology(conn)).shards.get(shard_name)

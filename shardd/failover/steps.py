@@ -56,6 +56,18 @@ async def shard_lock(catalog_dsn: str, shard: str) -> AsyncIterator[asyncpg.Conn
         yield conn
 
 
+@contextlib.asynccontextmanager
+async def try_shard_lock(catalog_dsn: str, shard: str) -> AsyncIterator[asyncpg.Connection | None]:
+    """The shard's failover lock if it is free now, else None: for steps the monitor
+    runs, which never wait for it (a switchover holds it while it works) and try again
+    next round."""
+    async with admin.connect(catalog_dsn, command_timeout=CATALOG_STATEMENT_SECONDS) as conn:
+        taken = await conn.fetchval(
+            "SELECT pg_try_advisory_lock($1, hashtext($2))", fencing.FAILOVER_LOCK_CLASS, shard
+        )
+        yield conn if taken else None
+
+
 @dataclass(frozen=True)
 class Outcome:
     shard: str
@@ -277,10 +289,8 @@ async def finish_switchover(
     was nothing to finish.
     """
     started = time.monotonic()
-    async with admin.connect(catalog_dsn, command_timeout=CATALOG_STATEMENT_SECONDS) as conn:
-        if not await conn.fetchval(
-            "SELECT pg_try_advisory_lock($1, hashtext($2))", fencing.FAILOVER_LOCK_CLASS, shard_name
-        ):
+    async with try_shard_lock(catalog_dsn, shard_name) as conn:
+        if conn is None:
             return None
         shard = (await catalog.load_topology(conn)).shards.get(shard_name)
         old = shard.primary if shard else None
