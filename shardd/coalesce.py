@@ -1,10 +1,17 @@
-"""Request coalescing: concurrent reads of the same thing share one query (single flight).
+"""Request coalescing: concurrent reads of the same thing share one query (single flight),
+and concurrent writes to one place share one transaction (group commit).
 
 Only reads that may be answered by any recent state share a query: an ``eventual`` read
 that arrives while the same read is in flight takes that read's answer, which is at
 most as old as the answer it would have got itself.  ``strong`` and ``session`` reads
 never share one: a strong read must see every write acknowledged before it started, and
 a read that joined a query started earlier might not.
+
+Writes are grouped by :class:`WriteGroups` without waiting on purpose: a group takes every
+write that arrives while it waits for its turn (in shardd: a connection to the shard's
+primary), and closes when it starts.  Under light load each write runs alone as soon
+as it comes; under load, the writes that would have queued for a connection share one
+transaction instead, which costs the shard one commit rather than one each.
 """
 
 from __future__ import annotations
@@ -13,10 +20,13 @@ import asyncio
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
+from prometheus_client import Gauge, Histogram
+
 from . import metrics
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+I = TypeVar("I")  # noqa: E741 - an item of a group
 
 
 class SingleFlight(Generic[K, V]):
@@ -47,3 +57,96 @@ class SingleFlight(Generic[K, V]):
     def _landed(self, key: K, flight: asyncio.Future[V]) -> None:
         if self._flights.get(key) is flight:
             del self._flights[key]
+
+
+class GroupFailed(Exception):
+    """The group a write ran in failed (the cause is ``__cause__``), and the group held
+    other writes too: the failure may belong to one of them."""
+
+
+class _Group(Generic[I, V]):
+    __slots__ = ("done", "items")
+
+    def __init__(self) -> None:
+        self.items: list[I] = []
+        self.done: asyncio.Future[V] = asyncio.get_running_loop().create_future()
+
+
+class WriteGroups(Generic[K, I, V]):
+    """Group commit: items submitted under one key while that key's open group has not
+    started yet run together, by one call of the ``run`` its first item came with.
+
+    ``run(take)`` calls ``take()`` at the moment it sends the group (it may call it again
+    when it has to send again: the same items come back); from then on, the key's next
+    item opens a new group.  A group also closes when it holds ``max_size`` items.  The
+    group runs as a task of its own, so a caller that goes away does not cancel it for
+    the others; it ends by the deadline of the first item's request, the earliest.
+    """
+
+    def __init__(self, *, max_size: int, waiting: Gauge, sizes: Histogram) -> None:
+        self.max_size = max_size
+        self._open: dict[K, _Group[I, V]] = {}
+        self._tasks: set[asyncio.Future[None]] = set()
+        self._waiting = waiting  # items in groups that have not started yet
+        self._sizes = sizes  # items per group, as each starts
+
+    async def submit(
+        self, key: K, item: I, run: Callable[[Callable[[], list[I]]], Awaitable[V]]
+    ) -> tuple[V, int]:
+        """The result of the group ``item`` ran in, and ``item``'s place in it.
+
+        Raises the group's failure as it is when ``item`` was alone in it, and
+        :class:`GroupFailed` from it otherwise.
+        """
+        group = self._open.get(key)
+        if group is None:
+            group = _Group()
+            self._open[key] = group
+            task = asyncio.ensure_future(self._run(key, group, run))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        index = len(group.items)
+        group.items.append(item)
+        self._waiting.inc()
+        if len(group.items) >= self.max_size:
+            self._close(key, group)
+        try:
+            result = await asyncio.shield(group.done)
+        except Exception as exc:
+            if len(group.items) > 1:
+                raise GroupFailed(str(exc)) from exc
+            raise
+        return result, index
+
+    async def _run(
+        self, key: K, group: _Group[I, V], run: Callable[[Callable[[], list[I]]], Awaitable[V]]
+    ) -> None:
+        started = False
+
+        def start() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                self._close(key, group)
+                self._waiting.dec(len(group.items))
+
+        def take() -> list[I]:
+            if not started:
+                start()
+                self._sizes.observe(len(group.items))
+            return group.items
+
+        try:
+            group.done.set_result(await run(take))
+        except Exception as exc:  # every item's caller gets it
+            start()
+            group.done.set_exception(exc)
+        finally:
+            start()
+            if not group.done.done():  # cancelled (shutdown)
+                group.done.cancel()
+
+    def _close(self, key: K, group: _Group[I, V]) -> None:
+        """No more items join ``group``."""
+        if self._open.get(key) is group:
+            del self._open[key]

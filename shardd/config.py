@@ -211,6 +211,12 @@ class Settings:
         True,
         "Concurrent eventual reads of the same item on one instance share one query.",
     )
+    coalesce_writes: bool = _setting(
+        True,
+        "Unconditional single-item puts and deletes that wait for a connection to the same "
+        "shard's primary run together, in one transaction (group commit); each keeps its "
+        "own answer.",
+    )
     hotkeys: bool = _setting(
         True, "Count requests per key, slot and shard and report them (hot-key detection)."
     )

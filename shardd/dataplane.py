@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
-from . import catalog, changelog, errors, idempotency, store
+from . import catalog, changelog, errors, idempotency, metrics, store
 from .cache import Cache, Entry, entry_size
-from .coalesce import SingleFlight
+from .coalesce import GroupFailed, SingleFlight, WriteGroups
 from .config import Settings
 from .executor import Executor, Served, Work
 from .hotkeys import Reporter, Traffic
@@ -72,6 +72,26 @@ def _position(token: SessionToken | None, shard: Shard) -> int | None:
     return token.positions.get(shard.name) if token is not None else None
 
 
+def _refused_alone(failure: BaseException | None) -> bool:
+    """Whether a group's failure proves none of its writes was applied and may be one
+    write's own (a slot moving, a refused statement): each write then goes again alone.
+    Failures of the whole shard (no primary, writes refused, the deadline) and ambiguous
+    outcomes are every write's answer as they are."""
+    if isinstance(failure, errors.StaleMap):
+        return True
+    return isinstance(failure, errors.ApiError) and not isinstance(
+        failure,
+        (
+            errors.OutcomeUnknown,
+            errors.Timeout,
+            errors.ShardUnavailable,
+            errors.WritesRefused,
+            errors.CatalogUnavailable,
+            errors.NotReady,
+        ),
+    )
+
+
 class DataPlane:
     def __init__(
         self,
@@ -95,6 +115,14 @@ class DataPlane:
         )
         if cache is not None:
             cache.on_invalidate.append(self._item_reads.forget)
+        # (shard, table) -> single-item writes sharing one transaction (coalesce_writes)
+        self._write_groups: WriteGroups[
+            tuple[str, str], store.BatchWrite, tuple[store.BatchResult, Served]
+        ] = WriteGroups(
+            max_size=settings.max_batch_keys,
+            waiting=metrics.WRITES_GROUPING,
+            sizes=metrics.WRITE_GROUP_SIZE,
+        )
         # Per source table and shard, the largest lag of the table's views there, and
         # what a write to a lagging one waits for or raises (set by the view keeper; see
         # shardd.views.keeper).
@@ -227,7 +255,7 @@ class DataPlane:
         (0: only if absent); with ``once``, at most once per idempotency key."""
         deadline = self.executor.deadline()
 
-        def write(
+        def alone(
             topology: Topology, shard: Shard, slot: int
         ) -> Awaitable[tuple[store.WriteResult, Served]]:
             return self.executor.write(
@@ -248,6 +276,35 @@ class DataPlane:
                 deadline=deadline,
             )
 
+        async def grouped(
+            topology: Topology, shard: Shard, slot: int
+        ) -> tuple[store.WriteResult, Served]:
+            (result, served), index = await self._write_groups.submit(
+                (shard.name, table),
+                store.BatchWrite(slot, pk, sk, doc if op == "put" else None),
+                lambda take: self._write_group(topology, shard, table, take, deadline),
+            )
+            version = result.versions[index]
+            created = op == "put" and version == 1  # as a put alone says it
+            return store.WriteResult(version, created, None, result.lsn), served
+
+        async def apply() -> tuple[store.WriteResult, Served]:
+            if (
+                self.settings.coalesce_writes
+                and op in ("put", "delete")
+                and if_version is None
+                and once is None
+            ):
+                try:
+                    return await self._on_owner(pk, grouped, deadline=deadline)
+                except GroupFailed as failed:
+                    cause = failed.__cause__
+                    if cause is None or not _refused_alone(cause):
+                        raise cause or failed from None
+                    # Nothing of the group was written, and the refusal may be another
+                    # write's (its slot moving, say): this one goes again on its own.
+            return await self._on_owner(pk, alone, deadline=deadline)
+
         await self._admit(table, [pk], deadline)
         if once is not None:
             await self._claim(once, deadline)
@@ -255,10 +312,10 @@ class DataPlane:
             slot = slot_of(pk, self.watcher.require_topology().slot_count)
             self.traffic.record(table, pk, slot, write=True)
         if self.cache is None:
-            return await self._on_owner(pk, write, deadline=deadline)
+            return await apply()
         key = (table, pk, sk)
         try:
-            written = await self._on_owner(pk, write, deadline=deadline)
+            written = await apply()
         except BaseException:  # it may have been applied all the same
             await self._invalidate([key])
             raise
@@ -266,6 +323,23 @@ class DataPlane:
         self.cache.note(key, written[1].shard, written[0].lsn)
         await self._invalidate([key])
         return written
+
+    def _write_group(
+        self,
+        topology: Topology,
+        shard: Shard,
+        table: str,
+        take: Callable[[], list[store.BatchWrite]],
+        deadline: float,
+    ) -> Awaitable[tuple[store.BatchResult, Served]]:
+        """One group of single-item writes to ``table`` on ``shard``, as a batch write:
+        the group is taken when a connection to the primary is in hand."""
+        return self.executor.write(
+            shard,
+            lambda conn: store.write_batch(conn, table=table, ops=take()),
+            epoch=topology.epoch,
+            deadline=deadline,
+        )
 
     async def query(
         self,

@@ -61,6 +61,16 @@ READS_COALESCED = Counter(
     "shardd_reads_coalesced_total",
     "Eventual point reads answered by the same read already in flight on this instance",
 )
+WRITE_GROUP_SIZE = Histogram(
+    "shardd_write_group_size",
+    "Single-item writes committed together in one transaction (coalesce_writes), per group"
+    " as it is sent",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
+WRITES_GROUPING = Gauge(
+    "shardd_writes_grouping",
+    "Single-item writes in a group that waits for a connection to its shard's primary",
+)
 SHARD_REQUEST_RATE = Gauge(
     "shardd_shard_requests_per_second",
     "Requests per second to each shard through all instances (merged hot-key reports)",

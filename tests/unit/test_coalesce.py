@@ -1,12 +1,14 @@
-"""Single flight: concurrent calls for one key share one run; nothing else is shared."""
+"""Single flight: concurrent calls for one key share one run; nothing else is shared.
+Write groups: items that come while their group waits to start share its one run."""
 
 from __future__ import annotations
 
 import asyncio
 
 import pytest
+from prometheus_client import CollectorRegistry, Gauge, Histogram
 
-from shardd.coalesce import SingleFlight
+from shardd.coalesce import GroupFailed, SingleFlight, WriteGroups
 
 
 def test_concurrent_calls_share_one_run_and_later_ones_start_anew() -> None:
@@ -71,3 +73,92 @@ def test_the_answer_is_the_one_run_s(callers: int) -> None:
         return [r is answer for r in results]
 
     assert asyncio.run(scenario()) == [True] * callers
+
+
+def groups(max_size: int = 100) -> tuple[WriteGroups[str, str, list[str]], Gauge, Histogram]:
+    registry = CollectorRegistry()
+    waiting = Gauge("waiting", "", registry=registry)
+    sizes = Histogram("sizes", "", buckets=(1, 2, 4), registry=registry)
+    return WriteGroups(max_size=max_size, waiting=waiting, sizes=sizes), waiting, sizes
+
+
+def test_items_that_come_while_a_group_waits_share_its_run_and_later_ones_start_anew() -> None:
+    async def scenario() -> None:
+        grouping, waiting, sizes = groups()
+        turn = asyncio.Event()  # the group's turn: a connection in hand
+        runs: list[list[str]] = []
+
+        async def run(take: object) -> list[str]:
+            await turn.wait()
+            items = take()  # type: ignore[operator]
+            assert take() is items  # taken once: the same items when sent again
+            runs.append(list(items))
+            return [item.upper() for item in items]
+
+        first = [asyncio.create_task(grouping.submit("s1", item, run)) for item in "abc"]
+        other = asyncio.create_task(grouping.submit("s2", "x", run))
+        await asyncio.sleep(0)
+        assert waiting._value.get() == 4
+        turn.set()
+        assert await asyncio.gather(*first) == [(["A", "B", "C"], i) for i in range(3)]
+        assert await other == (["X"], 0)  # another key: a group of its own
+        assert waiting._value.get() == 0
+        assert sorted(runs) == [["a", "b", "c"], ["x"]]
+        assert await grouping.submit("s1", "d", run) == (["D"], 0)  # started: a new group
+        assert sizes._sum.get() == 5
+
+    asyncio.run(scenario())
+
+
+def test_a_full_group_closes() -> None:
+    async def scenario() -> None:
+        grouping, _, _ = groups(max_size=2)
+        turn = asyncio.Event()
+
+        async def run(take: object) -> list[str]:
+            await turn.wait()
+            return list(take())  # type: ignore[operator]
+
+        tasks = [asyncio.create_task(grouping.submit("s1", item, run)) for item in "abcde"]
+        await asyncio.sleep(0)
+        turn.set()
+        assert [await task for task in tasks] == [
+            (["a", "b"], 0),
+            (["a", "b"], 1),
+            (["c", "d"], 0),
+            (["c", "d"], 1),
+            (["e"], 0),
+        ]
+
+    asyncio.run(scenario())
+
+
+def test_a_failure_is_the_item_s_own_alone_and_a_group_failure_otherwise() -> None:
+    async def scenario() -> None:
+        grouping, waiting, _ = groups()
+        turn = asyncio.Event()
+
+        async def failing(take: object) -> list[str]:
+            await turn.wait()
+            take()  # type: ignore[operator]
+            raise LookupError("slot 7 is frozen")
+
+        shared = [asyncio.create_task(grouping.submit("s1", item, failing)) for item in "ab"]
+        await asyncio.sleep(0)
+        shared[0].cancel()  # the caller whose item opened the group goes away
+        turn.set()
+        outcomes = await asyncio.gather(*shared, return_exceptions=True)
+        assert isinstance(outcomes[0], asyncio.CancelledError)
+        assert isinstance(outcomes[1], GroupFailed)
+        assert isinstance(outcomes[1].__cause__, LookupError)
+        with pytest.raises(LookupError):  # alone: its own failure, as it is
+            await grouping.submit("s1", "c", failing)
+
+        async def before_sending(take: object) -> list[str]:
+            raise LookupError("no primary")  # fails without taking the group
+
+        with pytest.raises(LookupError):
+            await grouping.submit("s2", "d", before_sending)
+        assert waiting._value.get() == 0
+
+    asyncio.run(scenario())
