@@ -7,7 +7,7 @@ most as old as the answer it would have got itself.  ``strong`` and ``session`` 
 never share one: a strong read must see every write acknowledged before it started, and
 a read that joined a query started earlier might not.
 
-Writes are grouped by :class:`WriteGroups` without waiting on purpose: a group takes every
+Writes are grouped by :class:`Groups` without waiting on purpose: a group takes every
 write that arrives while it waits for its turn (in shardd: a connection to the shard's
 primary), and closes when it starts.  Under light load each write runs alone as soon
 as it comes; under load, the writes that would have queued for a connection share one
@@ -60,38 +60,57 @@ class SingleFlight(Generic[K, V]):
 
 
 class GroupFailed(Exception):
-    """The group a write ran in failed (the cause is ``__cause__``), and the group held
-    other writes too: the failure may belong to one of them."""
+    """The group an item ran in failed (the cause is ``__cause__``), and the group held
+    other items too: the failure may belong to one of them.  ``sent``: whether the group
+    was sent at all (``take()`` called); if not, none of it reached the shard."""
+
+    def __init__(self, message: str, *, sent: bool) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 class _Group(Generic[I, V]):
-    __slots__ = ("done", "items")
+    __slots__ = ("counted", "deadline", "done", "items", "sent", "weight")
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline  # its first item's, the earliest of its items'
         self.items: list[I] = []
+        self.weight = 0
+        self.sent = False
+        self.counted = False  # out of the waiting items
         self.done: asyncio.Future[V] = asyncio.get_running_loop().create_future()
 
 
-class WriteGroups(Generic[K, I, V]):
-    """Group commit: items submitted under one key while that key's open group has not
-    started yet run together, by one call of the ``run`` its first item came with.
+class Groups(Generic[K, I, V]):
+    """Items submitted under one key while that key's open group has not been sent yet
+    run together, by one call of the ``run`` its first item came with (the ``run`` of
+    the items that join it is not called: it must do the same for them).
 
     ``run(take)`` calls ``take()`` at the moment it sends the group (it may call it again
     when it has to send again: the same items come back); from then on, the key's next
-    item opens a new group.  A group also closes when it holds ``max_size`` items.  The
-    group runs as a task of its own, so a caller that goes away does not cancel it for
-    the others; it ends by the deadline of the first item's request, the earliest.
+    item opens a new group.  A group also closes when it holds ``max_size`` items or
+    ``max_weight`` (their weights added up).  An item whose deadline is earlier than the
+    open group's opens a group of its own, which later items join: so a group runs under
+    the earliest deadline of its items.  The group runs as a task of its own, so a caller
+    that goes away does not cancel it for the others.
     """
 
-    def __init__(self, *, max_size: int, waiting: Gauge, sizes: Histogram) -> None:
+    def __init__(self, *, max_size: int, max_weight: int, waiting: Gauge, sizes: Histogram) -> None:
         self.max_size = max_size
+        self.max_weight = max_weight
         self._open: dict[K, _Group[I, V]] = {}
         self._tasks: set[asyncio.Future[None]] = set()
-        self._waiting = waiting  # items in groups that have not started yet
-        self._sizes = sizes  # items per group, as each starts
+        self._waiting = waiting  # items in groups not sent yet
+        self._sizes = sizes  # items per group, as each is sent
 
     async def submit(
-        self, key: K, item: I, run: Callable[[Callable[[], list[I]]], Awaitable[V]]
+        self,
+        key: K,
+        item: I,
+        run: Callable[[Callable[[], list[I]]], Awaitable[V]],
+        *,
+        deadline: float,
+        weight: int = 0,
     ) -> tuple[V, int]:
         """The result of the group ``item`` ran in, and ``item``'s place in it.
 
@@ -99,54 +118,61 @@ class WriteGroups(Generic[K, I, V]):
         :class:`GroupFailed` from it otherwise.
         """
         group = self._open.get(key)
-        if group is None:
-            group = _Group()
+        if group is None or group.deadline > deadline:
+            group = _Group(deadline)
             self._open[key] = group
             task = asyncio.ensure_future(self._run(key, group, run))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(lambda done: self._ended(key, group, done))
         index = len(group.items)
         group.items.append(item)
+        group.weight += weight
         self._waiting.inc()
-        if len(group.items) >= self.max_size:
+        if len(group.items) >= self.max_size or group.weight >= self.max_weight:
             self._close(key, group)
         try:
             result = await asyncio.shield(group.done)
         except Exception as exc:
             if len(group.items) > 1:
-                raise GroupFailed(str(exc)) from exc
+                raise GroupFailed(str(exc), sent=group.sent) from exc
             raise
         return result, index
 
     async def _run(
         self, key: K, group: _Group[I, V], run: Callable[[Callable[[], list[I]]], Awaitable[V]]
     ) -> None:
-        started = False
-
-        def start() -> None:
-            nonlocal started
-            if not started:
-                started = True
-                self._close(key, group)
-                self._waiting.dec(len(group.items))
-
         def take() -> list[I]:
-            if not started:
-                start()
+            if not group.sent:
+                group.sent = True
+                self._close(key, group)
+                self._count_out(group)
                 self._sizes.observe(len(group.items))
             return group.items
 
         try:
-            group.done.set_result(await run(take))
+            result = await run(take)
         except Exception as exc:  # every item's caller gets it
-            start()
+            self._close(key, group)
+            self._count_out(group)
             group.done.set_exception(exc)
-        finally:
-            start()
-            if not group.done.done():  # cancelled (shutdown)
-                group.done.cancel()
+        else:
+            group.done.set_result(result)
+
+    def _ended(self, key: K, group: _Group[I, V], task: asyncio.Future[None]) -> None:
+        """The group's task ended, however (cancelled before it began, too)."""
+        self._tasks.discard(task)
+        self._close(key, group)
+        self._count_out(group)
+        if not group.done.done():  # cancelled (shutdown)
+            group.done.cancel()
 
     def _close(self, key: K, group: _Group[I, V]) -> None:
         """No more items join ``group``."""
         if self._open.get(key) is group:
             del self._open[key]
+
+    def _count_out(self, group: _Group[I, V]) -> None:
+        """``group``'s items no longer wait (sent, or failed before)."""
+        if not group.counted:
+            group.counted = True
+            self._waiting.dec(len(group.items))

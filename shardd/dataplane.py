@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from . import catalog, changelog, errors, idempotency, metrics, store
 from .cache import Cache, Entry, entry_size
-from .coalesce import GroupFailed, SingleFlight, WriteGroups
+from .coalesce import GroupFailed, Groups, SingleFlight
 from .config import Settings
 from .executor import Executor, Served, Work
 from .hotkeys import Reporter, Traffic
@@ -116,10 +116,11 @@ class DataPlane:
         if cache is not None:
             cache.on_invalidate.append(self._item_reads.forget)
         # (shard, table) -> single-item writes sharing one transaction (coalesce_writes)
-        self._write_groups: WriteGroups[
+        self._write_groups: Groups[
             tuple[str, str], store.BatchWrite, tuple[store.BatchResult, Served]
-        ] = WriteGroups(
+        ] = Groups(
             max_size=settings.max_batch_keys,
+            max_weight=settings.max_body_bytes,  # bytes of documents, as a batch request's
             waiting=metrics.WRITES_GROUPING,
             sizes=metrics.WRITE_GROUP_SIZE,
         )
@@ -250,9 +251,11 @@ class DataPlane:
         doc: Any,
         if_version: int | None,
         once: idempotency.Once | None = None,
+        size: int = 0,
     ) -> tuple[store.WriteResult, Served]:
         """A put, patch or delete of one item (``op``), conditional on ``if_version``
-        (0: only if absent); with ``once``, at most once per idempotency key."""
+        (0: only if absent); with ``once``, at most once per idempotency key.  ``size``:
+        the document's bytes as sent (how much of a group of writes it fills)."""
         deadline = self.executor.deadline()
 
         def alone(
@@ -283,6 +286,8 @@ class DataPlane:
                 (shard.name, table),
                 store.BatchWrite(slot, pk, sk, doc if op == "put" else None),
                 lambda take: self._write_group(topology, shard, table, take, deadline),
+                deadline=deadline,
+                weight=size,
             )
             version = result.versions[index]
             created = op == "put" and version == 1  # as a put alone says it
@@ -299,10 +304,12 @@ class DataPlane:
                     return await self._on_owner(pk, grouped, deadline=deadline)
                 except GroupFailed as failed:
                     cause = failed.__cause__
-                    if cause is None or not _refused_alone(cause):
+                    if failed.sent and (cause is None or not _refused_alone(cause)):
                         raise cause or failed from None
-                    # Nothing of the group was written, and the refusal may be another
-                    # write's (its slot moving, say): this one goes again on its own.
+                    # Nothing of the group was written: it was never sent (it failed under
+                    # its first write's deadline, which may be earlier than this one's), or
+                    # the refusal may be another write's (its slot moving, say).  This one
+                    # goes again on its own.
             return await self._on_owner(pk, alone, deadline=deadline)
 
         await self._admit(table, [pk], deadline)

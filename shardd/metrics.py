@@ -65,7 +65,7 @@ WRITE_GROUP_SIZE = Histogram(
     "shardd_write_group_size",
     "Single-item writes committed together in one transaction (coalesce_writes), per group"
     " as it is sent",
-    buckets=(1, 2, 4, 8, 16, 32, 64),
+    buckets=(1, 2, 4, 8, 16, 32, 64, 100),
 )
 WRITES_GROUPING = Gauge(
     "shardd_writes_grouping",

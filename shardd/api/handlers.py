@@ -253,9 +253,12 @@ async def _write_item(request: web.Request, op: str) -> web.Response:
                 "on PUT, If-None-Match only takes *", code="invalid_precondition"
             )
     doc = None
+    size = 0
     if op in ("put", "patch"):
+        body = await _body(request)
+        size = len(body)
         doc = validate.json_object(
-            await _body(request),
+            body,
             max_depth=settings.max_json_depth,
             what="the item" if op == "put" else "a merge patch",
         )
@@ -268,7 +271,7 @@ async def _write_item(request: web.Request, op: str) -> web.Response:
         if_version = 0
     once = _once(request, (op, table, pk, sk, if_version, doc))
     result, served = await cluster.data.write(
-        op=op, table=table, pk=pk, sk=sk, doc=doc, if_version=if_version, once=once
+        op=op, table=table, pk=pk, sk=sk, doc=doc, if_version=if_version, once=once, size=size
     )
     headers = _served_headers(served, token, result.lsn)
     if result.replayed:

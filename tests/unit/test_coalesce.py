@@ -1,5 +1,5 @@
 """Single flight: concurrent calls for one key share one run; nothing else is shared.
-Write groups: items that come while their group waits to start share its one run."""
+Groups: items that come while their group waits to start share its one run."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import asyncio
 import pytest
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 
-from shardd.coalesce import GroupFailed, SingleFlight, WriteGroups
+from shardd.coalesce import GroupFailed, Groups, SingleFlight
 
 
 def test_concurrent_calls_share_one_run_and_later_ones_start_anew() -> None:
@@ -75,11 +75,11 @@ def test_the_answer_is_the_one_run_s(callers: int) -> None:
     assert asyncio.run(scenario()) == [True] * callers
 
 
-def groups(max_size: int = 100) -> tuple[WriteGroups[str, str, list[str]], Gauge, Histogram]:
+def groups(max_size: int = 100) -> tuple[Groups[str, str, list[str]], Gauge, Histogram]:
     registry = CollectorRegistry()
     waiting = Gauge("waiting", "", registry=registry)
     sizes = Histogram("sizes", "", buckets=(1, 2, 4), registry=registry)
-    return WriteGroups(max_size=max_size, waiting=waiting, sizes=sizes), waiting, sizes
+    return Groups(max_size=max_size, max_weight=100, waiting=waiting, sizes=sizes), waiting, sizes
 
 
 def test_items_that_come_while_a_group_waits_share_its_run_and_later_ones_start_anew() -> None:
@@ -95,8 +95,10 @@ def test_items_that_come_while_a_group_waits_share_its_run_and_later_ones_start_
             runs.append(list(items))
             return [item.upper() for item in items]
 
-        first = [asyncio.create_task(grouping.submit("s1", item, run)) for item in "abc"]
-        other = asyncio.create_task(grouping.submit("s2", "x", run))
+        first = [
+            asyncio.create_task(grouping.submit("s1", item, run, deadline=1.0)) for item in "abc"
+        ]
+        other = asyncio.create_task(grouping.submit("s2", "x", run, deadline=1.0))
         await asyncio.sleep(0)
         assert waiting._value.get() == 4
         turn.set()
@@ -104,7 +106,10 @@ def test_items_that_come_while_a_group_waits_share_its_run_and_later_ones_start_
         assert await other == (["X"], 0)  # another key: a group of its own
         assert waiting._value.get() == 0
         assert sorted(runs) == [["a", "b", "c"], ["x"]]
-        assert await grouping.submit("s1", "d", run) == (["D"], 0)  # started: a new group
+        assert await grouping.submit("s1", "d", run, deadline=1.0) == (
+            ["D"],
+            0,
+        )  # started: a new group
         assert sizes._sum.get() == 5
 
     asyncio.run(scenario())
@@ -119,7 +124,9 @@ def test_a_full_group_closes() -> None:
             await turn.wait()
             return list(take())  # type: ignore[operator]
 
-        tasks = [asyncio.create_task(grouping.submit("s1", item, run)) for item in "abcde"]
+        tasks = [
+            asyncio.create_task(grouping.submit("s1", item, run, deadline=1.0)) for item in "abcde"
+        ]
         await asyncio.sleep(0)
         turn.set()
         assert [await task for task in tasks] == [
@@ -143,7 +150,9 @@ def test_a_failure_is_the_item_s_own_alone_and_a_group_failure_otherwise() -> No
             take()  # type: ignore[operator]
             raise LookupError("slot 7 is frozen")
 
-        shared = [asyncio.create_task(grouping.submit("s1", item, failing)) for item in "ab"]
+        shared = [
+            asyncio.create_task(grouping.submit("s1", item, failing, deadline=1.0)) for item in "ab"
+        ]
         await asyncio.sleep(0)
         shared[0].cancel()  # the caller whose item opened the group goes away
         turn.set()
@@ -152,13 +161,65 @@ def test_a_failure_is_the_item_s_own_alone_and_a_group_failure_otherwise() -> No
         assert isinstance(outcomes[1], GroupFailed)
         assert isinstance(outcomes[1].__cause__, LookupError)
         with pytest.raises(LookupError):  # alone: its own failure, as it is
-            await grouping.submit("s1", "c", failing)
+            await grouping.submit("s1", "c", failing, deadline=1.0)
 
         async def before_sending(take: object) -> list[str]:
+            await turn.wait()
             raise LookupError("no primary")  # fails without taking the group
 
         with pytest.raises(LookupError):
-            await grouping.submit("s2", "d", before_sending)
+            await grouping.submit("s2", "d", before_sending, deadline=1.0)
+        unsent = [grouping.submit("s3", item, before_sending, deadline=1.0) for item in "ef"]
+        outcomes = await asyncio.gather(*unsent, return_exceptions=True)
+        assert all(isinstance(o, GroupFailed) and not o.sent for o in outcomes)
         assert waiting._value.get() == 0
+
+    asyncio.run(scenario())
+
+
+def test_an_earlier_deadline_opens_a_group_of_its_own_and_weight_closes_one() -> None:
+    async def scenario() -> None:
+        grouping, _, _ = groups()
+        turn = asyncio.Event()
+
+        async def run(take: object) -> list[str]:
+            await turn.wait()
+            return list(take())  # type: ignore[operator]
+
+        late = asyncio.create_task(grouping.submit("s1", "late", run, deadline=9.0))
+        await asyncio.sleep(0)
+        early = asyncio.create_task(grouping.submit("s1", "early", run, deadline=3.0))
+        await asyncio.sleep(0)
+        after = asyncio.create_task(grouping.submit("s1", "after", run, deadline=5.0))
+        heavy = asyncio.create_task(grouping.submit("s2", "heavy", run, deadline=1, weight=100))
+        await asyncio.sleep(0)
+        light = asyncio.create_task(grouping.submit("s2", "light", run, deadline=1, weight=1))
+        await asyncio.sleep(0)
+        turn.set()
+        # A group runs under its earliest deadline: "early" did not join "late"'s.
+        assert await late == (["late"], 0)
+        assert await early == (["early", "after"], 0)
+        assert await after == (["early", "after"], 1)
+        assert await heavy == (["heavy"], 0)  # full by weight
+        assert await light == (["light"], 0)
+
+    asyncio.run(scenario())
+
+
+def test_a_group_cancelled_before_it_began_answers_its_items() -> None:
+    async def scenario() -> None:
+        grouping, waiting, _ = groups()
+
+        async def run(take: object) -> list[str]:
+            return list(take())  # type: ignore[operator]
+
+        items = [asyncio.create_task(grouping.submit("s1", i, run, deadline=1.0)) for i in "ab"]
+        await asyncio.sleep(0)
+        for task in list(grouping._tasks):
+            task.cancel()  # before its first step: its code never runs
+        outcomes = await asyncio.wait_for(asyncio.gather(*items, return_exceptions=True), 5)
+        assert all(isinstance(o, asyncio.CancelledError) for o in outcomes)
+        assert waiting._value.get() == 0
+        assert await grouping.submit("s1", "c", run, deadline=1.0) == (["c"], 0)
 
     asyncio.run(scenario())
