@@ -115,9 +115,10 @@ class DataPlane:
         )
         if cache is not None:
             cache.on_invalidate.append(self._item_reads.forget)
-        # (shard, table) -> single-item writes sharing one transaction (coalesce_writes)
+        # (shard, table, epoch) -> single-item writes sharing one transaction (coalesce_writes):
+        # the writes of a group were all routed under the topology its shard is from
         self._write_groups: Groups[
-            tuple[str, str], store.BatchWrite, tuple[store.BatchResult, Served]
+            tuple[str, str, int], store.BatchWrite, tuple[store.BatchResult, Served]
         ] = Groups(
             max_size=settings.max_batch_keys,
             max_weight=settings.max_body_bytes,  # bytes of documents, as a batch request's
@@ -283,7 +284,7 @@ class DataPlane:
             topology: Topology, shard: Shard, slot: int
         ) -> tuple[store.WriteResult, Served]:
             (result, served), index = await self._write_groups.submit(
-                (shard.name, table),
+                (shard.name, table, topology.epoch),
                 store.BatchWrite(slot, pk, sk, doc if op == "put" else None),
                 lambda take: self._write_group(topology, shard, table, take, deadline),
                 deadline=deadline,
