@@ -88,10 +88,12 @@ def start(datadir: str | Path, *, logfile: str | Path, user: str) -> None:
     )
 
 
-def stop(datadir: str | Path, *, user: str) -> None:
+def stop(datadir: str | Path, *, user: str, mode: str = "fast") -> None:
+    """Stop the server (``mode`` as pg_ctl's: fast, or immediate for one whose data is
+    thrown away next)."""
     if postmaster_pid(datadir) is not None:
         run(
-            [program("pg_ctl"), "-D", str(datadir), "-m", "fast", "-w", "-t", "60", "stop"],
+            [program("pg_ctl"), "-D", str(datadir), "-m", mode, "-w", "-t", "60", "stop"],
             user=user,
         )
 

@@ -269,11 +269,11 @@ class Cluster:
         except pgctl.PgCtlError as exc:
             raise click.ClickException(str(exc)) from exc
 
-    def stop_node(self, node: dict[str, Any]) -> None:
+    def stop_node(self, node: dict[str, Any], *, mode: str = "fast") -> None:
         if self.pid(node) is None:
             return
         try:
-            pgctl.stop(self.datadir(node), user=PG_USER)
+            pgctl.stop(self.datadir(node), user=PG_USER, mode=mode)
         except pgctl.PgCtlError as exc:
             raise click.ClickException(str(exc)) from exc
 
@@ -484,11 +484,12 @@ class Cluster:
         self.save()
         wait_ready(port, proc, self.dir / f"{name}.log")
 
-    def stop_shardd(self, name: str = "shardd") -> None:
+    def stop_shardd(self, name: str = "shardd", *, kill: bool = False) -> None:
+        """SIGTERM (it drains, then exits; SIGKILL after 20 s), or SIGKILL at once."""
         pid = self.shardd_pid(name)
         if pid is None:
             return
-        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGKILL if kill else signal.SIGTERM)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and self.shardd_pid(name) is not None:
             time.sleep(0.05)
@@ -760,17 +761,17 @@ def up(
 @dir_option
 @click.option("--purge", is_flag=True, help="Also delete the data directory.")
 def down(directory: Path, purge: bool) -> None:
-    """Stop shardd and every Postgres node."""
+    """Stop shardd and every Postgres node (with --purge, at once: the data goes next)."""
     cluster = Cluster(directory)
     cluster.stop_haproxy()
     for name in cluster.instances() if cluster.state else []:
-        cluster.stop_shardd(name)
+        cluster.stop_shardd(name, kill=purge)
     cluster.stop_redis()
     for node in reversed(cluster.nodes):
         with contextlib.suppress(click.ClickException):
-            cluster.stop_node(node)
+            cluster.stop_node(node, mode="immediate" if purge else "fast")
     if cluster.ha is not None:
-        cluster.ha.stop()
+        cluster.ha.stop(kill=purge)
     if purge and cluster.dir.exists():
         shutil.rmtree(cluster.dir)
     click.echo("cluster stopped" + (" and deleted" if purge else ""))

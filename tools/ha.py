@@ -29,6 +29,7 @@ etcd member restarted primaries.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -361,12 +362,19 @@ class Ha:
             os.kill(pid, signal.SIGKILL)
         return pids[0]
 
-    def stop(self) -> None:
-        """Patroni members first (they stop their Postgres), then etcd."""
+    def stop(self, *, kill: bool = False) -> None:
+        """Patroni members first (they stop their Postgres), then etcd.  ``kill``: at
+        once (SIGKILL Patroni, an immediate shutdown of its Postgres), for a cluster
+        whose data is thrown away next."""
         members = self.patroni_members()
         for member in members:
             for pid in self.patroni_pids(member):
-                os.kill(pid, signal.SIGTERM)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL if kill else signal.SIGTERM)
+            postmaster = self.postmaster_pid(member) if kill else None
+            if postmaster is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(postmaster, signal.SIGQUIT)  # Postgres's immediate shutdown
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and any(
             self.patroni_pid(m) or self.postmaster_pid(m) for m in members
@@ -379,7 +387,8 @@ class Ha:
         for member in self.state["etcd"]:
             etcd = self.etcd_pid(member)
             if etcd is not None:
-                os.kill(etcd, signal.SIGTERM)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(etcd, signal.SIGKILL if kill else signal.SIGTERM)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and any(self.etcd_pid(m) for m in self.state["etcd"]):
             time.sleep(0.1)

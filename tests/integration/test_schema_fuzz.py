@@ -34,7 +34,7 @@ def test_schemathesis_every_check_passes(cluster: RunningCluster, tmp_path: Path
             "--header",
             f"Authorization: Bearer {TOKENS['admin']}",
             "--max-time",
-            "150",
+            "90",
             "--workers",
             "2",
             "--seed",
