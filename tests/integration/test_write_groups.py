@@ -28,24 +28,36 @@ def narrow(cluster: RunningCluster) -> Iterator[Instance]:
         yield started
 
 
-def put_all(port: int, table: str, keys: list[str]) -> tuple[list[threading.Thread], dict]:
-    """PUT each key (``{"key": key}``) from a thread of its own; answers land by key."""
-    answers: dict[str, Response] = {}
+class Sent:
+    """Requests (method, key) sent at once, each from a thread of its own (a PUT sends
+    ``{"key": key}``)."""
 
-    def put(key: str) -> None:
-        api = Api(port, token=TOKENS["write"])
-        answers[key] = api.request("PUT", item_path(table, key), body={"key": key})
+    def __init__(self, port: int, table: str, requests: list[tuple[str, str]]) -> None:
+        self._answers: list[Response | None] = [None] * len(requests)
 
-    threads = [threading.Thread(target=put, args=(key,), daemon=True) for key in keys]
-    for thread in threads:
-        thread.start()
-    return threads, answers
+        def send(i: int, method: str, key: str) -> None:
+            api = Api(port, token=TOKENS["write"])
+            body = {"key": key} if method == "PUT" else None
+            self._answers[i] = api.request(method, item_path(table, key), body=body)
+
+        self.threads = [
+            threading.Thread(target=send, args=(i, method, key), daemon=True)
+            for i, (method, key) in enumerate(requests)
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def answers(self) -> list[Response]:
+        """Every answer, in the order of the requests, once all have come."""
+        for thread in self.threads:
+            thread.join(timeout=30)
+        done = [answer for answer in self._answers if answer is not None]
+        assert len(done) == len(self._answers), "a write did not answer"
+        return done
 
 
-def joined(threads: list[threading.Thread]) -> None:
-    for thread in threads:
-        thread.join(timeout=30)
-        assert not thread.is_alive(), "a write did not answer"
+def puts(port: int, table: str, keys: list[str]) -> Sent:
+    return Sent(port, table, [("PUT", key) for key in keys])
 
 
 def grouped(cluster: RunningCluster, port: int) -> tuple[float, float]:
@@ -69,7 +81,7 @@ def test_writes_waiting_for_a_connection_share_one_transaction(
 
     hold = Holding(cluster.node_dsn(primary), TABLE_LOCK, table)
     try:
-        threads, answers = put_all(narrow.port, table, keys)
+        sent = puts(narrow.port, table, keys)
         wait_for(
             lambda: sum(grouped(cluster, narrow.port)) - sent_before == len(keys),
             timeout=30,
@@ -77,7 +89,7 @@ def test_writes_waiting_for_a_connection_share_one_transaction(
         )
     finally:
         hold.release()
-    joined(threads)
+    answers = dict(zip(keys, sent.answers(), strict=True))
 
     for key in keys:
         answer = answers[key]
@@ -124,14 +136,14 @@ def test_a_write_refused_in_a_group_does_not_fail_the_others(
     hold = Holding(cluster.node_dsn(primary), TABLE_LOCK, table)
     frozen = False
     try:
-        threads, answers = put_all(narrow.port, table, others)
+        sent = puts(narrow.port, table, others)
 
         def open_group_with_all() -> bool:
             sent, waiting = grouped(cluster, narrow.port)
             return sent - sent_before + waiting == len(others) and waiting >= 1
 
         wait_for(open_group_with_all, timeout=30, what="a group still taking writes")
-        victim_threads, victim_answer = put_all(narrow.port, table, [victim])
+        victim_sent = puts(narrow.port, table, [victim])
         wait_for(
             lambda: sum(grouped(cluster, narrow.port)) - sent_before == len(keys),
             timeout=30,
@@ -143,14 +155,13 @@ def test_a_write_refused_in_a_group_does_not_fail_the_others(
     finally:
         hold.release()
     try:
-        joined(threads)
-        assert {key: answers[key].status for key in others} == dict.fromkeys(others, 201)
-        assert victim_threads[0].is_alive()  # still refused, retrying within its deadline
+        assert [answer.status for answer in sent.answers()] == [201] * len(others)
+        assert victim_sent.threads[0].is_alive()  # still refused, retrying within its deadline
     finally:
         if frozen:
             cluster.sql(primary, "UPDATE shardd_slots SET state = 'owned' WHERE slot = $1", slot)
-    joined(victim_threads)
-    assert victim_answer[victim].status == 201, victim_answer[victim].body
+    (victim_answer,) = victim_sent.answers()
+    assert victim_answer.status == 201, victim_answer.body
     stale = cluster.metric("shardd_stale_map_retries_total", port=narrow.port) or 0.0
     assert stale > stale_before
     rows = cluster.sql(
@@ -160,3 +171,49 @@ def test_a_write_refused_in_a_group_does_not_fail_the_others(
         keys,
     )
     assert {row["pk"]: row["version"] for row in rows} == dict.fromkeys(keys, 1)
+
+
+def test_deletes_and_one_key_written_twice_in_a_group_each_keep_their_answer(
+    cluster: RunningCluster, table: str, narrow: Instance
+) -> None:
+    api = Api(narrow.port, token=TOKENS["write"])
+    keys = cluster.keys_on("s1", "mixed", 12)
+    existing, new, absent, twice = keys[:4], keys[4:10], keys[10], keys[11]
+    for key in existing:
+        assert api.request("PUT", item_path(table, key), body={"old": True}).status == 201
+    requests = [("PUT", key) for key in new]
+    requests += [("DELETE", existing[0]), ("DELETE", existing[1]), ("DELETE", absent)]
+    requests += [("PUT", twice), ("PUT", twice)]
+    sent_before, _ = grouped(cluster, narrow.port)
+    groups_before = cluster.metric("shardd_write_group_size_count", port=narrow.port) or 0.0
+    primary = cluster.primary_of("s1")
+
+    hold = Holding(cluster.node_dsn(primary), TABLE_LOCK, table)
+    try:
+        sent = Sent(narrow.port, table, requests)
+        wait_for(
+            lambda: sum(grouped(cluster, narrow.port)) - sent_before == len(requests),
+            timeout=30,
+            what="every write in a group",
+        )
+    finally:
+        hold.release()
+    answers = sent.answers()
+    statuses = [answer.status for answer in answers]
+    assert statuses[: len(new)] == [201] * len(new), [a.body for a in answers]
+    assert statuses[len(new) : len(new) + 3] == [204, 204, 404]
+    # The key written twice: each write raised the version by one, in the order applied.
+    doubled = sorted((a.body["version"], a.status) for a in answers[-2:])
+    assert doubled == [(1, 201), (2, 200)], doubled
+    groups = (
+        cluster.metric("shardd_write_group_size_count", port=narrow.port) or 0.0
+    ) - groups_before
+    assert groups < len(requests)
+    rows = cluster.sql(
+        primary,
+        "SELECT pk, version FROM shardd_items WHERE tbl = $1 AND pk = ANY($2::text[])",
+        table,
+        keys,
+    )
+    expected = {key: 1 for key in [*existing[2:], *new]} | {twice: 2}
+    assert {row["pk"]: row["version"] for row in rows} == expected
