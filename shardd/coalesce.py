@@ -62,11 +62,13 @@ class SingleFlight(Generic[K, V]):
 class GroupFailed(Exception):
     """The group an item ran in failed (the cause is ``__cause__``), and the group held
     other items too: the failure may belong to one of them.  ``sent``: whether the group
-    was sent at all (``take()`` called); if not, none of it reached the shard."""
+    was sent at all (``take()`` called); if not, none of it reached the shard.
+    ``deadline``: the group's, which may be earlier than the item's."""
 
-    def __init__(self, message: str, *, sent: bool) -> None:
+    def __init__(self, message: str, *, sent: bool, deadline: float) -> None:
         super().__init__(message)
         self.sent = sent
+        self.deadline = deadline
 
 
 class _Group(Generic[I, V]):
@@ -89,7 +91,8 @@ class Groups(Generic[K, I, V]):
     ``run(take)`` calls ``take()`` at the moment it sends the group (it may call it again
     when it has to send again: the same items come back); from then on, the key's next
     item opens a new group.  A group also closes when it holds ``max_size`` items or
-    ``max_weight`` (their weights added up).  An item whose deadline is earlier than the
+    ``max_weight`` (their weights added up), and an item that would take it past
+    ``max_weight`` opens a new one.  An item whose deadline is earlier than the
     open group's opens a group of its own, which later items join: so a group runs under
     the earliest deadline of its items.  The group runs as a task of its own, so a caller
     that goes away does not cancel it for the others.
@@ -118,7 +121,11 @@ class Groups(Generic[K, I, V]):
         :class:`GroupFailed` from it otherwise.
         """
         group = self._open.get(key)
-        if group is None or group.deadline > deadline:
+        if (
+            group is None
+            or group.deadline > deadline
+            or (group.items and group.weight + weight > self.max_weight)
+        ):
             group = _Group(deadline)
             self._open[key] = group
             task = asyncio.ensure_future(self._run(key, group, run))
@@ -134,7 +141,7 @@ class Groups(Generic[K, I, V]):
             result = await asyncio.shield(group.done)
         except Exception as exc:
             if len(group.items) > 1:
-                raise GroupFailed(str(exc), sent=group.sent) from exc
+                raise GroupFailed(str(exc), sent=group.sent, deadline=group.deadline) from exc
             raise
         return result, index
 
@@ -156,6 +163,8 @@ class Groups(Generic[K, I, V]):
             self._count_out(group)
             group.done.set_exception(exc)
         else:
+            self._close(key, group)  # (taken already, unless run never sent it)
+            self._count_out(group)
             group.done.set_result(result)
 
     def _ended(self, key: K, group: _Group[I, V], task: asyncio.Future[None]) -> None:

@@ -72,24 +72,28 @@ def _position(token: SessionToken | None, shard: Shard) -> int | None:
     return token.positions.get(shard.name) if token is not None else None
 
 
-def _refused_alone(failure: BaseException | None) -> bool:
-    """Whether a group's failure proves none of its writes was applied and may be one
-    write's own (a slot moving, a refused statement): each write then goes again alone.
-    Failures of the whole shard (no primary, writes refused, the deadline) and ambiguous
-    outcomes are every write's answer as they are."""
-    if isinstance(failure, errors.StaleMap):
+def _again_alone(failed: GroupFailed, deadline: float) -> bool:
+    """Whether a write whose group failed goes again on its own (its deadline
+    ``deadline``): when nothing of the group was written, and the failure may be another
+    write's own (a slot moving, a refused statement) or came under the group's deadline,
+    which is earlier than this write's (no primary until then, say).  Otherwise (an
+    ambiguous outcome, or the shard's answer within this write's own time) the failure
+    is this write's answer as it is."""
+    if not failed.sent:
         return True
-    return isinstance(failure, errors.ApiError) and not isinstance(
-        failure,
-        (
-            errors.OutcomeUnknown,
-            errors.Timeout,
-            errors.ShardUnavailable,
-            errors.WritesRefused,
-            errors.CatalogUnavailable,
-            errors.NotReady,
-        ),
+    cause = failed.__cause__
+    if isinstance(cause, errors.StaleMap):
+        return True
+    if not isinstance(cause, errors.ApiError) or isinstance(cause, errors.OutcomeUnknown):
+        return False
+    whole_shard = (
+        errors.Timeout,
+        errors.ShardUnavailable,
+        errors.WritesRefused,
+        errors.CatalogUnavailable,
+        errors.NotReady,
     )
+    return not isinstance(cause, whole_shard) or deadline > failed.deadline
 
 
 class DataPlane:
@@ -304,13 +308,10 @@ class DataPlane:
                 try:
                     return await self._on_owner(pk, grouped, deadline=deadline)
                 except GroupFailed as failed:
-                    cause = failed.__cause__
-                    if failed.sent and (cause is None or not _refused_alone(cause)):
-                        raise cause or failed from None
-                    # Nothing of the group was written: it was never sent (it failed under
-                    # its first write's deadline, which may be earlier than this one's), or
-                    # the refusal may be another write's (its slot moving, say).  This one
-                    # goes again on its own.
+                    if not _again_alone(failed, deadline):
+                        assert failed.__cause__ is not None
+                        raise failed.__cause__  # noqa: B904 - the group's own answer
+                    # Nothing of the group was written: this one goes again on its own.
             return await self._on_owner(pk, alone, deadline=deadline)
 
         await self._admit(table, [pk], deadline)

@@ -8,7 +8,9 @@ import asyncio
 import pytest
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 
+from shardd import errors
 from shardd.coalesce import GroupFailed, Groups, SingleFlight
+from shardd.dataplane import _again_alone
 
 
 def test_concurrent_calls_share_one_run_and_later_ones_start_anew() -> None:
@@ -172,6 +174,7 @@ def test_a_failure_is_the_item_s_own_alone_and_a_group_failure_otherwise() -> No
         unsent = [grouping.submit("s3", item, before_sending, deadline=1.0) for item in "ef"]
         outcomes = await asyncio.gather(*unsent, return_exceptions=True)
         assert all(isinstance(o, GroupFailed) and not o.sent for o in outcomes)
+        assert all(isinstance(o, GroupFailed) and o.deadline == 1.0 for o in outcomes)
         assert waiting._value.get() == 0
 
     asyncio.run(scenario())
@@ -195,6 +198,10 @@ def test_an_earlier_deadline_opens_a_group_of_its_own_and_weight_closes_one() ->
         await asyncio.sleep(0)
         light = asyncio.create_task(grouping.submit("s2", "light", run, deadline=1, weight=1))
         await asyncio.sleep(0)
+        half = asyncio.create_task(grouping.submit("s3", "half", run, deadline=1, weight=60))
+        await asyncio.sleep(0)
+        more = asyncio.create_task(grouping.submit("s3", "more", run, deadline=1, weight=60))
+        await asyncio.sleep(0)
         turn.set()
         # A group runs under its earliest deadline: "early" did not join "late"'s.
         assert await late == (["late"], 0)
@@ -202,6 +209,8 @@ def test_an_earlier_deadline_opens_a_group_of_its_own_and_weight_closes_one() ->
         assert await after == (["early", "after"], 1)
         assert await heavy == (["heavy"], 0)  # full by weight
         assert await light == (["light"], 0)
+        assert await half == (["half"], 0)  # "more" would take it past max_weight
+        assert await more == (["more"], 0)
 
     asyncio.run(scenario())
 
@@ -223,3 +232,29 @@ def test_a_group_cancelled_before_it_began_answers_its_items() -> None:
         assert await grouping.submit("s1", "c", run, deadline=1.0) == (["c"], 0)
 
     asyncio.run(scenario())
+
+
+def failed_group(cause: BaseException, *, sent: bool = True, deadline: float = 5.0) -> GroupFailed:
+    try:
+        raise GroupFailed(str(cause), sent=sent, deadline=deadline) from cause
+    except GroupFailed as failed:
+        return failed
+
+
+@pytest.mark.parametrize(
+    ("cause", "sent", "own_deadline", "alone"),
+    [
+        (errors.OutcomeUnknown("maybe"), True, 9.0, False),  # it may have committed
+        (errors.OutcomeUnknown("maybe"), False, 9.0, True),  # never sent: nothing was
+        (errors.StaleMap("slot 7 is frozen"), True, 5.0, True),  # maybe another's slot
+        (errors.ConflictRetry("lock_timeout"), True, 5.0, True),  # maybe another's row
+        (errors.ShardUnavailable("s1", "no primary"), True, 5.0, False),  # its answer too
+        (errors.ShardUnavailable("s1", "no primary"), True, 9.0, True),  # it has more time
+        (errors.WritesRefused("s1", "no_sync_standby"), True, 5.0, False),
+        (RuntimeError("a bug"), True, 9.0, False),  # nobody knows what was written
+    ],
+)
+def test_a_write_goes_again_alone_only_when_nothing_was_written(
+    cause: BaseException, sent: bool, own_deadline: float, alone: bool
+) -> None:
+    assert _again_alone(failed_group(cause, sent=sent), own_deadline) is alone
