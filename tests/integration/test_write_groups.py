@@ -67,6 +67,29 @@ def grouped(cluster: RunningCluster, port: int) -> tuple[float, float]:
     return sent, cluster.metric("shardd_writes_grouping", port=port) or 0.0
 
 
+def sent_held(
+    cluster: RunningCluster, port: int, table: str, requests: list[tuple[str, str]]
+) -> tuple[list[Response], int]:
+    """``requests`` sent at once to the instance on ``port`` while s1's primary holds
+    the table's writes, released once every write is in a group: (the answers, in the
+    order of the requests; how many groups were sent)."""
+    sent_before, _ = grouped(cluster, port)
+    groups_before = cluster.metric("shardd_write_group_size_count", port=port) or 0.0
+    hold = Holding(cluster.node_dsn(cluster.primary_of("s1")), TABLE_LOCK, table)
+    try:
+        sent = Sent(port, table, requests)
+        wait_for(
+            lambda: sum(grouped(cluster, port)) - sent_before == len(requests),
+            timeout=30,
+            what="every write in a group",
+        )
+    finally:
+        hold.release()
+    answers = sent.answers()
+    groups = (cluster.metric("shardd_write_group_size_count", port=port) or 0.0) - groups_before
+    return answers, int(groups)
+
+
 def test_writes_waiting_for_a_connection_share_one_transaction(
     cluster: RunningCluster, table: str, narrow: Instance
 ) -> None:
@@ -75,21 +98,9 @@ def test_writes_waiting_for_a_connection_share_one_transaction(
     existing = keys[:6]
     for key in existing:
         assert api.request("PUT", item_path(table, key), body={"old": True}).status == 201
-    sent_before, _ = grouped(cluster, narrow.port)
-    groups_before = cluster.metric("shardd_write_group_size_count", port=narrow.port) or 0.0
     primary = cluster.primary_of("s1")
-
-    hold = Holding(cluster.node_dsn(primary), TABLE_LOCK, table)
-    try:
-        sent = puts(narrow.port, table, keys)
-        wait_for(
-            lambda: sum(grouped(cluster, narrow.port)) - sent_before == len(keys),
-            timeout=30,
-            what="every write in a group",
-        )
-    finally:
-        hold.release()
-    answers = dict(zip(keys, sent.answers(), strict=True))
+    replies, groups = sent_held(cluster, narrow.port, table, [("PUT", key) for key in keys])
+    answers = dict(zip(keys, replies, strict=True))
 
     for key in keys:
         answer = answers[key]
@@ -98,9 +109,6 @@ def test_writes_waiting_for_a_connection_share_one_transaction(
         assert answer.body == {"pk": key, "sk": "", "version": 1 if new else 2}
         assert answer.header("ETag") == f'"{1 if new else 2}"'
         assert answer.header("Shardd-Served-By") == f"s1/{primary}"
-    groups = (
-        cluster.metric("shardd_write_group_size_count", port=narrow.port) or 0.0
-    ) - groups_before
     rows = cluster.sql(
         primary,
         "SELECT pk, xmin::text AS tx, doc::text AS doc FROM shardd_items"
@@ -184,30 +192,14 @@ def test_deletes_and_one_key_written_twice_in_a_group_each_keep_their_answer(
     requests = [("PUT", key) for key in new]
     requests += [("DELETE", existing[0]), ("DELETE", existing[1]), ("DELETE", absent)]
     requests += [("PUT", twice), ("PUT", twice)]
-    sent_before, _ = grouped(cluster, narrow.port)
-    groups_before = cluster.metric("shardd_write_group_size_count", port=narrow.port) or 0.0
     primary = cluster.primary_of("s1")
-
-    hold = Holding(cluster.node_dsn(primary), TABLE_LOCK, table)
-    try:
-        sent = Sent(narrow.port, table, requests)
-        wait_for(
-            lambda: sum(grouped(cluster, narrow.port)) - sent_before == len(requests),
-            timeout=30,
-            what="every write in a group",
-        )
-    finally:
-        hold.release()
-    answers = sent.answers()
+    answers, groups = sent_held(cluster, narrow.port, table, requests)
     statuses = [answer.status for answer in answers]
     assert statuses[: len(new)] == [201] * len(new), [a.body for a in answers]
     assert statuses[len(new) : len(new) + 3] == [204, 204, 404]
     # The key written twice: each write raised the version by one, in the order applied.
     doubled = sorted((a.body["version"], a.status) for a in answers[-2:])
     assert doubled == [(1, 201), (2, 200)], doubled
-    groups = (
-        cluster.metric("shardd_write_group_size_count", port=narrow.port) or 0.0
-    ) - groups_before
     assert groups < len(requests)
     rows = cluster.sql(
         primary,
