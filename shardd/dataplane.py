@@ -79,13 +79,11 @@ def _again_alone(failed: GroupFailed, deadline: float) -> bool:
     which is earlier than this write's (no primary until then, say).  Otherwise (an
     ambiguous outcome, or the shard's answer within this write's own time) the failure
     is this write's answer as it is."""
-    if not failed.sent:
-        return True
     cause = failed.__cause__
     if isinstance(cause, errors.StaleMap):
         return True
     if not isinstance(cause, errors.ApiError) or isinstance(cause, errors.OutcomeUnknown):
-        return False
+        return not failed.sent  # unless never sent, it may have been written
     whole_shard = (
         errors.Timeout,
         errors.ShardUnavailable,

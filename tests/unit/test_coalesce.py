@@ -251,6 +251,9 @@ def failed_group(cause: BaseException, *, sent: bool = True, deadline: float = 5
         (errors.ShardUnavailable("s1", "no primary"), True, 5.0, False),  # its answer too
         (errors.ShardUnavailable("s1", "no primary"), True, 9.0, True),  # it has more time
         (errors.WritesRefused("s1", "no_sync_standby"), True, 5.0, False),
+        # Never sent (no primary until the group's deadline): only a later deadline helps.
+        (errors.ShardUnavailable("s1", "no primary"), False, 5.0, False),
+        (errors.ShardUnavailable("s1", "no primary"), False, 9.0, True),
         (RuntimeError("a bug"), True, 9.0, False),  # nobody knows what was written
     ],
 )
