@@ -12,6 +12,7 @@ shardd instances, ``shardd-1`` ... ``shardd-N``, on the ports after --port + 100
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -353,51 +354,67 @@ class Cluster:
         return zones[index % len(zones)] if zones else ""
 
     def create_shard(self, name: str, replicas: int) -> None:
-        index = len({n["shard"] for n in self.nodes if n["shard"]})
-        index += len((self.state.get("ha") or {}).get("shards", {}))
-        zones = self.zones_of(index, 1 + replicas)
-        if self.ha is not None:
-            self.create_patroni_shard(name, replicas, zones)
-            return
-        primary = {
-            "name": f"{name}-primary",
-            "shard": name,
-            "role": "primary",
-            "port": self.next_port(),
-            "zone": zones[0] if zones else "",
-        }
-        self.nodes.append(primary)
-        self.save()
-        self.create_primary(primary)
-        for i in range(1, replicas + 1):
-            replica = {
-                "name": f"{name}-replica{i}",
+        self.create_shards([name], replicas)
+
+    def create_shards(self, names: list[str], replicas: int) -> None:
+        """Shards ``names``, each a primary and ``replicas`` replicas, registered in the
+        catalog in order.  The nodes of different shards are made at the same time
+        (initdb and pg_basebackup wait on the disk and on checkpoints as much as on a
+        core); the cluster's state is written only from this thread."""
+        planned: list[tuple[str, list[str], dict[str, Any], list[dict[str, Any]]]] = []
+        for name in names:
+            index = len({n["shard"] for n in self.nodes if n["shard"]})
+            index += len((self.state.get("ha") or {}).get("shards", {}))
+            zones = self.zones_of(index, 1 + replicas)
+            if self.ha is not None:
+                self.create_patroni_shard(name, replicas, zones)
+                continue
+            primary = {
+                "name": f"{name}-primary",
                 "shard": name,
-                "role": "replica",
+                "role": "primary",
                 "port": self.next_port(),
-                "zone": zones[i] if zones else "",
+                "zone": zones[0] if zones else "",
             }
-            self.nodes.append(replica)
-            self.save()
+            self.nodes.append(primary)
+            copies = []
+            for i in range(1, replicas + 1):
+                replica = {
+                    "name": f"{name}-replica{i}",
+                    "shard": name,
+                    "role": "replica",
+                    "port": self.next_port(),
+                    "zone": zones[i] if zones else "",
+                }
+                self.nodes.append(replica)
+                copies.append(replica)
+            planned.append((name, zones, primary, copies))
+        self.save()
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(planned))) as pool:
+            for done in [pool.submit(self._make_nodes, p, c) for _, _, p, c in planned]:
+                done.result()
+        for name, zones, primary, copies in planned:
+            asyncio.run(
+                admin.add_shard(
+                    self.catalog_dsn,
+                    name=name,
+                    primary_dsn=self.dsn(primary),
+                    replica_dsns=[self.dsn(replica) for replica in copies],
+                    zones=zones,
+                )
+            )
+
+    def _make_nodes(self, primary: dict[str, Any], replicas: list[dict[str, Any]]) -> None:
+        """One shard's primary and replicas, running (synchronous once it has a standby)."""
+        self.create_primary(primary)
+        for replica in replicas:
             self.create_replica(replica, primary)
-        replica_dsns = [
-            self.dsn(n) for n in self.nodes if n["shard"] == name and n["role"] == "replica"
-        ]
-        if self.state.get("sync") and replica_dsns:
+        if self.state.get("sync") and replicas:
             # Only now: a synchronous primary without a standby blocks every commit.
             node = admin.node_from_dsn(
-                self.dsn(primary), name=f"{name}-primary", shard=name, role="primary"
+                self.dsn(primary), name=primary["name"], shard=primary["shard"], role="primary"
             )
             asyncio.run(failover.set_sync_standbys(node, synchronous=True))
-        asyncio.run(
-            admin.add_shard(
-                self.catalog_dsn,
-                name=name,
-                primary_dsn=self.dsn(primary),
-                replica_dsns=replica_dsns,
-                zones=zones,
-            )
-        )
 
     def create_patroni_shard(self, name: str, replicas: int, zones: list[str]) -> None:
         """Shard ``name`` as a Patroni cluster on the cluster's etcd, registered with
@@ -730,8 +747,7 @@ def up(
             cluster.save()
             cluster.create_primary(catalog)
         asyncio.run(admin.migrate_all(cluster.catalog_dsn, slot_count=slots, synchronous=sync))
-        for i in range(1, shards + 1):
-            cluster.create_shard(f"s{i}", replicas)
+        cluster.create_shards([f"s{i}" for i in range(1, shards + 1)], replicas)
         asyncio.run(admin.init_slots(cluster.catalog_dsn))
         cluster.state["ready"] = True
         cluster.save()
