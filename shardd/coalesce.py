@@ -136,7 +136,7 @@ class Groups(Generic[K, I, V]):
         group.weight += weight
         self._waiting.inc()
         if len(group.items) >= self.max_size or group.weight >= self.max_weight:
-            self._close(key, group)
+            self._close(key, group, full=True)
         try:
             result = await asyncio.shield(group.done)
         except Exception as exc:
@@ -152,7 +152,6 @@ class Groups(Generic[K, I, V]):
             if not group.sent:
                 group.sent = True
                 self._close(key, group)
-                self._count_out(group)
                 self._sizes.observe(len(group.items))
             return group.items
 
@@ -160,28 +159,23 @@ class Groups(Generic[K, I, V]):
             result = await run(take)
         except Exception as exc:  # every item's caller gets it
             self._close(key, group)
-            self._count_out(group)
             group.done.set_exception(exc)
         else:
             self._close(key, group)  # (taken already, unless run never sent it)
-            self._count_out(group)
             group.done.set_result(result)
 
     def _ended(self, key: K, group: _Group[I, V], task: asyncio.Future[None]) -> None:
         """The group's task ended, however (cancelled before it began, too)."""
         self._tasks.discard(task)
         self._close(key, group)
-        self._count_out(group)
         if not group.done.done():  # cancelled (shutdown)
             group.done.cancel()
 
-    def _close(self, key: K, group: _Group[I, V]) -> None:
-        """No more items join ``group``."""
+    def _close(self, key: K, group: _Group[I, V], *, full: bool = False) -> None:
+        """No more items join ``group``; unless it is only ``full``, its items no longer
+        wait either (it is sent, or failed or ended before)."""
         if self._open.get(key) is group:
             del self._open[key]
-
-    def _count_out(self, group: _Group[I, V]) -> None:
-        """``group``'s items no longer wait (sent, or failed before)."""
-        if not group.counted:
+        if not full and not group.counted:
             group.counted = True
             self._waiting.dec(len(group.items))
