@@ -36,9 +36,8 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import asyncpg
 import orjson
 
@@ -47,6 +46,9 @@ from ..topology import Node, Shard
 from .actions import FailoverError, connect, fence_on_node, positions
 from .decisions import lost_bytes, previous_primary
 from .steps import Outcome, shard_lock, try_shard_lock
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = logging.getLogger(__name__)
 REST_SECONDS = 1.0  # a Patroni REST call's deadline (a hung member is no answer)
@@ -86,6 +88,15 @@ def sync_standbys(shard: Shard, states: Mapping[str, MemberState]) -> int:
     )
 
 
+def _client() -> aiohttp.ClientSession:
+    """An HTTP client for Patroni's REST API.  aiohttp's client is imported here, not
+    with the module: it is a quarter of a second of every shardctl and devcluster
+    command's start, and only shards under Patroni need it."""
+    import aiohttp
+
+    return aiohttp.ClientSession()
+
+
 async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
     async with asyncio.timeout(REST_SECONDS), session.get(url) as resp:
         # Patroni answers some states with 503 and the same JSON body.
@@ -97,7 +108,7 @@ async def member_states(nodes: Iterable[Node]) -> dict[str, MemberState]:
     asking = [n for n in nodes if n.patroni_url]
     if not asking:
         return {}
-    async with aiohttp.ClientSession() as session:
+    async with _client() as session:
         answers = await asyncio.gather(
             *(_get(session, f"{n.patroni_url}/primary") for n in asking), return_exceptions=True
         )
@@ -257,7 +268,7 @@ async def record_rejoin(catalog_dsn: str, shard_name: str, node_name: str) -> in
 
 async def _cluster_members(shard: Shard) -> dict[tuple[str, int], str]:
     """Patroni's member names by Postgres address, from the first node that answers."""
-    async with aiohttp.ClientSession() as session:
+    async with _client() as session:
         for node in shard.nodes:
             if not node.patroni_url:
                 continue
@@ -354,9 +365,11 @@ async def _ask_switchover(
 ) -> tuple[int | None, str]:
     """POST the switchover to Patroni's leader: (HTTP status, text); (None, ...) when no
     answer came (it may have been acted on), (400, ...) when it was never sent."""
+    import aiohttp  # as in _client
+
     url = f"{leader.patroni_url}/switchover"
     try:
-        async with aiohttp.ClientSession() as session:
+        async with _client() as session:
             try:
                 async with (
                     asyncio.timeout(max(5.0, deadline - time.monotonic())),

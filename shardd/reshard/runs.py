@@ -84,30 +84,33 @@ async def run_moves(
 
 
 async def estimate(catalog_dsn: str, moves: Sequence[PlannedMove]) -> list[dict[str, object]]:
-    """Rows and bytes each planned move would copy (counted on the source primaries)."""
+    """Rows and bytes each planned move would copy, counted on the source primaries: one
+    connection and one query per source shard, whatever the number of moves."""
     async with admin.connect(catalog_dsn) as cat:
         topo = await catalog.load_topology(cat)
-    result = []
-    for move in moves:
-        primary = topo.shards[move.source].primary
+    per_slot: dict[int, tuple[int, int]] = {}  # slot -> (rows, bytes)
+    for source in sorted({move.source for move in moves}):
+        primary = topo.shards[source].primary
         if primary is None:
-            raise MoveError(f"shard {move.source} has no primary")
+            raise MoveError(f"shard {source} has no primary")
+        slots = [slot for move in moves if move.source == source for slot in move.slots]
         async with admin.connect(primary.dsn()) as conn:
-            row = await conn.fetchrow(
-                "SELECT count(*) AS n, coalesce(sum(pg_column_size(i.*)), 0) AS b"
-                " FROM shardd_items i WHERE slot = ANY($1::int[])",
-                list(move.slots),
+            rows = await conn.fetch(
+                "SELECT slot, count(*) AS n, coalesce(sum(pg_column_size(i.*)), 0) AS b"
+                " FROM shardd_items i WHERE slot = ANY($1::int[]) GROUP BY slot",
+                slots,
             )
-        result.append(
-            {
-                "source": move.source,
-                "target": move.target,
-                "slots": len(move.slots),
-                "rows": row["n"],
-                "bytes": int(row["b"]),
-            }
-        )
-    return result
+        per_slot.update({row["slot"]: (row["n"], int(row["b"])) for row in rows})
+    return [
+        {
+            "source": move.source,
+            "target": move.target,
+            "slots": len(move.slots),
+            "rows": sum(per_slot.get(slot, (0, 0))[0] for slot in move.slots),
+            "bytes": sum(per_slot.get(slot, (0, 0))[1] for slot in move.slots),
+        }
+        for move in moves
+    ]
 
 
 async def slot_write_load(topo: Topology, *, seconds: float) -> dict[int, float]:

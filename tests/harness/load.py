@@ -29,8 +29,26 @@ class Outcomes:
         return len(self.refused) + len(self.unknown) + len(self.failed_reads)
 
 
+class Pace:
+    """At most ``rate`` rounds a second for one client thread: load that proves a fault
+    window is covered without taking the CPU the cluster needs to get through it (on a
+    small machine, flat-out clients slow every failover, move and restart they watch)."""
+
+    def __init__(self, rate: float, stop: threading.Event) -> None:
+        self.interval = 1.0 / rate
+        self.stop = stop
+        self.next = time.monotonic()
+
+    def wait(self) -> None:
+        now = time.monotonic()
+        self.next = max(self.next + self.interval, now)  # a slow round is not made up for
+        if self.next > now:
+            self.stop.wait(self.next - now)
+
+
 class Load:
-    """``writers`` threads PUT unique keys through one or more instances until stopped.
+    """``writers`` threads PUT unique keys through one or more instances until stopped,
+    each at most ``rate`` writes a second.
 
     With ``read_back`` each writer then GETs the key with its session token, which must
     return what it wrote (read-your-writes across replicas).
@@ -44,8 +62,10 @@ class Load:
         prefix: str,
         writers: int = 8,
         read_back: bool = False,
+        rate: float = 50.0,
     ) -> None:
         self.apis = apis
+        self.rate = rate
         self.table = table
         self.prefix = prefix
         self.read_back = read_back
@@ -78,7 +98,9 @@ class Load:
         base = self.apis[number % len(self.apis)]
         api = Api(base.port, token=base.token)
         sequence = 0
+        pace = Pace(self.rate, self._stop)
         while not self._stop.is_set():
+            pace.wait()
             key = f"{self.prefix}-{number}-{sequence}"
             sequence += 1
             doc = {"writer": number, "n": sequence}
@@ -119,13 +141,20 @@ class Load:
 
 
 class Reader:
-    """Reads of a fixed set of keys in a loop (``?consistency=...``) until the block ends;
-    every failure, an unanswered read included, is kept."""
+    """Reads of a fixed set of keys in a loop (``?consistency=...``), at most ``rate`` a
+    second, until the block ends; every failure, an unanswered read included, is kept."""
 
     def __init__(
-        self, api: Api, table: str, keys: list[str], *, consistency: str = "eventual"
+        self,
+        api: Api,
+        table: str,
+        keys: list[str],
+        *,
+        consistency: str = "eventual",
+        rate: float = 100.0,
     ) -> None:
         self.api = api
+        self.rate = rate
         self.paths = [f"/v1/tables/{table}/items/{k}?consistency={consistency}" for k in keys]
         self.reads = 0
         self.failures: list[tuple[float, str, int]] = []
@@ -133,8 +162,10 @@ class Reader:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        pace = Pace(self.rate, self._stop)
         while not self._stop.is_set():
             for path in self.paths:
+                pace.wait()
                 try:
                     status = self.api.request("GET", path).status
                 except OSError:  # a read that got no answer failed too

@@ -17,6 +17,7 @@ import pytest
 
 from tests.harness.cluster import RunningCluster, start_cluster, wait_for
 from tests.harness.http import item_path
+from tests.harness.load import Pace
 
 INSTANCES = 3
 WORKERS = 6
@@ -46,7 +47,9 @@ class Load:
     def _run(self, n: int) -> None:
         api = self.cluster.api()
         i = 0
+        pace = Pace(50.0, self.stop)
         while not self.stop.is_set():
+            pace.wait()
             i += 1
             path = item_path(self.table, f"w{n}-{i % 50}")
             try:

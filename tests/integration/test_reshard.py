@@ -117,6 +117,7 @@ def test_adding_a_shard_under_load_fails_no_request(rs: RunningCluster, second: 
         api = rs.api("read")
         while not stop.is_set():
             scans.append(full_scan(api))
+            stop.wait(0.5)  # scans across the moves, not a scan flat out
 
     with Load(apis(rs, second), TABLE, prefix="grow", writers=6, read_back=True) as load:
         wait_for(lambda: len(load.outcomes.acked) > 100, timeout=30, what="load running")
