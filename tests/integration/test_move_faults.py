@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -25,7 +24,7 @@ from tests.harness.http import Api
 from tests.harness.load import Load, assert_nothing_lost, create_and_seed
 
 TABLE = "mf"
-SLOTS_PER_MOVE = 512
+SLOTS_PER_MOVE = 256
 
 
 @pytest.fixture(scope="module", params=["sync", "async"])
@@ -163,11 +162,10 @@ def test_a_primary_change_at_any_phase_of_a_move_keeps_one_owner_per_slot(
     token = healed.api("write").token
     apis = [healed.api("write"), Api(second.port, token=token)]
     with Load(apis, TABLE, prefix=f"{fault}-{side}-{phase}", writers=4) as load:
-        wait_for(lambda: len(load.outcomes.acked) > 50, timeout=30, what="load running")
+        wait_for(lambda: len(load.outcomes.acked) > 20, timeout=30, what="load running")
         done = asyncio.run(run_move())
         acked = len(load.outcomes.acked)
         wait_for(lambda: len(load.outcomes.acked) > acked + 20, timeout=30, what="more writes")
-        time.sleep(0.2)
     assert faulted, f"the move never reached {phase}"
     assert done.phase in ("done", "aborted"), done
     if done.phase == "done":

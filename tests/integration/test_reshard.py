@@ -127,7 +127,7 @@ def test_adding_a_shard_under_load_fails_no_request(rs: RunningCluster, second: 
         scanning = threading.Thread(target=scanner)
         scanning.start()
         try:
-            rs.shardctl("rebalance", "--yes", "--json")
+            rs.shardctl("rebalance", "--yes", "--json", "--max-parallel", "4")
         finally:
             stop.set()
             scanning.join(timeout=60)
@@ -167,7 +167,7 @@ def test_a_router_with_the_old_map_is_refused_by_the_old_owner(rs: RunningCluste
 def test_removing_a_shard_under_load_fails_no_request(rs: RunningCluster, second: Instance) -> None:
     with Load(apis(rs, second), TABLE, prefix="shrink", writers=6, read_back=True) as load:
         wait_for(lambda: len(load.outcomes.acked) > 100, timeout=30, what="load running")
-        result = rs.shardctl("shard", "remove", "s4", "--yes")
+        result = rs.shardctl("shard", "remove", "s4", "--yes", "--max-parallel", "4")
         assert "removed" in result.stdout
         acked = len(load.outcomes.acked)
         wait_for(lambda: len(load.outcomes.acked) > acked + 50, timeout=30, what="more load")
