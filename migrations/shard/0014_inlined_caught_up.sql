@@ -1,0 +1,12 @@
+-- Reads that Postgres can plan in one piece.
+--
+-- shardd_caught_up (0001) was declared STABLE, but its body calls pg_is_in_recovery()
+-- and pg_last_wal_replay_lsn(), which are VOLATILE: Postgres never inlines a function
+-- whose body is more volatile than its declaration, so every read (shardd_get,
+-- shardd_query, shardd_scan) ran it through the SQL-function executor, which sets the
+-- body up again on each execution of the calling statement.  Declared VOLATILE, as its
+-- body is, it is inlined into the read's own plan: a point read without a session token
+-- folds it to true, and one with a token evaluates the two built-ins directly.  Nothing
+-- else changes: it is called in select lists only, and the reads that use it are
+-- inlined as before (their own volatility is unchanged).
+ALTER FUNCTION shardd_caught_up(pg_lsn) VOLATILE;
