@@ -620,8 +620,10 @@ def rebalance(
     if load is not None and not as_json:
         _advise(load)
     planned = run(reshard.plan_for(ctx.dsn, group_slots=group_slots, by=by, load=load))
+    # Also with --yes: it fails at once, before anything is recorded, when a source has
+    # no primary (one query per source shard).
+    estimates = run(reshard.estimate(ctx.dsn, planned))
     if dry_run or not yes:
-        estimates = run(reshard.estimate(ctx.dsn, planned))
 
         def render(rows: list[dict[str, Any]]) -> None:
             if not rows:

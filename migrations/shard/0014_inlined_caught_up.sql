@@ -6,7 +6,9 @@
 -- shardd_query, shardd_scan) ran it through the SQL-function executor, which sets the
 -- body up again on each execution of the calling statement.  Declared VOLATILE, as its
 -- body is, it is inlined into the read's own plan: a point read without a session token
--- folds it to true, and one with a token evaluates the two built-ins directly.  Nothing
--- else changes: it is called in select lists only, and the reads that use it are
--- inlined as before (their own volatility is unchanged).
+-- may fold it to true, and one with a token evaluates the two built-ins directly.
+-- Nothing else changes: it is called in select lists only, per row as before, under
+-- the caller's snapshot as before; the reads that use it are still inlined into the
+-- calling statement (kept as a subquery, as Postgres keeps one whose output calls a
+-- volatile function).
 ALTER FUNCTION shardd_caught_up(pg_lsn) VOLATILE;

@@ -101,6 +101,8 @@ class Load:
         pace = Pace(self.rate, self._stop)
         while not self._stop.is_set():
             pace.wait()
+            if self._stop.is_set():
+                break
             key = f"{self.prefix}-{number}-{sequence}"
             sequence += 1
             doc = {"writer": number, "n": sequence}
@@ -166,6 +168,8 @@ class Reader:
         while not self._stop.is_set():
             for path in self.paths:
                 pace.wait()
+                if self._stop.is_set():
+                    return
                 try:
                     status = self.api.request("GET", path).status
                 except OSError:  # a read that got no answer failed too

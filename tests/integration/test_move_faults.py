@@ -19,12 +19,13 @@ from collections.abc import Iterator
 import pytest
 
 from shardd import admin, reshard
-from tests.harness.cluster import Instance, RunningCluster, start_cluster, wait_for
+from shardd.placement import slot_of
+from tests.harness.cluster import SLOTS, Instance, RunningCluster, start_cluster, wait_for
 from tests.harness.http import Api
 from tests.harness.load import Load, assert_nothing_lost, create_and_seed
 
 TABLE = "mf"
-SLOTS_PER_MOVE = 256
+SLOTS_PER_MOVE = 512
 
 
 @pytest.fixture(scope="module", params=["sync", "async"])
@@ -163,10 +164,15 @@ def test_a_primary_change_at_any_phase_of_a_move_keeps_one_owner_per_slot(
     apis = [healed.api("write"), Api(second.port, token=token)]
     with Load(apis, TABLE, prefix=f"{fault}-{side}-{phase}", writers=4) as load:
         wait_for(lambda: len(load.outcomes.acked) > 20, timeout=30, what="load running")
+        before = len(load.outcomes.acked)
         done = asyncio.run(run_move())
         acked = len(load.outcomes.acked)
         wait_for(lambda: len(load.outcomes.acked) > acked + 20, timeout=30, what="more writes")
     assert faulted, f"the move never reached {phase}"
+    # The writers reached the moving slots while the move and its fault ran.
+    moving = set(slots)
+    during = list(load.outcomes.acked)[before:acked]
+    assert sum(slot_of(key, SLOTS) in moving for key in during) >= 5, len(during)
     assert done.phase in ("done", "aborted"), done
     if done.phase == "done":
         after = healed.slot_map()

@@ -117,7 +117,7 @@ def test_adding_a_shard_under_load_fails_no_request(rs: RunningCluster, second: 
         api = rs.api("read")
         while not stop.is_set():
             scans.append(full_scan(api))
-            stop.wait(0.5)  # scans across the moves, not a scan flat out
+            stop.wait(0.05)  # nearly always scanning, not quite flat out
 
     with Load(apis(rs, second), TABLE, prefix="grow", writers=6, read_back=True) as load:
         wait_for(lambda: len(load.outcomes.acked) > 100, timeout=30, what="load running")
@@ -135,7 +135,7 @@ def test_adding_a_shard_under_load_fails_no_request(rs: RunningCluster, second: 
         wait_for(lambda: len(load.outcomes.acked) > acked + 50, timeout=30, what="more load")
     outcomes = load.outcomes
     # Scans running across the moves saw every pre-loaded item exactly once.
-    assert scans
+    assert len(scans) >= 5, len(scans)
     for keys in scans:
         assert len(keys) == len(set(keys))
         assert preloaded <= set(keys)
