@@ -41,6 +41,27 @@ from .watcher import TopologyWatcher
 
 T = TypeVar("T")
 Work = Callable[[asyncpg.Connection], Awaitable[T]]
+
+
+def _after(min_lsn: int, work: Work[T]) -> Work[T]:
+    """``work`` on a replica, once it has replayed ``min_lsn`` (else NotCaughtUp).
+
+    The position is checked in a statement of its own, before the read's.  The read's
+    functions compare it too, but a statement takes its snapshot before its functions
+    run: a commit replayed in between would pass that comparison while the snapshot
+    misses it, and a session would not read its own write.  The read's statement here
+    starts after the position was seen, so its snapshot has the commit.  (A primary
+    needs no such check: what it acknowledged is visible there.)
+    """
+
+    async def run(conn: asyncpg.Connection) -> T:
+        if not await conn.fetchval("SELECT shardd_caught_up($1)", min_lsn):
+            raise errors.NotCaughtUp
+        return await work(conn)
+
+    return run
+
+
 RETRY_BUDGET = 0.5  # seconds a retry after a refused slot needs left before the deadline
 # Seconds a connection whose query the deadline interrupted may wait for the shard to
 # confirm the cancel before it is dropped.
@@ -283,7 +304,13 @@ class Executor:
         failures = 0
         for node in candidates:
             try:
-                result = await self._run(shard.name, node, work, writing=False, deadline=deadline)
+                result = await self._run(
+                    shard.name,
+                    node,
+                    work if min_lsn is None or node is shard.primary else _after(min_lsn, work),
+                    writing=False,
+                    deadline=deadline,
+                )
             except NodeLost:
                 failures += 1
                 metrics.READ_RETRIES.inc()

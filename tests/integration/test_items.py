@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.harness.cluster import wait_for
 from tests.harness.http import Api, item_path
 
 
@@ -115,6 +116,23 @@ def test_session_token_gives_read_your_writes(api: Api, table: str) -> None:
         assert read.body["item"] == {"i": i}
     # The token accumulates positions for every shard written in this session.
     assert len(token.split(",")) == 3
+
+
+def test_session_reads_use_a_replica_once_it_has_replayed_the_write(api: Api, table: str) -> None:
+    """A session read goes to a replica (the primary only while none has replayed the
+    session's writes); each answer has the session's write."""
+    path = item_path(table, "session-replica")
+    written = api.request("PUT", path, body={"v": 1})
+    token = written.header("Shardd-Session")
+    served: list[str] = []
+
+    def read_from_replica() -> bool:
+        read = api.request("GET", path, headers={"Shardd-Session": token})
+        assert read.status == 200 and read.body["item"] == {"v": 1}, read.body
+        served.append(read.header("Shardd-Served-By").split("/")[1])
+        return "replica" in served[-1]
+
+    wait_for(read_from_replica, timeout=10, what="a session read served by a replica")
 
 
 def test_eventual_reads_use_replicas(api: Api, table: str) -> None:
