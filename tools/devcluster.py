@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import csv
 import json
 import os
 import pwd
@@ -524,6 +525,8 @@ class Cluster:
             return
         servers = self.dir / "haproxy-servers.cfg"
         servers.write_text(
+            # HAProxy's own view of each instance (UP, DOWN, ...) for `status`.
+            f"global\n    stats socket {self.haproxy_socket} mode 600 level user\n\n"
             "backend shardd\n"
             + "".join(
                 f"    server {name} 127.0.0.1:{self.instance_port(name)} check\n"
@@ -542,6 +545,32 @@ class Cluster:
         self.state["haproxy_pid"] = proc.pid
         self.save()
         wait_ready(int(self.state["port"]), proc, self.dir / "haproxy.log")
+
+    @property
+    def haproxy_socket(self) -> Path:
+        return self.dir / "haproxy.sock"
+
+    def balancer_states(self) -> dict[str, str]:
+        """instance -> its state in HAProxy's backend ("UP", "DOWN", "UP 1/2", ...);
+        {} without a running HAProxy."""
+        if self.haproxy_pid() is None:
+            return {}
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stats:
+                stats.settimeout(2.0)
+                stats.connect(str(self.haproxy_socket))
+                stats.sendall(b"show stat\n")
+                answer = b""
+                while chunk := stats.recv(65536):
+                    answer += chunk
+        except OSError:
+            return {}
+        lines = answer.decode().lstrip("# ").splitlines()
+        return {
+            row["svname"]: row["status"]
+            for row in csv.DictReader(lines)
+            if row.get("pxname") == "shardd" and row.get("svname") not in ("FRONTEND", "BACKEND")
+        }
 
     def stop_haproxy(self) -> None:
         pid = self.haproxy_pid()
@@ -819,20 +848,22 @@ def status(directory: Path, as_json: bool) -> None:
                 "up": pid is not None,
             }
         )
+    balancer = cluster.balancer_states() if cluster.state else {}
     for name in cluster.instances() if cluster.state else ["shardd"]:
         pid = cluster.shardd_pid(name) if cluster.state else None
-        rows.append(
-            {
-                "name": name,
-                "shard": None,
-                "role": "shardd",
-                "zone": cluster.instance_zone(name) if cluster.state else "",
-                "port": cluster.instance_port(name) if cluster.state else None,
-                "datadir": None,
-                "pid": pid,
-                "up": pid is not None,
-            }
-        )
+        row = {
+            "name": name,
+            "shard": None,
+            "role": "shardd",
+            "zone": cluster.instance_zone(name) if cluster.state else "",
+            "port": cluster.instance_port(name) if cluster.state else None,
+            "datadir": None,
+            "pid": pid,
+            "up": pid is not None,
+        }
+        if name in balancer:
+            row["balancer"] = balancer[name]  # HAProxy's state of it
+        rows.append(row)
     if cluster.state and len(cluster.instances()) > 1:
         pid = cluster.haproxy_pid()
         rows.append(
@@ -855,6 +886,7 @@ def status(directory: Path, as_json: bool) -> None:
             f"{row['name']:<16} {row['shard'] or '-':<6} {row['role']:<8} "
             f"{row['zone'] or '-':<6} {row['port']!s:<6} {'up' if row['up'] else 'down':<5} "
             f"pid={row['pid'] or '-'} {row['datadir'] or ''}"
+            + (f"balancer={row['balancer']}" if "balancer" in row else "")
         )
 
 

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -81,13 +80,18 @@ class Load:
             thread.join(timeout=60)
 
 
-def instance_pids(cluster: RunningCluster) -> dict[str, int]:
+def instances(cluster: RunningCluster) -> list[dict[str, Any]]:
     status = json.loads(cluster.devcluster("status", "--json").stdout)
-    return {
-        row["name"]: row["pid"]
-        for row in status["nodes"]
-        if row["role"] == "shardd" and row["pid"] is not None
-    }
+    return [row for row in status["nodes"] if row["role"] == "shardd"]
+
+
+def instance_pids(cluster: RunningCluster) -> dict[str, int]:
+    return {row["name"]: row["pid"] for row in instances(cluster) if row["pid"] is not None}
+
+
+def in_balancer(cluster: RunningCluster, name: str) -> str:
+    """HAProxy's state of instance ``name`` ("UP", "DOWN", "UP 1/2", ...)."""
+    return next(row.get("balancer", "") for row in instances(cluster) if row["name"] == name)
 
 
 def declare(cluster: RunningCluster, table: str) -> None:
@@ -103,7 +107,10 @@ def test_an_instance_killed_under_load_fails_only_its_requests_in_flight(
         wait_for(lambda: load.ok > 200, timeout=30, what="load running")
         before = load.ok
         lb.devcluster("kill", "shardd-2")
-        time.sleep(4)  # the balancer's checks take it out; requests go on
+        # The balancer's checks take it out; requests go on.
+        wait_for(lambda: in_balancer(lb, "shardd-2") == "DOWN", timeout=30, what="shardd-2 out")
+        out = load.ok
+        wait_for(lambda: load.ok > out + 100, timeout=30, what="requests going on")
         after_kill = load.ok
     # At most the requests it had in flight (one per worker) failed; the rest went on.
     assert len(load.failed) <= WORKERS, load.failed[:5]
@@ -125,7 +132,9 @@ def test_a_rolling_restart_with_sigterm_fails_no_request(lb: RunningCluster) -> 
             )
             lb.devcluster("start", name)
             # Back in the balancer (two passing checks) before the next one goes.
-            time.sleep(3)
+            wait_for(
+                lambda back=name: in_balancer(lb, back) == "UP", timeout=30, what=f"{name} back"
+            )
         ok = load.ok
     assert load.failed == [], load.failed[:5]
     assert ok > 500
