@@ -20,6 +20,7 @@ import pytest
 
 from tests.harness.cluster import TOKENS, RunningCluster, wait_for
 from tests.harness.http import Api, item_path
+from tests.harness.load import Pace
 
 SPEC = {
     "key": {"pk": "$.product_id", "sk": "$.created_at"},
@@ -334,7 +335,9 @@ def test_a_view_equals_its_recomputation_after_faults_under_load(
     def writer(seed: int) -> None:
         rng = random.Random(seed)
         client = cluster.api()
+        pace = Pace(50.0, stop)
         while not stop.is_set():
+            pace.wait()
             pk, sk = f"u{rng.randrange(20)}", f"o{rng.randrange(8)}"
             roll = rng.random()
             if roll < 0.6:
@@ -356,8 +359,10 @@ def test_a_view_equals_its_recomputation_after_faults_under_load(
     def joiner() -> None:
         rng = random.Random(7)
         client = cluster.api()
+        pace = Pace(10.0, stop)  # batches of 20
         n = 0
         while not stop.is_set():
+            pace.wait()
             user = f"u{rng.randrange(20)}"
             item = {"product_id": "bulk", "status": "paid"}
             puts = [
