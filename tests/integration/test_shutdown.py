@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 import subprocess
-import time
 
 import asyncpg
 import orjson
@@ -60,7 +59,16 @@ def test_sigterm_drains_an_in_flight_request(cluster: RunningCluster, api: Api, 
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
                 sock.sendall(head + body)
-                time.sleep(0.3)  # the handler is now blocked in the shard
+                # The handler is now blocked in the shard, waiting for the slot's lock.
+                waiting = (
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                    " AND classid = shardd_slot_lock_class()::oid AND objid = $1"
+                )
+                wait_for(
+                    lambda: loop.run_until_complete(locker.fetchval(waiting, slot)) > 0,
+                    timeout=10,
+                    what="the write waiting for the slot's lock",
+                )
                 proc.send_signal(signal.SIGTERM)
                 wait_for(lambda: not _accepts(port), timeout=10, what="listener closed")
                 assert proc.poll() is None  # still draining
