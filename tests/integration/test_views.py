@@ -18,6 +18,7 @@ from urllib.parse import quote
 import asyncpg
 import pytest
 
+from shardd import changelog
 from tests.harness.cluster import TOKENS, RunningCluster, wait_for
 from tests.harness.http import Api, item_path
 from tests.harness.load import Pace
@@ -282,6 +283,7 @@ class LateCommit:
     ``commit()``: a long transaction whose change-log entry commits late."""
 
     def __init__(self, dsn: str, slot: int, table: str, pk: str, sk: str, doc: str) -> None:
+        self.txid = 0  # the transaction's id, once it has written
         self._go = threading.Event()
         self._ready = threading.Event()
         self._thread = threading.Thread(
@@ -304,6 +306,7 @@ class LateCommit:
                     sk,
                     doc,
                 )
+                self.txid = int(await conn.fetchval("SELECT pg_current_xact_id()::text"))
                 self._ready.set()
                 await asyncio.to_thread(self._go.wait)
         finally:
@@ -394,7 +397,18 @@ def test_a_view_equals_its_recomputation_after_faults_under_load(
         json.dumps({"product_id": "late", "created_at": "t", "status": "paid", "qty": 1}),
     )
     try:
-        time.sleep(2)  # maintenance passes the late transaction's sequence numbers
+        # Maintenance passes the late transaction: it reads the shard's log up to a
+        # snapshot taken while the transaction is still open (and so not yet visible).
+        def passed() -> bool:
+            rows = cluster.sql(
+                "catalog",
+                "SELECT position FROM shardd_view_positions WHERE view = $1 AND shard = $2",
+                view,
+                owner,
+            )
+            return bool(rows) and _snapshot_xmax(rows[0]["position"]) > late.txid
+
+        wait_for(passed, timeout=20, what="maintenance passing the late transaction")
         # Another instance takes its share of the shards, and is killed mid-work; its
         # shards are taken back once its leases lapse.
         other = cluster.start_instance()
@@ -439,6 +453,12 @@ def test_a_view_equals_its_recomputation_after_faults_under_load(
         checked.stderr,
         (cluster.dir / "shardd.log").read_text()[-5000:],
     )
+
+
+def _snapshot_xmax(position: str) -> int:
+    """The xmax of the snapshot a view's position covers (see shardd.changelog)."""
+    snapshot = changelog.parse_position(position)[0]
+    return int(snapshot.split(":")[1])
 
 
 def set_weight(cluster: RunningCluster, shard: str, weight: int) -> None:
