@@ -415,12 +415,20 @@ class Feed:
         poll interval until there is one or ``wait`` seconds have passed (the empty page
         then carries the advanced cursor)."""
         until = time.monotonic() + wait
-        while True:
-            page = await self.read_once(cursor, tables=tables, limit=limit)
-            if page.changes or time.monotonic() + self.poll_interval > until:
-                return page
-            cursor = page.cursor
-            await asyncio.sleep(self.poll_interval)
+        waiting = False
+        try:
+            while True:
+                page = await self.read_once(cursor, tables=tables, limit=limit)
+                if page.changes or time.monotonic() + self.poll_interval > until:
+                    return page
+                cursor = page.cursor
+                if not waiting:
+                    waiting = True
+                    metrics.CHANGEFEED_WAITING.inc()
+                await asyncio.sleep(self.poll_interval)
+        finally:
+            if waiting:
+                metrics.CHANGEFEED_WAITING.dec()
 
     async def read_once(
         self, cursor: Cursor | None, *, tables: Sequence[str] | None, limit: int

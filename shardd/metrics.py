@@ -157,6 +157,10 @@ VIEW_BACKPRESSURE = Counter(
 CHANGEFEED_CHANGES = Counter(
     "shardd_changefeed_changes_total", "Changes delivered by the change feed, by shard", ["shard"]
 )
+CHANGEFEED_WAITING = Gauge(
+    "shardd_changefeed_waiting",
+    "Change-feed long polls waiting for a change (a round found none; the next is due)",
+)
 CHANGEFEED_CURSORS_EXPIRED = Counter(
     "shardd_changefeed_cursors_expired_total",
     "Change-feed reads refused because the cursor was older than what the shards keep (410)",

@@ -15,6 +15,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import csv
+import hashlib
 import json
 import os
 import pwd
@@ -24,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -548,13 +550,21 @@ class Cluster:
 
     @property
     def haproxy_socket(self) -> Path:
-        return self.dir / "haproxy.sock"
+        """In the cluster's folder, unless its path is too long for a unix socket
+        (HAProxy binds through a longer temporary name): then a short one under /tmp
+        named after the folder."""
+        inside = self.dir / "haproxy.sock"
+        if len(str(inside)) <= 80:
+            return inside
+        digest = hashlib.sha1(str(self.dir.resolve()).encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / f"shardd-haproxy-{digest}.sock"
 
     def balancer_states(self) -> dict[str, str]:
         """instance -> its state in HAProxy's backend ("UP", "DOWN", "UP 1/2", ...);
         {} without a running HAProxy."""
         if self.haproxy_pid() is None:
             return {}
+        deadline = time.monotonic() + 2.0
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stats:
                 stats.settimeout(2.0)
@@ -563,6 +573,8 @@ class Cluster:
                 answer = b""
                 while chunk := stats.recv(65536):
                     answer += chunk
+                    if time.monotonic() > deadline:
+                        return {}
         except OSError:
             return {}
         lines = answer.decode().lstrip("# ").splitlines()
@@ -886,7 +898,7 @@ def status(directory: Path, as_json: bool) -> None:
             f"{row['name']:<16} {row['shard'] or '-':<6} {row['role']:<8} "
             f"{row['zone'] or '-':<6} {row['port']!s:<6} {'up' if row['up'] else 'down':<5} "
             f"pid={row['pid'] or '-'} {row['datadir'] or ''}"
-            + (f"balancer={row['balancer']}" if "balancer" in row else "")
+            + (f"balancer={str(row['balancer']).replace(' ', '_')}" if "balancer" in row else "")
         )
 
 

@@ -111,12 +111,11 @@ def test_an_instance_killed_under_load_fails_only_its_requests_in_flight(
         wait_for(lambda: in_balancer(lb, "shardd-2") == "DOWN", timeout=30, what="shardd-2 out")
         out = load.ok
         wait_for(lambda: load.ok > out + 100, timeout=30, what="requests going on")
-        after_kill = load.ok
     # At most the requests it had in flight (one per worker) failed; the rest went on.
     assert len(load.failed) <= WORKERS, load.failed[:5]
-    assert after_kill > before + 100
+    assert out > before  # and requests were answered while the balancer's checks took it out
     lb.devcluster("start", "shardd-2")
-    wait_for(lambda: "shardd-2" in instance_pids(lb), timeout=30, what="shardd-2 back")
+    wait_for(lambda: in_balancer(lb, "shardd-2") == "UP", timeout=30, what="shardd-2 back")
 
 
 def test_a_rolling_restart_with_sigterm_fails_no_request(lb: RunningCluster) -> None:
@@ -130,6 +129,8 @@ def test_a_rolling_restart_with_sigterm_fails_no_request(lb: RunningCluster) -> 
             wait_for(
                 lambda gone=name: gone not in instance_pids(lb), timeout=30, what=f"{name} gone"
             )
+            # It drained for longer than the checks take to put it out.
+            assert in_balancer(lb, name) == "DOWN"
             lb.devcluster("start", name)
             # Back in the balancer (two passing checks) before the next one goes.
             wait_for(

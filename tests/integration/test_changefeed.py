@@ -15,7 +15,7 @@ import asyncpg
 
 from shardd import changefeed, changelog
 from shardd.placement import slot_of
-from tests.harness.cluster import SLOTS, RunningCluster
+from tests.harness.cluster import SLOTS, RunningCluster, wait_for
 from tests.harness.feed import by_key, drain, end_cursor, feed_page, follow
 from tests.harness.http import Api, item_path
 
@@ -176,7 +176,9 @@ def test_consumers_hold_back_trimming_and_an_expired_cursor_is_410(
     assert "feed:feed-test" not in {r["name"] for r in left}
 
 
-def test_a_long_poll_returns_when_a_write_arrives(api: Api, table: str) -> None:
+def test_a_long_poll_returns_when_a_write_arrives(
+    cluster: RunningCluster, api: Api, table: str
+) -> None:
     cursor = end_cursor(api, table)
     started = time.monotonic()
     quiet = feed_page(api, tables=table, cursor=cursor, wait=1)
@@ -189,11 +191,14 @@ def test_a_long_poll_returns_when_a_write_arrives(api: Api, table: str) -> None:
     )
     started = time.monotonic()
     poller.start()
-    time.sleep(0.5)
+    # Parked: its first round found nothing.
+    waiting = "shardd_changefeed_waiting"
+    wait_for(lambda: cluster.metric(waiting) == 1, timeout=10, what="the long poll waiting")
     assert api.request("PUT", item_path(table, "ping"), body={}).status == 201
     poller.join(timeout=30)
     assert answer and [c["pk"] for c in answer[0]["changes"]] == ["ping"]
     assert time.monotonic() - started < 20  # woken by the write, not by the deadline
+    assert cluster.metric(waiting) == 0
 
 
 def test_bad_input_is_a_clear_4xx(cluster: RunningCluster, api: Api, table: str) -> None:

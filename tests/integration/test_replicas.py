@@ -47,9 +47,11 @@ def test_killing_a_replica_under_read_load_fails_no_read(
         # (answers from the item cache name no node).
         wait_for(lambda: "s1/s1-replica1" in served, timeout=10, what="the replica serving")
         cluster.devcluster("kill", "s1-replica1")
-        killed_at = len(served)
+        # Through the moment its health check finds it dead, and on from there.
+        wait_for(lambda: not healthy(cluster, "s1-replica1"), timeout=20, what="replica marked")
+        marked_at = len(served)
         wait_for(
-            lambda: len(served) > killed_at + 200 and "s1/s1-primary" in served[killed_at:],
+            lambda: len(served) > marked_at + 200 and "s1/s1-primary" in served[marked_at:],
             timeout=20,
             what="the primary serving",
         )
@@ -104,3 +106,9 @@ def test_concurrent_eventual_reads_of_one_item_share_one_query(
     # A strong read never joins another: it must see every write acknowledged before it.
     strong = api.request("GET", item_path(table, key) + "?consistency=strong")
     assert strong.status == 200 and strong.header("Shardd-Served-By") == "s2/s2-primary"
+
+
+def healthy(cluster: RunningCluster, node: str) -> bool:
+    """Whether the instance's last health check of ``node`` passed (GET /v1/topology)."""
+    shards = cluster.api("read").request("GET", "/v1/topology").body["shards"]
+    return any(n["name"] == node and n["healthy"] for shard in shards for n in shard["nodes"])

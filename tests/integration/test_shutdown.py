@@ -63,6 +63,7 @@ def test_sigterm_drains_an_in_flight_request(cluster: RunningCluster, api: Api, 
                 waiting = (
                     "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
                     " AND classid = shardd_slot_lock_class()::oid AND objid = $1"
+                    " AND objsubid = 2"  # the two-key form
                 )
                 wait_for(
                     lambda: loop.run_until_complete(locker.fetchval(waiting, slot)) > 0,
