@@ -66,7 +66,16 @@ def test_a_replica_that_stopped_streaming_is_not_promoted_until_forced(pr: Runni
     )
     for n in range(50):
         assert put(api, f"unreplicated-{n}", n=n)[0] == 201
-    time.sleep(1.0)  # a few health rounds see the primary alive and the replica not streaming
+    # A health round saw the primary alive past those writes (the monitor recorded its
+    # position, which the loss is measured against) and the replica without them.
+    end = pr.sql(primary, "SELECT pg_current_wal_lsn() AS at")[0]["at"]
+    wait_for(
+        lambda: pr.sql(
+            "catalog", "SELECT primary_lsn >= $1 AS ok FROM shardd_shards WHERE name = 's1'", end
+        )[0]["ok"],
+        timeout=10,
+        what="the monitor recording the primary's position",
+    )
     pr.devcluster("kill", primary)
 
     # No automatic promotion: writes are refused at once with the reason; reads go on.
