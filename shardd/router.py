@@ -39,11 +39,10 @@ class SessionToken:
         object.__setattr__(self, "positions", MappingProxyType(dict(self.positions)))
 
     @classmethod
-    def parse(cls, text: str) -> SessionToken:
+    def parse(cls, text: str, *, what: str = "Shardd-Session") -> SessionToken:
         if not SESSION_TOKEN.match(text):
             raise BadRequest(
-                "Shardd-Session must look like shard:lsn[,shard:lsn...]",
-                code="invalid_session_token",
+                f"{what} must look like shard:lsn[,shard:lsn...]", code="invalid_session_token"
             )
         positions: dict[str, int] = {}
         for part in text.split(","):
@@ -53,8 +52,13 @@ class SessionToken:
         return cls(positions)
 
     def merged(self, shard: str, lsn: int) -> SessionToken:
+        return self.union(SessionToken({shard: lsn}))
+
+    def union(self, other: SessionToken) -> SessionToken:
+        """Every shard of either, at the later position of the two."""
         positions = dict(self.positions)
-        positions[shard] = max(lsn, positions.get(shard, 0))
+        for shard, lsn in other.positions.items():
+            positions[shard] = max(lsn, positions.get(shard, 0))
         return SessionToken(positions)
 
     def __str__(self) -> str:

@@ -40,8 +40,12 @@ def _session(request: web.Request) -> SessionToken | None:
 
 
 def _consistency(request: web.Request, token: SessionToken | None) -> str:
-    requested = request.query.get("consistency", request.headers.get("Shardd-Consistency"))
-    return resolve_consistency(requested, token)
+    """The query parameter, else the header; both are checked when both are given."""
+    header = request.headers.get("Shardd-Consistency")
+    query = request.query.get("consistency")
+    if query is not None and header is not None:
+        resolve_consistency(header, token)
+    return resolve_consistency(header if query is None else query, token)
 
 
 def _etag(version: int) -> str:

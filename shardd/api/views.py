@@ -113,12 +113,14 @@ def _encode(sk: str) -> str:
 
 
 def _wait_token(request: web.Request) -> SessionToken | None:
-    """The session to wait for: the ``Shardd-Session`` header, or ``wait_for``."""
+    """The session to wait for: the ``Shardd-Session`` header, ``wait_for``, or both
+    (then every position either names)."""
     token = _session(request)
     raw = request.query.get("wait_for")
-    if raw is not None:
-        token = SessionToken.parse(raw) if token is None else token
-    return token
+    if raw is None:
+        return token
+    wanted = SessionToken.parse(raw, what="wait_for")
+    return wanted if token is None else token.union(wanted)
 
 
 async def _rows(

@@ -109,6 +109,9 @@ def test_bad_consistency_and_session(api: Api, table: str) -> None:
     path = item_path(table, "k")
     assert_error(api.request("GET", path + "?consistency=maybe"), 400, "invalid_consistency")
     assert_error(api.request("GET", path, headers={"Shardd-Consistency": "STRONG"}), 400)
+    # The query parameter wins, but a malformed header beside it is still refused.
+    both = api.request("GET", path + "?consistency=strong", headers={"Shardd-Consistency": "x"})
+    assert_error(both, 400, "invalid_consistency")
     assert_error(
         api.request("GET", path, headers={"Shardd-Session": "garbage"}),
         400,

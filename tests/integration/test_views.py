@@ -167,6 +167,18 @@ def test_session_read_sees_the_write(api: Api, orders: tuple[str, str, str]) -> 
         assert len(seen.body["items"]) == n + 1, n
     via_param = api.request("GET", f"/v1/views/{view}/partitions/hot?wait_for={quote(token)}")
     assert len(via_param.body["items"]) == 20
+    # Both: every position either names.  A malformed wait_for is refused even then.
+    both = api.request(
+        "GET",
+        f"/v1/views/{view}/partitions/hot?wait_for={quote(token)}",
+        headers={"Shardd-Session": token},
+    )
+    assert len(both.body["items"]) == 20
+    bad = api.request(
+        "GET", f"/v1/views/{view}/partitions/hot?wait_for=T", headers={"Shardd-Session": token}
+    )
+    assert bad.status == 400 and bad.body["error"]["code"] == "invalid_session_token", bad.body
+    assert "wait_for" in bad.body["error"]["message"]
 
 
 def test_verify_finds_and_repair_fixes(

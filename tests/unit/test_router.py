@@ -109,6 +109,14 @@ def test_session_token_round_trip_and_merge() -> None:
     for bad in ("", "s1", "s1:", ":5", "s1:-1", "s1:x", "s1:" + "9" * 30):
         with pytest.raises(BadRequest):
             SessionToken.parse(bad)
+    with pytest.raises(BadRequest) as refused:
+        SessionToken.parse("T", what="wait_for")
+    assert refused.value.message.startswith("wait_for must")
+
+
+def test_session_token_union_takes_every_shard_at_its_later_position() -> None:
+    union = SessionToken.parse("s1:7,s2:12").union(SessionToken.parse("s2:20,s3:1,s1:2"))
+    assert str(union) == "s1:7,s2:20,s3:1"
 
 
 def test_reads_prefer_replicas_in_the_instances_zone() -> None:
