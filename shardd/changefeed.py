@@ -63,12 +63,12 @@ import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeGuard
 
 import asyncpg
 import orjson
 
-from . import errors, metrics
+from . import config, errors, metrics
 from .changelog import ORIGIN, start_at
 from .topology import Shard, Topology
 
@@ -79,7 +79,7 @@ MAX_CURSOR_CHARS = 8000  # a cursor travels in the query string
 CONSUMER_PREFIX = "feed:"  # their names among a shard's change-log consumers
 CONSUMER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 # User tables only: internal item tables (view rows, "~v:<view>") never reach the feed.
-USER_TABLE = r"^[a-z][a-z0-9_]{0,62}$"
+USER_TABLE = config.TABLE_NAME.pattern
 _SNAPSHOT = re.compile(r"^[0-9]{1,20}:[0-9]{1,20}:([0-9]{1,20}(,[0-9]{1,20})*)?$")
 _ORIGIN = re.compile(r"^[0-9]{1,20}:[0-9A-F]{8}$")
 _MAX_JSON = 1 << 20  # bytes a cursor may inflate to
@@ -159,6 +159,20 @@ class Cursor:
         return cls({name: _position(name, entry) for name, entry in shards.items()})
 
 
+def _snapshot(text: Any) -> TypeGuard[str]:
+    """Whether ``text`` is a snapshot Postgres accepts as ``pg_snapshot``: xmin and xmax
+    valid 64-bit ids with xmin <= xmax, in-progress ids ascending within [xmin, xmax)."""
+    if not (isinstance(text, str) and _SNAPSHOT.fullmatch(text)):
+        return False
+    xmin, xmax, xip = text.split(":")
+    running = [int(x) for x in xip.split(",") if x]
+    return (
+        0 < int(xmin) <= int(xmax) < 2**64
+        and all(int(xmin) <= x < int(xmax) for x in running)
+        and running == sorted(running)
+    )
+
+
 def _position(name: str, entry: Any) -> ShardPosition:
     def bad() -> BadCursor:
         return BadCursor(f"the cursor's position on shard {name!r} is malformed")
@@ -174,11 +188,9 @@ def _position(name: str, entry: Any) -> ShardPosition:
         raise bad()
     pos, origin, upto = entry.get("pos"), entry.get("origin"), entry.get("upto")
     after, rank, idle = entry.get("after", 0), entry.get("rank", 0), entry.get("idle", False)
-    if not (isinstance(pos, str) and _SNAPSHOT.match(pos)):
+    if not _snapshot(pos) or (upto is not None and not _snapshot(upto)):
         raise bad()
-    if not (isinstance(origin, str) and _ORIGIN.match(origin)):
-        raise bad()
-    if upto is not None and not (isinstance(upto, str) and _SNAPSHOT.match(upto)):
+    if not (isinstance(origin, str) and _ORIGIN.fullmatch(origin)):
         raise bad()
     for number in (after, rank):
         if isinstance(number, bool) or not isinstance(number, int) or not 0 <= number < 2**63:

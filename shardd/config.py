@@ -23,6 +23,7 @@ from typing import Any
 
 ENV_PREFIX = "SHARDD_"
 ZONE = re.compile(r"^[A-Za-z0-9_.-]{0,64}$")  # a zone label, as the catalog checks it
+TABLE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")  # a user table's name, likewise
 
 
 CHOICES = {
@@ -263,7 +264,7 @@ class Settings:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"setting {name}: expected one of {', '.join(allowed)}")
-        if not ZONE.match(self.zone):
+        if not ZONE.fullmatch(self.zone):
             raise ValueError(f"setting zone: expected {ZONE.pattern}, got {self.zone!r}")
 
     @classmethod

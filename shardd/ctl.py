@@ -231,7 +231,7 @@ def node_list(ctx: Context, as_json: bool) -> None:
 
 
 def _zone(value: str) -> str:
-    if not config.ZONE.match(value):
+    if not config.ZONE.fullmatch(value):
         raise click.BadParameter(f"a zone matches {config.ZONE.pattern}")
     return value
 

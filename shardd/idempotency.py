@@ -79,7 +79,7 @@ def parse(
     body as canonical JSON), so a retry that spells it differently is still the same."""
     if header is None:
         return None
-    if not _KEY.match(header):
+    if not _KEY.fullmatch(header):
         raise errors.BadRequest(
             f"{HEADER} is 1 to 255 visible ASCII characters", code="invalid_idempotency_key"
         )

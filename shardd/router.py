@@ -40,7 +40,7 @@ class SessionToken:
 
     @classmethod
     def parse(cls, text: str, *, what: str = "Shardd-Session") -> SessionToken:
-        if not SESSION_TOKEN.match(text):
+        if not SESSION_TOKEN.fullmatch(text):
             raise BadRequest(
                 f"{what} must look like shard:lsn[,shard:lsn...]", code="invalid_session_token"
             )

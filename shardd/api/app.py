@@ -263,7 +263,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     One middleware rather than several: each layer costs a coroutine per request.
     """
     incoming = request.headers.get("X-Request-Id", "")
-    request_id = incoming if _REQUEST_ID.match(incoming) else _new_request_id()
+    request_id = incoming if _REQUEST_ID.fullmatch(incoming) else _new_request_id()
     started = time.perf_counter()
     resource = request.match_info.route.resource
     route_name = resource.canonical if resource is not None else "unmatched"

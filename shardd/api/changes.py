@@ -78,7 +78,7 @@ async def changes(request: web.Request) -> web.Response:
 
 def _consumer_name(request: web.Request) -> str:
     name = request.match_info["name"]
-    if not changefeed.CONSUMER_NAME.match(name):
+    if not changefeed.CONSUMER_NAME.fullmatch(name):
         raise errors.BadRequest(
             f"consumer names match {changefeed.CONSUMER_NAME.pattern}", code="invalid_consumer"
         )

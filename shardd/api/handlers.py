@@ -266,14 +266,16 @@ async def _write_item(request: web.Request, op: str) -> web.Response:
             max_depth=settings.max_json_depth,
             what="the item" if op == "put" else "a merge patch",
         )
-    if none_match is not None:
-        if if_version is not None:
-            # The item cannot both exist at a version and be absent (RFC 9110 13.2.2).
-            raise errors.PreconditionFailed(
-                "If-Match and If-None-Match: * cannot both hold", current_version=None
-            )
+    # The item cannot both exist at a version and be absent (RFC 9110 13.2.2): 412, once
+    # every input has been checked (a malformed Idempotency-Key is still 400).
+    both = none_match is not None and if_version is not None
+    if none_match is not None and not both:
         if_version = 0
     once = _once(request, (op, table, pk, sk, if_version, doc))
+    if both:
+        raise errors.PreconditionFailed(
+            "If-Match and If-None-Match: * cannot both hold", current_version=None
+        )
     result, served = await cluster.data.write(
         op=op, table=table, pk=pk, sk=sk, doc=doc, if_version=if_version, once=once, size=size
     )

@@ -64,6 +64,10 @@ def _param(name: str, where: str, schema: Schema, *, required: bool = False) -> 
 
 TABLE = _param("table", "path", {"type": "string", "pattern": validate.TABLE_NAME.pattern})
 CONSISTENCY = _param("consistency", "query", {"type": "string", "enum": list(CONSISTENCY_LEVELS)})
+# The same as a header (the query parameter wins when both are given).
+CONSISTENCY_HEADER = _param(
+    "Shardd-Consistency", "header", {"type": "string", "enum": list(CONSISTENCY_LEVELS)}
+)
 SESSION = _param(
     "Shardd-Session",
     "header",
@@ -240,7 +244,7 @@ def _item_op(method: str) -> Callable[[Settings], Schema]:
     def build(settings: Settings) -> Schema:
         headers = {
             "PUT": [IF_MATCH, ONLY_IF_ABSENT, SESSION, IDEMPOTENCY_KEY],
-            "GET": [CONSISTENCY, SESSION, IF_NONE_MATCH],
+            "GET": [CONSISTENCY, CONSISTENCY_HEADER, SESSION, IF_NONE_MATCH],
             "PATCH": [IF_MATCH, SESSION, IDEMPOTENCY_KEY],
             "DELETE": [IF_MATCH, SESSION, IDEMPOTENCY_KEY],
         }[method]
@@ -283,6 +287,7 @@ def _partition(settings: Settings) -> Schema:
             TABLE,
             *_keys(settings),
             CONSISTENCY,
+            CONSISTENCY_HEADER,
             SESSION,
             _limit(settings),
             _param("prefix", "query", _key(settings, empty=True)),
@@ -298,6 +303,7 @@ def _scan(settings: Settings) -> Schema:
         "parameters": [
             TABLE,
             CONSISTENCY,
+            CONSISTENCY_HEADER,
             SESSION,
             _limit(settings),
             _param("after_pk", "query", position),
@@ -335,7 +341,7 @@ def _batch_get(settings: Settings) -> Schema:
         },
     }
     return {
-        "parameters": [TABLE, CONSISTENCY, SESSION],
+        "parameters": [TABLE, CONSISTENCY, CONSISTENCY_HEADER, SESSION],
         "requestBody": _body(
             {
                 "type": "object",
@@ -663,6 +669,7 @@ def _view_read(*, exact: bool) -> Callable[[Settings], Schema]:
                 VIEW_NAME,
                 *_keys(settings),
                 CONSISTENCY,
+                CONSISTENCY_HEADER,
                 SESSION,
                 _param("wait_for", "query", {"type": "string", "pattern": SESSION_TOKEN.pattern}),
                 _limit(settings),

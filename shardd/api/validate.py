@@ -15,9 +15,10 @@ from urllib.parse import unquote_to_bytes
 
 import orjson
 
+from .. import config
 from ..errors import BadRequest
 
-TABLE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+TABLE_NAME = config.TABLE_NAME
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _VERSION = "[1-9][0-9]{0,17}"
 # An entity tag as shardd issues it ("7"), weak (W/"7") or bare (7); with *, any version.
@@ -56,7 +57,7 @@ def table_options(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def table_name(name: str) -> str:
-    if not TABLE_NAME.match(name):
+    if not TABLE_NAME.fullmatch(name):
         raise BadRequest("table names match ^[a-z][a-z0-9_]{0,62}$", code="invalid_table_name")
     return name
 
@@ -160,7 +161,7 @@ def version_condition(raw: str | None, *, header: str) -> int | None:
     text = raw.strip()
     if text == "*":
         return 0
-    matched = ETAG.match(text)
+    matched = ETAG.fullmatch(text)
     if matched is None:
         raise BadRequest(f'{header} must be an ETag like "3"', code="invalid_precondition")
     return int(matched.group(1) or matched.group(2))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from typing import Any
 
 import orjson
@@ -33,11 +34,12 @@ from .handlers import (
 
 VIEW_NAME = validate.TABLE_NAME
 CURSOR = "^[A-Za-z0-9_-]*$"
+_CURSOR = re.compile(CURSOR)
 
 
 def _view_name(request: web.Request) -> str:
     name = request.match_info["view"]
-    if not VIEW_NAME.match(name):
+    if not VIEW_NAME.fullmatch(name):
         raise errors.BadRequest(
             "view names are 1-63 characters: a-z, then a-z, 0-9 or _", code="invalid_view_name"
         )
@@ -96,6 +98,8 @@ async def delete_view(request: web.Request) -> web.Response:
 def _cursor(raw: str | None, *, max_bytes: int) -> str | None:
     if raw is None:
         return None
+    if not _CURSOR.fullmatch(raw):  # unpadded URL-safe base64 only, as the document says
+        raise errors.BadRequest("after is not a cursor this view returned", code="bad_cursor")
     try:
         padded = (raw + "=" * (-len(raw) % 4)).encode()
         decoded = base64.b64decode(padded, altchars=b"-_", validate=True).decode()

@@ -22,6 +22,7 @@ from typing import Any
 
 import orjson
 
+from ..config import TABLE_NAME
 from ..errors import BadRequest, NotFound
 
 ROWS_PREFIX = "~v:"  # item tables of views; user table names cannot start with "~"
@@ -38,10 +39,6 @@ _SEP = "\x01\x01"
 def rows_table(view: str, generation: int) -> str:
     """The internal item table that holds the rows of one declaration of ``view``."""
     return f"{ROWS_PREFIX}{view}:{generation}"
-
-
-def is_internal(table: str) -> bool:
-    return table.startswith("~")
 
 
 def _escape(part: str) -> str:
@@ -88,7 +85,7 @@ def parse_path(text: Any, *, what: str) -> Path:
     if not isinstance(text, str) or not (text == "$" or text.startswith("$.")):
         raise BadRequest(f"{what} must be a JSON path like $.name", code="invalid_view")
     names = tuple(text[2:].split(".")) if text != "$" else ()
-    if any(not _NAME.match(name) for name in names):
+    if any(not _NAME.fullmatch(name) for name in names):
         raise BadRequest(
             f"{what}: path names are letters, digits, _ and - ({text!r})", code="invalid_view"
         )
@@ -179,7 +176,7 @@ def _fields(spec: Any, *, what: str) -> tuple[tuple[str, Path], ...]:
             code="invalid_view",
         )
     for name in spec:
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise BadRequest(
                 f"{what}: field names are letters, digits, _ and - ({name!r})",
                 code="invalid_view",
@@ -222,7 +219,7 @@ def parse(name: str, source: str, spec: Mapping[str, Any], *, tables: Mapping[st
                 code="invalid_view",
             )
         table = join["table"]
-        if not isinstance(table, str) or is_internal(table):
+        if not isinstance(table, str) or not TABLE_NAME.fullmatch(table):
             raise BadRequest(f"{what}.table must be a table name", code="invalid_view")
         if table not in tables:
             raise NotFound(f"{what}: no table named {table}", code="unknown_table")

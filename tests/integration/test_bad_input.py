@@ -88,7 +88,7 @@ def test_oversized_sort_key_is_400(api: Api, table: str) -> None:
     assert_error(api.request("PUT", item_path(table, "a", "s" * 1025), body={}), 400)
 
 
-@pytest.mark.parametrize("name", ["Upper", "1abc", "a-b", "x" * 64, "%C3%BC"])
+@pytest.mark.parametrize("name", ["Upper", "1abc", "a-b", "x" * 64, "%C3%BC", "ok%0A"])
 def test_bad_table_names(api: Api, name: str) -> None:
     assert_error(api.request("PUT", f"/v1/tables/{name}", body={}), 400, "invalid_table_name")
 
@@ -123,6 +123,22 @@ def test_bad_consistency_and_session(api: Api, table: str) -> None:
 def test_bad_preconditions(api: Api, table: str, header: str) -> None:
     response = api.request("PUT", item_path(table, "k"), body={}, headers={header: '"abc"'})
     assert_error(response, 400, "invalid_precondition")
+
+
+def test_a_bad_idempotency_key_is_400_before_conditions_that_cannot_hold(
+    api: Api, table: str
+) -> None:
+    headers = {"If-Match": '"3"', "If-None-Match": "*", "Idempotency-Key": "bad key"}
+    response = api.request("PUT", item_path(table, "k"), body={}, headers=headers)
+    assert_error(response, 400, "invalid_idempotency_key")
+    del headers["Idempotency-Key"]
+    assert api.request("PUT", item_path(table, "k"), body={}, headers=headers).status == 412
+
+
+def test_a_name_with_a_trailing_newline_is_refused(api: Api) -> None:
+    # Python's "$" matches before a final newline; the names' patterns do not.
+    assert_error(api.request("PUT", "/v1/consumers/c%0A", body={}), 400)
+    assert api.request("GET", "/v1/consumers/c%0A").status == 400
 
 
 @pytest.mark.parametrize("name", ["after_pk", "after_sk"])

@@ -455,6 +455,9 @@ def test_a_view_equals_its_recomputation_after_faults_under_load(
         stop.set()
         for thread in threads:
             thread.join(timeout=60)
+        # The switched-over primary back as a replica: the session cluster stays whole
+        # for the tests after this one.
+        cluster.heal()
     assert not unexpected, unexpected[:3]
     wait_rows(api, view, "late", lambda r: [x["source"]["pk"] for x in r] == [late_pk], timeout=30)
     checked = cluster.shardctl("views", "verify", view, "--json", check=False)

@@ -71,6 +71,14 @@ def _pack(data: object) -> str:
         _pack({"v": 1, "shards": {"s1": {"pos": "1:2:", "origin": ORIGIN, "rank": True}}}),
         _pack({"v": 1, "shards": {"s1": {"pos": "1:2:", "origin": ORIGIN, "extra": 1}}}),
         _pack({"v": 1, "shards": {"s1": {"pos": "1:2:", "origin": ORIGIN, "upto": "a:b:"}}}),
+        # Snapshots Postgres would refuse (a 500 if they reached it): xmin after xmax, an
+        # id of 0, one in progress outside [xmin, xmax), out of order, past 64 bits.
+        _pack({"v": 1, "shards": {"s1": {"pos": "9:1:", "origin": ORIGIN}}}),
+        _pack({"v": 1, "shards": {"s1": {"pos": "0:5:", "origin": ORIGIN}}}),
+        _pack({"v": 1, "shards": {"s1": {"pos": "1:5:7", "origin": ORIGIN}}}),
+        _pack({"v": 1, "shards": {"s1": {"pos": "1:9:5,3", "origin": ORIGIN}}}),
+        _pack({"v": 1, "shards": {"s1": {"pos": f"1:{2**64}:", "origin": ORIGIN}}}),
+        _pack({"v": 1, "shards": {"s1": {"pos": "1:2:", "origin": ORIGIN, "upto": "3:2:"}}}),
         base64.urlsafe_b64encode(zlib.compress(b"[" * 2_000_000)).decode().rstrip("="),
         "A" * 9000,
     ],

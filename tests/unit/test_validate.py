@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shardd.api import validate
+from shardd.api.views import _cursor, _encode
 from shardd.errors import BadRequest
 
 
@@ -48,6 +49,13 @@ def test_version_conditions() -> None:
 
 def test_table_names() -> None:
     assert validate.table_name("orders_2026") == "orders_2026"
-    for bad in ("Orders", "_x", "1x", "a" * 64, ""):
+    for bad in ("Orders", "_x", "1x", "a" * 64, "", "orders\n"):
         with pytest.raises(BadRequest):
             validate.table_name(bad)
+
+
+def test_view_cursors_are_unpadded_url_safe_base64_only() -> None:
+    assert _cursor(_encode("sk-7"), max_bytes=1024) == "sk-7"
+    for bad in ("QQ==", "Pz8+", "Pz8/", "!"):  # padding and the other alphabet's characters
+        with pytest.raises(BadRequest):
+            _cursor(bad, max_bytes=1024)
