@@ -76,9 +76,13 @@ async def changes(request: web.Request) -> web.Response:
     )
 
 
-def _consumer_name(request: web.Request) -> str:
+def _consumer_name(request: web.Request, *, existing: bool = False) -> str:
+    """The consumer named in the path.  ``existing`` (reading or deleting one): held to
+    the older check, which let a final newline through, so that a consumer registered
+    before can still be read and deleted (and stop holding back trimming)."""
     name = request.match_info["name"]
-    if not changefeed.CONSUMER_NAME.fullmatch(name):
+    check = changefeed.CONSUMER_NAME.match if existing else changefeed.CONSUMER_NAME.fullmatch
+    if not check(name):
         raise errors.BadRequest(
             f"consumer names match {changefeed.CONSUMER_NAME.pattern}", code="invalid_consumer"
         )
@@ -141,7 +145,7 @@ async def put_consumer(request: web.Request) -> web.Response:
 
 async def get_consumer(request: web.Request) -> web.Response:
     cluster, _ = _ctx(request)
-    name = _consumer_name(request)
+    name = _consumer_name(request, existing=True)
     async with cluster.watcher.catalog_connection() as conn:
         consumer = await changefeed.get_consumer(conn, name)
     if consumer is None:
@@ -153,7 +157,7 @@ async def delete_consumer(request: web.Request) -> web.Response:
     """Unregister a consumer: its shard positions first (so a failure leaves the catalog
     row for a retry to find), then the catalog row."""
     cluster, _ = _ctx(request)
-    name = _consumer_name(request)
+    name = _consumer_name(request, existing=True)
     async with cluster.watcher.catalog_connection() as conn:
         if await changefeed.get_consumer(conn, name) is None:
             raise errors.NotFound(f"no consumer {name}", code="consumer_not_found")

@@ -81,11 +81,18 @@ def split_sk(row: str) -> tuple[str, str, str]:
 Path = tuple[str, ...]
 
 
-def parse_path(text: Any, *, what: str) -> Path:
+def _name_ok(name: str, *, stored: bool) -> bool:
+    """A field or path name: the whole of it matches.  A stored definition is held to
+    the older check, which let a final newline through, so that a view declared before
+    still loads (the topology holds every view)."""
+    return bool((_NAME.match if stored else _NAME.fullmatch)(name))
+
+
+def parse_path(text: Any, *, what: str, stored: bool = False) -> Path:
     if not isinstance(text, str) or not (text == "$" or text.startswith("$.")):
         raise BadRequest(f"{what} must be a JSON path like $.name", code="invalid_view")
     names = tuple(text[2:].split(".")) if text != "$" else ()
-    if any(not _NAME.fullmatch(name) for name in names):
+    if any(not _name_ok(name, stored=stored) for name in names):
         raise BadRequest(
             f"{what}: path names are letters, digits, _ and - ({text!r})", code="invalid_view"
         )
@@ -169,35 +176,44 @@ class ViewDef:
         return any(join.table == table and join.sk == sk for join in self.joins)
 
 
-def _fields(spec: Any, *, what: str) -> tuple[tuple[str, Path], ...]:
+def _fields(spec: Any, *, what: str, stored: bool = False) -> tuple[tuple[str, Path], ...]:
     if not isinstance(spec, dict) or not spec or len(spec) > MAX_FIELDS:
         raise BadRequest(
             f"{what} must be an object of 1 to {MAX_FIELDS} name: path pairs",
             code="invalid_view",
         )
     for name in spec:
-        if not _NAME.fullmatch(name):
+        if not _name_ok(name, stored=stored):
             raise BadRequest(
                 f"{what}: field names are letters, digits, _ and - ({name!r})",
                 code="invalid_view",
             )
     return tuple(
-        (name, parse_path(path, what=f"{what}.{name}")) for name, path in sorted(spec.items())
+        (name, parse_path(path, what=f"{what}.{name}", stored=stored))
+        for name, path in sorted(spec.items())
     )
 
 
-def parse(name: str, source: str, spec: Mapping[str, Any], *, tables: Mapping[str, Any]) -> ViewDef:
+def parse(
+    name: str,
+    source: str,
+    spec: Mapping[str, Any],
+    *,
+    tables: Mapping[str, Any],
+    stored: bool = False,
+) -> ViewDef:
     """A definition from its JSON; 400 (``invalid_view``) or 404 (unknown table) when it
-    is not one.  ``tables`` are the declared tables: joins must name one of them."""
+    is not one.  ``tables`` are the declared tables: joins must name one of them;
+    ``stored``: one from the catalog (see :func:`_name_ok`)."""
     unknown = set(spec) - {"key", "fields", "join", "where", "description"}
     if unknown:
         raise BadRequest(f"unknown view fields: {', '.join(sorted(unknown))}", code="invalid_view")
     key = spec.get("key")
     if not isinstance(key, dict) or "pk" not in key or set(key) - {"pk", "sk"}:
         raise BadRequest('key must be {"pk": path[, "sk": path]}', code="invalid_view")
-    pk = parse_path(key["pk"], what="key.pk")
-    sk = parse_path(key["sk"], what="key.sk") if "sk" in key else None
-    fields = _fields(spec["fields"], what="fields") if "fields" in spec else None
+    pk = parse_path(key["pk"], what="key.pk", stored=stored)
+    sk = parse_path(key["sk"], what="key.sk", stored=stored) if "sk" in key else None
+    fields = _fields(spec["fields"], what="fields", stored=stored) if "fields" in spec else None
     joins_spec = spec.get("join", [])
     if not isinstance(joins_spec, list) or len(joins_spec) > MAX_JOINS:
         raise BadRequest(f"join must be a list of at most {MAX_JOINS}", code="invalid_view")
@@ -229,7 +245,7 @@ def parse(name: str, source: str, spec: Mapping[str, Any], *, tables: Mapping[st
                 f"{what}.sk must be a string of at most {MAX_JOIN_SK} characters",
                 code="invalid_view",
             )
-        join_fields = _fields(join["fields"], what=f"{what}.fields")
+        join_fields = _fields(join["fields"], what=f"{what}.fields", stored=stored)
         clash = taken & {name for name, _ in join_fields}
         if clash:
             raise BadRequest(
@@ -251,7 +267,7 @@ def parse(name: str, source: str, spec: Mapping[str, Any], *, tables: Mapping[st
                 'where must be {"path": path, "equals": value} or {"path": path, "exists": bool}',
                 code="invalid_view",
             )
-        path = parse_path(where_spec["path"], what="where.path")
+        path = parse_path(where_spec["path"], what="where.path", stored=stored)
         if "exists" in where_spec:
             if not isinstance(where_spec["exists"], bool):
                 raise BadRequest("where.exists must be true or false", code="invalid_view")
@@ -263,7 +279,7 @@ def parse(name: str, source: str, spec: Mapping[str, Any], *, tables: Mapping[st
 
 def from_json(name: str, source: str, spec: Mapping[str, Any]) -> ViewDef:
     """A stored definition (checked when it was declared)."""
-    return parse(name, source, spec, tables=_ANY)
+    return parse(name, source, spec, tables=_ANY, stored=True)
 
 
 class _AnyTable(dict[str, Any]):

@@ -183,3 +183,11 @@ def test_open_rounds_cover_only_where_they_started() -> None:
     assert changelog.covers(position, "10:20:")
     assert not changelog.covers(position, "25:26:")
     assert changelog.parse_position("10:20:") == ("10:20:", None, 0)
+
+
+def test_a_name_must_match_whole_but_a_stored_definition_still_loads() -> None:
+    spec = {"key": {"pk": "$.a"}, "fields": {"x\n": "$.b"}}
+    with pytest.raises(ApiError):
+        definition.parse("v", "t", spec, tables={"t": {}})
+    # Declared before the check took the whole name: the topology still loads it.
+    assert definition.from_json("v", "t", spec).fields == (("x\n", ("b",)),)
