@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -52,12 +52,15 @@ class SessionToken:
         return cls(positions)
 
     def merged(self, shard: str, lsn: int) -> SessionToken:
-        return self.union(SessionToken({shard: lsn}))
+        return self._later(((shard, lsn),))
 
     def union(self, other: SessionToken) -> SessionToken:
         """Every shard of either, at the later position of the two."""
+        return self._later(other.positions.items())
+
+    def _later(self, pairs: Iterable[tuple[str, int]]) -> SessionToken:
         positions = dict(self.positions)
-        for shard, lsn in other.positions.items():
+        for shard, lsn in pairs:
             positions[shard] = max(lsn, positions.get(shard, 0))
         return SessionToken(positions)
 

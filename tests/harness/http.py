@@ -73,6 +73,12 @@ class Api:
         raise AssertionError("unreachable")
 
 
+def topology_nodes(api: Api) -> dict[str, dict[str, Any]]:
+    """Every node by name as ``GET /v1/topology`` describes it now (role, health, lag)."""
+    shards = api.request("GET", "/v1/topology").body["shards"]
+    return {node["name"]: node for shard in shards for node in shard["nodes"]}
+
+
 def item_path(table: str, pk: str, sk: str | None = None) -> str:
     path = f"/v1/tables/{table}/items/{quote(pk, safe='')}"
     return path if sk is None else f"{path}/{quote(sk, safe='')}"

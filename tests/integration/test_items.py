@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.harness.cluster import wait_for
-from tests.harness.http import Api, item_path
+from tests.harness.http import Api, item_path, topology_nodes
 
 
 def test_put_get_replace_delete(api: Api, table: str) -> None:
@@ -144,8 +144,7 @@ def test_eventual_reads_use_replicas(api: Api, table: str) -> None:
         if got.status == 200:
             served.add(got.header("Shardd-Served-By").split("/")[1])
     # Roles as the topology has them now (an earlier switchover may have swapped names).
-    shards = api.request("GET", "/v1/topology").body["shards"]
-    roles = {node["name"]: node["role"] for shard in shards for node in shard["nodes"]}
+    roles = {name: node["role"] for name, node in topology_nodes(api).items()}
     assert any(roles.get(node) == "replica" for node in served), (served, roles)
     strong = api.request("GET", path, headers={"Shardd-Consistency": "strong"})
     assert roles[strong.header("Shardd-Served-By").split("/")[1]] == "primary"

@@ -6,7 +6,7 @@ import threading
 
 from shardd.placement import slot_of
 from tests.harness.cluster import SLOTS, RunningCluster, wait_for
-from tests.harness.http import Api, item_path
+from tests.harness.http import Api, item_path, topology_nodes
 
 
 def test_killing_a_replica_under_read_load_fails_no_read(
@@ -109,6 +109,5 @@ def test_concurrent_eventual_reads_of_one_item_share_one_query(
 
 
 def healthy(cluster: RunningCluster, node: str) -> bool:
-    """Whether the instance's last health check of ``node`` passed (GET /v1/topology)."""
-    shards = cluster.api("read").request("GET", "/v1/topology").body["shards"]
-    return any(n["name"] == node and n["healthy"] for shard in shards for n in shard["nodes"])
+    """Whether the instance's last health check of ``node`` passed."""
+    return bool(topology_nodes(cluster.api("read"))[node]["healthy"])

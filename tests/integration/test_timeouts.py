@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.harness.cluster import Holding, RunningCluster, start_cluster, wait_for
-from tests.harness.http import Api
+from tests.harness.http import Api, topology_nodes
 
 TABLE = "waits"
 POOL_SIZE = 2
@@ -96,8 +96,7 @@ def test_a_saturated_pool_is_not_a_dead_primary(waits: RunningCluster) -> None:
         # have failed the primary over by the end if a busy pool counted as a dead node.
         until = time.monotonic() + 5.0
         while time.monotonic() < until:
-            shards = waits.api("read").request("GET", "/v1/topology").body["shards"]
-            nodes = {node["name"]: node for node in shards[0]["nodes"]}
+            nodes = topology_nodes(waits.api("read"))
             assert nodes[primary]["failed_checks"] < FAILOVER_AFTER_CHECKS, nodes
             time.sleep(0.1)
         wait_for(
